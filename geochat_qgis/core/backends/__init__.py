@@ -1,0 +1,1 @@
+"""Inference backends behind one interface (llama.cpp, transformers, OpenAI-compatible HTTP)."""

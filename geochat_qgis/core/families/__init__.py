@@ -1,0 +1,1 @@
+"""Model families: prompt builders, preprocessing specs and output parsers per model."""

@@ -1,0 +1,1 @@
+"""Isolated model runtime: inference in a child process speaking JSON lines."""

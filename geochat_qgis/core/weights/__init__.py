@@ -1,0 +1,1 @@
+"""Model weights: catalog, downloads, GeoChat conversion, GGUF writing, tiny test models."""

@@ -1,0 +1,1 @@
+"""The Processing provider (id ``geochat``) and its algorithms."""

@@ -1,0 +1,1 @@
+"""Small QGIS helpers: logging into the message log, settings over QgsSettings."""

@@ -18,6 +18,7 @@ def _first_existing(*candidates: Path) -> Path:
 # Installed plugin: files sit inside the package. Source checkout: one level up.
 METADATA_PATH = _first_existing(PACKAGE_DIR / "metadata.txt", PACKAGE_DIR.parent / "metadata.txt")
 RESOURCES_DIR = _first_existing(PACKAGE_DIR / "resources", PACKAGE_DIR.parent / "resources")
+MODELS_DIR = _first_existing(PACKAGE_DIR / "models", PACKAGE_DIR.parent / "models")
 
 
 @lru_cache(maxsize=1)

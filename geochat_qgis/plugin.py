@@ -1,0 +1,86 @@
+"""The QGIS plugin object: actions, the chat dock, the Processing provider, logging."""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from qgis.core import QgsApplication
+from qgis.gui import QgisInterface
+from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtGui import QIcon
+from qgis.PyQt.QtWidgets import QAction
+
+from .__about__ import resource
+from .toolbelt.log_handler import QgisLogHandler, install_log_handler, remove_log_handler
+
+MENU = "&GeoChat"
+log = logging.getLogger(__name__)
+
+
+class GeoChatPlugin:
+    """Created by ``classFactory``; QGIS calls ``initGui`` and ``unload``."""
+
+    def __init__(self, iface: QgisInterface) -> None:
+        self.iface = iface
+        self.action: Optional[QAction] = None
+        self.dock = None
+        self.provider = None
+        self.log_handler: Optional[QgisLogHandler] = None
+
+    # -- QGIS hooks
+    def initProcessing(self) -> None:  # noqa: N802 - QGIS API
+        from .processing.provider import GeoChatProvider
+
+        if self.provider is None:
+            self.provider = GeoChatProvider()
+            QgsApplication.processingRegistry().addProvider(self.provider)
+
+    def initGui(self) -> None:  # noqa: N802 - QGIS API
+        self.log_handler = install_log_handler()
+        self.action = QAction(QIcon(str(resource("icon.png"))), "GeoChat", self.iface.mainWindow())
+        self.action.setObjectName("GeoChatToggleDock")
+        self.action.setCheckable(True)
+        self.action.setToolTip("Chat with a vision-language model about the active raster")
+        self.action.toggled.connect(self._on_action_toggled)
+        self.iface.addToolBarIcon(self.action)
+        self.iface.addPluginToRasterMenu(MENU, self.action)
+        self.initProcessing()
+        log.info("GeoChat loaded")
+
+    def unload(self) -> None:
+        if self.dock is not None:
+            self.dock.visibilityChanged.disconnect(self.action.setChecked)
+            self.dock.cleanup()
+            self.iface.removeDockWidget(self.dock)
+            self.dock.deleteLater()
+            self.dock = None
+        if self.action is not None:
+            self.action.toggled.disconnect(self._on_action_toggled)
+            self.iface.removePluginRasterMenu(MENU, self.action)
+            self.iface.removeToolBarIcon(self.action)
+            self.action.deleteLater()
+            self.action = None
+        if self.provider is not None:
+            QgsApplication.processingRegistry().removeProvider(self.provider)
+            self.provider = None
+        if self.log_handler is not None:
+            remove_log_handler(self.log_handler)
+            self.log_handler = None
+
+    # -- dock
+    def show_dock(self) -> None:
+        """Open the chat dock (creating it the first time)."""
+        if self.dock is None:
+            from .gui.dock import GeoChatDock
+
+            self.dock = GeoChatDock(self.iface, self.iface.mainWindow())
+            self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
+            self.dock.visibilityChanged.connect(self.action.setChecked)
+        self.dock.show()
+        self.dock.raise_()
+
+    def _on_action_toggled(self, checked: bool) -> None:
+        if checked:
+            self.show_dock()
+        elif self.dock is not None:
+            self.dock.hide()

@@ -1,0 +1,117 @@
+"""Build a backend from (kind, model, settings): the one place front ends and the runtime go through.
+
+A :class:`BackendSpec` is plain data (JSON-serialisable through :meth:`BackendSpec.to_dict`), so
+the subprocess runtime can send it to its child and build the same backend there.
+:class:`BackendCache` keeps the last loaded backend so a second request reuses the loaded model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import BackendError
+from .base import Backend
+
+KINDS = ("llama.cpp", "transformers", "openai", "geopixel")
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """Which backend, which model, which settings.
+
+    ``model``: a GGUF file or folder (llama.cpp), a checkpoint folder (transformers), the
+    server's model name (openai), the weights folder (geopixel). ``settings`` are the fields of
+    the backend's settings dataclass (e.g. ``n_ctx``, ``base_url``, ``device``, ``source``).
+    """
+
+    kind: str
+    model: str
+    family: str = "geochat"
+    mmproj: Optional[str] = None
+    settings: dict[str, Any] = field(default_factory=dict, hash=False, compare=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BackendSpec":
+        return cls(**data)
+
+
+def infer_kind(model: str, server_url: Optional[str] = None) -> str:
+    """The backend a model reference implies: a server URL, a checkpoint folder or a GGUF."""
+    if server_url:
+        return "openai"
+    path = Path(model)
+    if path.is_dir() and (path / "config.json").is_file() and not any(path.glob("*.gguf")):
+        return "transformers"
+    return "llama.cpp"
+
+
+def _settings(cls: type, values: dict[str, Any], kind: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise BackendError(
+            f"Unknown setting(s) for the {kind} backend: {', '.join(unknown)}. "
+            f"Known: {', '.join(sorted(names))}."
+        )
+    return cls(**values)
+
+
+def create_backend(spec: BackendSpec) -> Backend:
+    """A new, unloaded backend for ``spec`` (call ``load()`` or use it as a context manager)."""
+    if spec.kind == "llama.cpp":
+        from .llama_cpp import LlamaCppBackend, LlamaCppSettings
+
+        return LlamaCppBackend(spec.model, spec.mmproj, spec.family,
+                               _settings(LlamaCppSettings, spec.settings, spec.kind))
+    if spec.kind == "transformers":
+        from .transformers_backend import TransformersBackend, TransformersSettings
+
+        return TransformersBackend(spec.model, spec.family,
+                                   _settings(TransformersSettings, spec.settings, spec.kind))
+    if spec.kind == "openai":
+        from .openai_http import HttpSettings, OpenAIHttpBackend
+
+        return OpenAIHttpBackend(spec.model, spec.family,
+                                 _settings(HttpSettings, spec.settings, spec.kind))
+    if spec.kind == "geopixel":
+        from .geopixel import GeoPixelBackend, GeoPixelSettings
+
+        return GeoPixelBackend(spec.model, spec.family,
+                               _settings(GeoPixelSettings, spec.settings, spec.kind))
+    raise BackendError(f"Unknown backend '{spec.kind}': choose one of {', '.join(KINDS)}.")
+
+
+class BackendCache:
+    """Holds one loaded backend; asking again with the same spec returns it without reloading."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._spec: Optional[BackendSpec] = None
+        self._backend: Optional[Backend] = None
+
+    def get(self, spec: BackendSpec) -> Backend:
+        """The loaded backend for ``spec``; a different spec closes the previous one first."""
+        with self._lock:
+            if self._backend is not None and self._spec == spec:
+                return self._backend
+            self.clear_locked()
+            backend = create_backend(spec)
+            backend.load()
+            self._spec, self._backend = spec, backend
+            return backend
+
+    def clear(self) -> None:
+        """Close and forget the loaded backend (frees its memory)."""
+        with self._lock:
+            self.clear_locked()
+
+    def clear_locked(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+        self._spec = self._backend = None

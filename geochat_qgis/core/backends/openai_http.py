@@ -1,0 +1,242 @@
+"""An OpenAI-compatible chat completions server over HTTP (llama-server, llama_cpp.server, vLLM, Ollama).
+
+Standard library only (urllib). Tiles travel as PNG data URIs; up to ``max_in_flight`` requests
+run at once; 5xx answers and refused or dropped connections are retried with exponential
+backoff; 401/403, 404, 5xx, refused connections and timeouts each get a message that says what to
+check. Streaming (SSE) is used when tokens are wanted live or a cancel token is given, so a
+cancel stops reading between tokens.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+from ..errors import BackendError, Cancelled
+from .base import Backend, Conversation, GenerateOptions, Generation
+from .images import png_data_uri
+from .messages import chat_messages
+
+log = logging.getLogger(__name__)
+
+API_KEY_ENV = "GEOCHAT_API_KEY"
+
+
+@dataclass
+class HttpSettings:
+    """Where the server is and how patiently to talk to it."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key: Optional[str] = None
+    max_in_flight: int = 4
+    timeout: float = 300.0  # seconds for one request (connect and each read)
+    retries: int = 3  # extra tries after a 5xx or a connection failure
+    backoff: float = 0.5  # seconds before the first retry, doubled each time
+    grammar_field: Optional[str] = "grammar"  # request field for GBNF (llama.cpp servers)
+
+
+class _Retryable(Exception):
+    """A failure worth another try (5xx, connection refused or dropped)."""
+
+    def __init__(self, error: BackendError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class OpenAIHttpBackend(Backend):
+    """Chat completions against ``settings.base_url`` for the server-side model ``model``."""
+
+    name = "openai"
+
+    def __init__(self, model: str, family: str = "geochat",
+                 settings: Optional[HttpSettings] = None) -> None:
+        self.model = model
+        self.family = family
+        self.settings = settings or HttpSettings()
+        self.batch_size = max(1, self.settings.max_in_flight)
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    @property
+    def url(self) -> str:
+        return self.settings.base_url.rstrip("/") + "/chat/completions"
+
+    def describe(self) -> str:
+        return f"{self.name}:{self.model}@{self.settings.base_url}"
+
+    def load(self) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.batch_size, thread_name_prefix="geochat-http")
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
+
+    def generate(self, images: Sequence[np.ndarray], conversation: Conversation,
+                 options: GenerateOptions) -> list[Generation]:
+        self.load()
+        options.check_cancel()
+        futures = [self._pool.submit(self._with_retries, index, image, conversation, options)
+                   for index, image in enumerate(images)]
+        return [future.result() for future in futures]
+
+    # -- one request ---------------------------------------------------------------------------
+
+    def _payload(self, image: np.ndarray, conversation: Conversation,
+                 options: GenerateOptions, stream: bool) -> bytes:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": chat_messages(conversation, png_data_uri(image)),
+            "max_tokens": options.max_new_tokens,
+            "temperature": options.temperature,
+            "seed": options.seed,
+            "stream": stream,
+        }
+        if options.stop:
+            body["stop"] = list(options.stop)
+        if options.grammar and self.settings.grammar_field:
+            body[self.settings.grammar_field] = options.grammar
+        return json.dumps(body).encode("utf-8")
+
+    def _with_retries(self, index: int, image: np.ndarray, conversation: Conversation,
+                      options: GenerateOptions) -> Generation:
+        stream = options.on_token is not None or options.cancel is not None
+        payload = self._payload(image, conversation, options, stream)
+        delay = self.settings.backoff
+        for attempt in range(self.settings.retries + 1):
+            options.check_cancel()
+            try:
+                return self._request(index, payload, options, stream)
+            except _Retryable as failure:
+                if attempt == self.settings.retries:
+                    raise BackendError(
+                        f"{failure.error} (gave up after {attempt + 1} tries)") from None
+                log.warning("%s; retrying in %.1f s", failure.error, delay)
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def _request(self, index: int, payload: bytes, options: GenerateOptions,
+                 stream: bool) -> Generation:
+        headers = {"Content-Type": "application/json"}
+        if self.settings.api_key:
+            headers["Authorization"] = f"Bearer {self.settings.api_key}"
+        request = urllib.request.Request(self.url, data=payload, headers=headers, method="POST")
+        start = time.perf_counter()
+        try:
+            with urllib.request.urlopen(request, timeout=self.settings.timeout) as response:
+                if stream:
+                    text, usage, finish = self._read_stream(index, response, options)
+                else:
+                    data = json.loads(response.read().decode("utf-8"))
+                    choice = data["choices"][0]
+                    text = choice["message"].get("content") or ""
+                    usage, finish = data.get("usage") or {}, choice.get("finish_reason")
+        except urllib.error.HTTPError as exc:
+            raise self._http_error(exc) from None
+        except (TimeoutError, socket.timeout):
+            raise BackendError(
+                f"The server at {self.settings.base_url} did not answer within "
+                f"{self.settings.timeout:g} s. It may be overloaded or loading the model: raise "
+                "the timeout or check the server."
+            ) from None
+        except urllib.error.URLError as exc:
+            raise self._connection_error(exc.reason) from None
+        except ConnectionError as exc:
+            raise self._connection_error(exc) from None
+        except (ValueError, KeyError, IndexError) as exc:
+            raise BackendError(
+                f"The server at {self.settings.base_url} sent an answer that is not an OpenAI "
+                f"chat completion ({exc}). Check that the URL points at an OpenAI-compatible /v1."
+            ) from None
+        return Generation(
+            text=text.strip(),
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            generated_tokens=int(usage.get("completion_tokens") or 0),
+            seconds=time.perf_counter() - start,
+            extra={"finish_reason": finish},
+        )
+
+    def _read_stream(self, index: int, response, options: GenerateOptions
+                     ) -> tuple[str, dict, Optional[str]]:
+        pieces: list[str] = []
+        usage: dict = {}
+        finish = None
+        for event in _sse_events(response):
+            if options.cancel is not None and options.cancel.cancelled:
+                raise Cancelled("Cancelled by the user; results finished so far are kept.")
+            usage = event.get("usage") or usage
+            for choice in event.get("choices") or ():
+                piece = (choice.get("delta") or {}).get("content")
+                if piece:
+                    pieces.append(piece)
+                    if options.on_token is not None:
+                        options.on_token(index, piece)
+                finish = choice.get("finish_reason") or finish
+        if not usage:
+            usage = {"completion_tokens": len(pieces)}
+        return "".join(pieces), usage, finish
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def _http_error(self, exc: urllib.error.HTTPError) -> Exception:
+        try:
+            detail = exc.read().decode("utf-8", errors="replace").strip()[:300]
+        except OSError:
+            detail = ""
+        where = self.settings.base_url
+        if exc.code in (401, 403):
+            return BackendError(
+                f"The server at {where} refused the request (HTTP {exc.code}): the API key is "
+                f"missing or wrong. Set it in the environment variable {API_KEY_ENV} (command "
+                "line) or in the plugin's authentication settings."
+            )
+        if exc.code == 404:
+            return BackendError(
+                f"Not found at {self.url} (HTTP 404{': ' + detail if detail else ''}). Check the "
+                f"server URL (it usually ends in /v1) and the model name '{self.model}' (the "
+                "server lists its models at /v1/models)."
+            )
+        if exc.code >= 500:
+            return _Retryable(BackendError(
+                f"The server at {where} failed (HTTP {exc.code}{': ' + detail if detail else ''}). "
+                "Check the server's log; it may be out of memory or the model may have failed."
+            ))
+        return BackendError(
+            f"The server at {where} rejected the request (HTTP {exc.code}"
+            f"{': ' + detail if detail else ''}). Check the model name and the request options."
+        )
+
+    def _connection_error(self, reason: object) -> Exception:
+        where = self.settings.base_url
+        if isinstance(reason, (TimeoutError, socket.timeout)):
+            return BackendError(
+                f"Connecting to {where} timed out after {self.settings.timeout:g} s. Check the "
+                "address and that the server is reachable."
+            )
+        if isinstance(reason, ConnectionRefusedError):
+            message = (f"Cannot connect to {where}: connection refused. Is the server running? "
+                       "Start it or correct the server URL.")
+        else:
+            message = f"Cannot reach {where} ({reason}). Check the server URL and the network."
+        return _Retryable(BackendError(message))
+
+
+def _sse_events(response) -> Iterator[dict]:
+    """JSON objects of a ``text/event-stream`` (``data: {...}`` lines, ending at ``[DONE]``)."""
+    for raw in response:
+        line = raw.decode("utf-8", errors="replace").strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)

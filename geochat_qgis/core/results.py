@@ -1,10 +1,14 @@
 """Typed results: what a model said (Answer) and what it found (Detection)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+from shapely.geometry import GeometryCollection
 from shapely.geometry.base import BaseGeometry
+
+if TYPE_CHECKING:
+    from .tiling import Tile
 
 
 @dataclass
@@ -23,6 +27,9 @@ class Detection:
     bbox: Optional[tuple[float, float, float, float]] = None  # axis-aligned, tile pixels
     angle: Optional[float] = None
     score: Optional[float] = None
+    # pixels from the bbox to the nearest edge of its tile (0: cut by the edge); merge prefers
+    # the detection seen furthest from a tile edge when models give no score
+    margin: Optional[float] = None
     flags: list[str] = field(default_factory=list)  # e.g. "clipped", "truncated"
     tile_id: str = ""
     frame: str = "tile"
@@ -38,3 +45,38 @@ class Answer:
     detections: list[Detection] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     raw: str = ""
+
+
+def georeference(
+    detections: Sequence[Detection], tile: "Tile", dst_crs: Optional[str] = None
+) -> list[Detection]:
+    """Copies of tile-pixel ``detections`` in the raster CRS, or in ``dst_crs`` when given.
+
+    Uses the tiling core's transforms (georef.py): the tile's affine is applied exactly (oriented
+    boxes stay exact polygons); reprojection densifies edges longer than 1/32 of the tile's
+    detections' extent. Each copy gets the tile's id, its frame ("raster" or "crs") and CRS.
+    """
+    from .georef import tile_to_crs, tile_to_map
+
+    if not detections:
+        return []
+    stray = [d.frame for d in detections if d.frame != "tile"]
+    if stray:
+        raise ValueError(f"georeference needs tile-pixel detections, got frame {stray[0]!r}")
+    together = GeometryCollection([d.geometry for d in detections])
+    if dst_crs is None:
+        moved, frame, crs = tile_to_map(tile, together), "raster", tile.crs
+    else:
+        moved, frame, crs = tile_to_crs(tile, together, dst_crs), "crs", dst_crs
+    return [
+        replace(
+            det,
+            geometry=geometry,
+            frame=frame,
+            crs=crs,
+            tile_id=tile.tile_id,
+            flags=list(det.flags),
+            attributes=dict(det.attributes),
+        )
+        for det, geometry in zip(detections, moved.geoms)
+    ]

@@ -1,0 +1,209 @@
+"""Models on disk: download a catalog entry's files, verify them, report status, remove them.
+
+Each downloaded model lives in ``<cache>/models/<name>/`` with a manifest
+(``.geochat-manifest.json``) recording every file's size and sha256 as downloaded, so
+``verify`` can detect later corruption even where the catalog has no checksum.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from ..errors import ModelError
+from .catalog import ModelEntry, ModelFile, PathLike
+from .download import (
+    PART_SUFFIX, DownloadError, ProgressFn, check_free_space, download_file, fetch_json, file_url,
+    hub_endpoint, sha256_of,
+)
+
+if TYPE_CHECKING:
+    from ..backends.base import CancelToken
+
+MANIFEST = ".geochat-manifest.json"
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """Result of verifying one file: status is ok, missing, size-mismatch, sha256-mismatch or
+    unverified (present, but no checksum to compare with)."""
+
+    path: str
+    status: str
+    detail: str = ""
+
+
+def hub_files(entry: ModelEntry, endpoint: Optional[str] = None) -> list[ModelFile]:
+    """The repository's file list with sizes and LFS sha256 from the hub API (DownloadError if
+    the API cannot be reached)."""
+    url = f"{hub_endpoint(endpoint)}/api/models/{entry.repo}/revision/{entry.revision}?blobs=true"
+    files = []
+    for sibling in fetch_json(url).get("siblings", []):
+        lfs = sibling.get("lfs") or {}
+        files.append(ModelFile(
+            path=sibling["rfilename"],
+            size=sibling.get("size", lfs.get("size")),
+            approx_size=sibling.get("size", lfs.get("size")),
+            sha256=lfs.get("sha256"),
+        ))
+    return files
+
+
+def resolve_files(entry: ModelEntry, endpoint: Optional[str] = None) -> list[ModelFile]:
+    """The files to fetch: the catalog's, with missing sizes/checksums filled from the hub API
+    when it answers; a snapshot entry takes the repository's whole file list."""
+    needs_api = entry.snapshot or any(f.sha256 is None or f.size is None for f in entry.files)
+    if not needs_api:
+        return list(entry.files)
+    try:
+        remote = {f.path: f for f in hub_files(entry, endpoint)}
+    except DownloadError:
+        if entry.snapshot:
+            raise
+        return list(entry.files)
+    listed = {f.path: f for f in entry.files}
+    names = list(remote) if entry.snapshot else list(listed)
+    merged = []
+    for name in names:
+        mine, theirs = listed.get(name), remote.get(name)
+        if mine is None:
+            merged.append(theirs)
+        elif theirs is None:
+            merged.append(mine)
+        else:
+            merged.append(replace(
+                mine, size=mine.size or theirs.size, sha256=mine.sha256 or theirs.sha256,
+                approx_size=mine.approx_size or theirs.size,
+            ))
+    return merged
+
+
+def _read_manifest(folder: Path) -> dict[str, dict]:
+    try:
+        return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def _write_manifest(folder: Path, entry: ModelEntry, files: dict[str, dict]) -> None:
+    data = {"name": entry.name, "repo": entry.repo, "revision": entry.revision, "files": files}
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".manifest-", suffix=".json")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2)
+    os.replace(tmp, folder / MANIFEST)
+
+
+def download_model(
+    entry: ModelEntry,
+    cache: Optional[PathLike] = None,
+    endpoint: Optional[str] = None,
+    progress: Optional[ProgressFn] = None,
+    cancel: Optional["CancelToken"] = None,
+    retries: int = 3,
+) -> Path:
+    """Fetch every file of ``entry`` that is not complete yet; returns the model folder.
+
+    ``progress(done, total)`` counts bytes over all files. Files already present with the right
+    size are kept; partial ones are resumed.
+    """
+    folder = entry.local_dir(cache)
+    if entry.is_local:
+        missing = [f.path for f in entry.files if not (folder / f.path).is_file()]
+        if missing:
+            raise ModelError(f"Model '{entry.name}' points at {folder}, which lacks {missing}.")
+        return folder
+    files = resolve_files(entry, endpoint)
+    manifest = _read_manifest(folder)
+
+    def complete(item: ModelFile) -> bool:
+        path = folder / item.path
+        if not path.is_file():
+            return False
+        if item.size is not None:  # also accepts files copied in by hand
+            return path.stat().st_size == item.size
+        return item.path in manifest
+
+    pending = [f for f in files if not complete(f)]
+    total = sum(f.expected_bytes for f in files)
+    partial = sum((folder / (f.path + PART_SUFFIX)).stat().st_size
+                  for f in pending if (folder / (f.path + PART_SUFFIX)).exists())
+    check_free_space(folder, sum(f.expected_bytes for f in pending) - partial)
+    offset = total - sum(f.expected_bytes for f in pending)
+    for item in pending:
+        def file_progress(done: int, _total: Optional[int], base: int = offset) -> None:
+            if progress:
+                progress(base + done, total or None)
+
+        digest = download_file(
+            file_url(entry.repo, entry.revision, item.path, endpoint), folder / item.path,
+            size=item.size, sha256=item.sha256, progress=file_progress, cancel=cancel,
+            retries=retries,
+        )
+        manifest[item.path] = {"size": (folder / item.path).stat().st_size, "sha256": digest}
+        _write_manifest(folder, entry, manifest)
+        offset += item.expected_bytes
+    if progress:
+        progress(total, total or None)
+    return folder
+
+
+def verify_model(
+    entry: ModelEntry, cache: Optional[PathLike] = None, cancel: Optional["CancelToken"] = None,
+) -> list[FileCheck]:
+    """Check each file's presence, size and sha256 (the catalog's, else the manifest's)."""
+    folder = entry.local_dir(cache)
+    manifest = _read_manifest(folder)
+    names = [f.path for f in entry.files] or list(manifest)
+    if not names:
+        return [FileCheck(str(folder), "missing", "not downloaded")]
+    listed = {f.path: f for f in entry.files}
+    checks = []
+    for name in names:
+        path = folder / name
+        known = listed.get(name, ModelFile(path=name))
+        recorded = manifest.get(name, {})
+        size = known.size or recorded.get("size")
+        expected = known.sha256 or recorded.get("sha256")
+        if not path.is_file():
+            checks.append(FileCheck(name, "missing", "not downloaded"))
+        elif size is not None and path.stat().st_size != size:
+            checks.append(FileCheck(name, "size-mismatch", f"{path.stat().st_size} != {size} bytes"))
+        elif expected is None:
+            checks.append(FileCheck(name, "unverified", "no sha256 known"))
+        else:
+            actual = sha256_of(path, cancel)
+            status = "ok" if actual == expected else "sha256-mismatch"
+            checks.append(FileCheck(name, status, "" if status == "ok" else f"got {actual}"))
+    return checks
+
+
+def model_status(entry: ModelEntry, cache: Optional[PathLike] = None) -> str:
+    """``installed``, ``partial``, ``missing`` (cheap: file presence and sizes only)."""
+    folder = entry.local_dir(cache)
+    manifest = _read_manifest(folder)
+    names = [f.path for f in entry.files] or list(manifest)
+    present = [n for n in names if (folder / n).is_file()]
+    if names and len(present) == len(names):
+        return "installed"
+    if present or (folder.exists() and any(folder.rglob(f"*{PART_SUFFIX}"))):
+        return "partial"
+    return "missing"
+
+
+def remove_model(entry: ModelEntry, cache: Optional[PathLike] = None) -> int:
+    """Delete a downloaded model's folder; returns the bytes freed. Never touches user folders."""
+    if entry.is_local:
+        raise ModelError(
+            f"Model '{entry.name}' lives in your own folder {entry.local_path}; it is not removed. "
+            "Delete the folder yourself, or remove the entry from your user catalog."
+        )
+    folder = entry.local_dir(cache)
+    if not folder.exists():
+        return 0
+    freed = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    shutil.rmtree(folder)
+    return freed

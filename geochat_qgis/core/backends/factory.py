@@ -12,10 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import BackendError
+from ..errors import BackendError, ModelError
 from .base import Backend
 
 KINDS = ("llama.cpp", "transformers", "openai", "geopixel")
+_ALIASES = {"llama_cpp": "llama.cpp", "llamacpp": "llama.cpp", "gguf": "llama.cpp",
+            "hf": "transformers", "http": "openai", "server": "openai"}
+#: GGUF architectures of text models and the family that runs them
+_GGUF_FAMILIES = {"qwen2vl": "qwen2.5-vl", "qwen25vl": "qwen2.5-vl"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,15 @@ class BackendSpec:
         return cls(**data)
 
 
+def normalise_kind(kind: str) -> str:
+    """The canonical backend name for ``kind`` (accepts aliases such as ``llama_cpp``, ``hf``)."""
+    key = kind.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in KINDS:
+        raise BackendError(f"Unknown backend '{kind}': choose one of {', '.join(KINDS)}.")
+    return key
+
+
 def infer_kind(model: str, server_url: Optional[str] = None) -> str:
     """The backend a model reference implies: a server URL, a checkpoint folder or a GGUF."""
     if server_url:
@@ -49,6 +62,65 @@ def infer_kind(model: str, server_url: Optional[str] = None) -> str:
     if path.is_dir() and (path / "config.json").is_file() and not any(path.glob("*.gguf")):
         return "transformers"
     return "llama.cpp"
+
+
+def resolve_spec(model: str, kind: Optional[str] = None, mmproj: Optional[str] = None,
+                 family: Optional[str] = None, settings: Optional[dict[str, Any]] = None
+                 ) -> BackendSpec:
+    """A spec from what a user gives: a path (file or folder), a catalog name or a server model.
+
+    ``kind`` None: inferred (a ``base_url`` setting means the server; a checkpoint folder
+    transformers; a GGUF llama.cpp; a catalog entry its first backend). ``family`` None: from
+    the catalog entry or the GGUF's architecture, else GeoChat. Raises ModelError for a model
+    that is neither a path nor a downloaded catalog entry, and for bad GGUF files.
+    """
+    settings = dict(settings or {})
+    kind = normalise_kind(kind) if kind else None
+    if kind == "openai" or (kind is None and settings.get("base_url")):
+        return BackendSpec("openai", model, family or "geochat", None, settings)
+    path = Path(model).expanduser()
+    if not path.exists():
+        return _catalog_spec(model, kind, mmproj, family, settings)
+    kind = kind or infer_kind(str(path))
+    if kind == "llama.cpp" and family is None:
+        from .gguf_files import resolve_gguf_pair
+
+        text, _ = resolve_gguf_pair(path, mmproj)
+        family = _GGUF_FAMILIES.get(text.architecture, "geochat")
+    default_family = "geopixel" if kind == "geopixel" else "geochat"
+    return BackendSpec(kind, str(path), family or default_family,
+                       str(Path(mmproj).expanduser()) if mmproj else None, settings)
+
+
+def _catalog_spec(name: str, kind: Optional[str], mmproj: Optional[str],
+                  family: Optional[str], settings: dict[str, Any]) -> BackendSpec:
+    from ..weights.catalog import load_catalog
+
+    catalog = load_catalog()
+    if name not in catalog:
+        raise ModelError(
+            f"'{name}' is neither a model file or folder nor a model in the catalog "
+            f"({', '.join(catalog.names())}). Check the path, or list models with "
+            "`python -m geochat_qgis models list`."
+        )
+    entry = catalog.get(name)
+    if not entry.backends:
+        raise ModelError(
+            f"Model '{name}' cannot run as published ({entry.format}); convert it first"
+            f"{': ' + entry.convert['command'] if entry.convert else ''}."
+        )
+    folder = entry.local_dir()
+    if not folder.exists():
+        raise ModelError(
+            f"Model '{name}' is not downloaded yet. Download it with "
+            f"`python -m geochat_qgis models download {name}`."
+        )
+    kind = kind or normalise_kind(entry.backends[0])
+    model_path, projector = folder, mmproj
+    if entry.format == "gguf":
+        model_path = entry.path_of("model")
+        projector = projector or str(entry.path_of("mmproj"))
+    return BackendSpec(kind, str(model_path), family or entry.family, projector, settings)
 
 
 def _settings(cls: type, values: dict[str, Any], kind: str):
@@ -64,6 +136,7 @@ def _settings(cls: type, values: dict[str, Any], kind: str):
 
 def create_backend(spec: BackendSpec) -> Backend:
     """A new, unloaded backend for ``spec`` (call ``load()`` or use it as a context manager)."""
+    spec = dataclasses.replace(spec, kind=normalise_kind(spec.kind))
     if spec.kind == "llama.cpp":
         from .llama_cpp import LlamaCppBackend, LlamaCppSettings
 

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     remove.add_argument("name")
     add = sub.add_parser("add", help="add your own model to the user catalog")
     add.add_argument("name")
-    add.add_argument("--family", required=True, help="geochat, qwen2_5_vl, geopixel, ...")
+    add.add_argument("--family", required=True, help="geochat, qwen2.5-vl, geopixel, ...")
     where = add.add_mutually_exclusive_group(required=True)
     where.add_argument("--path", help="a local folder holding the files")
     where.add_argument("--repo", help="a hub repository, owner/name")
@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add.add_argument("--model-file", help="the GGUF / weights file (role 'model')")
     add.add_argument("--mmproj-file", help="the vision projector GGUF (role 'mmproj')")
     add.add_argument("--file", action="append", default=[], help="any other file (repeatable)")
-    add.add_argument("--backend", action="append", default=[], help="llama_cpp, transformers, ...")
+    add.add_argument("--backend", action="append", default=[], help="llama.cpp, transformers, ...")
 
 
 class ProgressBar:

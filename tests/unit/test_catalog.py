@@ -42,7 +42,7 @@ def test_builtin_catalog_lists_the_models_with_cards_and_sane_values(builtin):
         entry = builtin.get(name)
         assert entry.file("model").path.endswith(".gguf")
         assert entry.file("mmproj").path.startswith("mmproj-")
-        assert entry.backends == ("llama_cpp",)
+        assert entry.backends == ("llama.cpp",)
     assert builtin.get("geopixel-7b").snapshot and builtin.get("geopixel-7b").min_vram_gb
 
 
@@ -58,7 +58,7 @@ def test_user_catalog_adds_local_and_repo_entries_and_overrides(tmp_path: Path):
     user.write_text(json.dumps({"models": [
         {"name": "my-geochat", "family": "geochat", "path": "mine",
          "files": [{"path": "m.gguf", "role": "model"}, {"path": "p.gguf", "role": "mmproj"}]},
-        {"name": "qwen2.5-vl-7b-gguf", "family": "qwen2_5_vl", "repo": "me/fork",
+        {"name": "qwen2.5-vl-7b-gguf", "family": "qwen2.5-vl", "repo": "me/fork",
          "files": ["a.gguf"]},
     ]}))
     catalog = load_catalog(user)
@@ -98,7 +98,7 @@ def test_add_user_entry_writes_and_replaces(tmp_path: Path):
     user = tmp_path / "cfg" / "catalog.json"
     add_user_entry({"name": "a", "family": "geochat", "repo": "o/a", "files": ["x.gguf"]}, user)
     add_user_entry({"name": "a", "family": "geochat", "repo": "o/b", "files": ["x.gguf"]}, user)
-    add_user_entry({"name": "b", "family": "qwen2_5_vl", "path": "/d", "files": ["y.gguf"]}, user)
+    add_user_entry({"name": "b", "family": "qwen2.5-vl", "path": "/d", "files": ["y.gguf"]}, user)
     entries = read_catalog_file(user)
     assert [(e.name, e.repo) for e in entries] == [("a", "o/b"), ("b", None)]
     with pytest.raises(ModelError):

@@ -213,7 +213,7 @@ def test_free_space_is_checked_before_starting(hub, payload, tmp_path):
 
 
 def _entry(hub, **extra):
-    raw = {"name": "tiny", "family": "qwen2_5_vl", "repo": "o/tiny",
+    raw = {"name": "tiny", "family": "qwen2.5-vl", "repo": "o/tiny",
            "files": [{"path": "model.gguf", "role": "model"}, {"path": "sub/mmproj.gguf",
                                                                 "role": "mmproj"}]}
     raw.update(extra)
@@ -293,8 +293,8 @@ def test_cli_download_list_verify_remove(hub, tmp_path, monkeypatch, capsys):
     _put(hub, "/o/tiny/resolve/main/model.gguf", model)
     user, cache = str(tmp_path / "user.json"), str(tmp_path / "cache")
     base = ["models", "--cache", cache, "--user-catalog", user]
-    assert main(base + ["add", "tiny", "--family", "qwen2_5_vl", "--repo", "o/tiny",
-                        "--model-file", "model.gguf", "--backend", "llama_cpp"]) == 0
+    assert main(base + ["add", "tiny", "--family", "qwen2.5-vl", "--repo", "o/tiny",
+                        "--model-file", "model.gguf", "--backend", "llama.cpp"]) == 0
     assert main(base + ["download", "tiny"]) == 0
     out = capsys.readouterr()
     assert "ready in" in out.out and "100%" in out.err

@@ -171,7 +171,7 @@ def parse_entry(raw: Mapping[str, Any], origin: str, base_dir: Optional[Path] = 
     if not _NAME.match(name):
         raise ModelError(f"{where}: 'name' must be letters, digits, '.', '_' or '-'.")
     if not raw.get("family"):
-        raise ModelError(f"{where}: 'family' is required (e.g. geochat, qwen2_5_vl, geopixel).")
+        raise ModelError(f"{where}: 'family' is required (e.g. geochat, qwen2.5-vl, geopixel).")
     repo, local = raw.get("repo"), raw.get("path")
     if bool(repo) == bool(local):
         raise ModelError(f"{where}: give exactly one of 'repo' (hub repository) or 'path' (folder).")

@@ -1,0 +1,227 @@
+"""Open a raster, choose its bands and turn windows of it into 8-bit RGB plus a nodata mask.
+
+Bands: by default red, green and blue by colour interpretation, else bands 1-3, else band 1
+repeated as grey. Nodata comes from the band nodata value (all chosen bands equal to it), NaN,
+an alpha band (0 = transparent) or the dataset's internal mask (0 = masked). Rasters deeper than
+8 bits get one percentile stretch per channel (:class:`Stretch`), computed once per job from
+overviews or a sample, so every tile of a job has the same colours.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from .errors import RasterError
+
+# A stretch sample is read at most this many pixels across (from overviews where they exist).
+SAMPLE_SIZE = 1024
+# Without overviews, an area up to this many pixels is read whole for the stretch; a larger one
+# is sampled with a grid of small windows, so a 50 GB raster costs the same as a small one.
+WHOLE_READ_PIXELS = 4096 * 4096
+SAMPLE_GRID, SAMPLE_WINDOW = 8, 128
+PERCENTILES = (2.0, 98.0)
+
+
+def open_raster(source: Union[str, Path]):
+    """Open ``source`` (a path or any GDAL source string) with rasterio; RasterError if it fails."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning, RasterioError
+
+    text = str(source)
+    if "://" not in text and ":" not in text[2:] and not Path(text).exists():
+        raise RasterError(f"Raster not found: {text}. Check the path.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(text)
+    except RasterioError as exc:
+        raise RasterError(
+            f"Cannot read {text} as a raster ({exc}): give a GDAL-readable raster file."
+        ) from exc
+
+
+def resolve_bands(ds, bands: Optional[Sequence[int]] = None) -> tuple[int, int, int]:
+    """The three 1-based bands that become R, G, B (one band is repeated as grey)."""
+    from rasterio.enums import ColorInterp
+
+    if bands is None:
+        interp = list(ds.colorinterp)
+        rgb = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
+        if all(c in interp for c in rgb):
+            return tuple(interp.index(c) + 1 for c in rgb)  # type: ignore[return-value]
+        colour = [i + 1 for i, c in enumerate(interp) if c != ColorInterp.alpha]
+        bands = colour[:3] if len(colour) >= 3 else colour[:1] or [1]
+    bands = [int(b) for b in bands]
+    missing = [b for b in bands if not 1 <= b <= ds.count]
+    if missing:
+        raise RasterError(
+            f"Band {', '.join(map(str, missing))} does not exist: {ds.name} has {ds.count} "
+            f"band(s), numbered 1-{ds.count}."
+        )
+    if len(bands) == 1:
+        return (bands[0],) * 3  # type: ignore[return-value]
+    if len(bands) != 3:
+        raise RasterError(f"Give one band (grey) or three (R,G,B), not {len(bands)}: {bands}.")
+    return tuple(bands)  # type: ignore[return-value]
+
+
+@dataclass
+class Stretch:
+    """A linear map of each channel's ``low..high`` onto 0..255, the same for a whole job.
+
+    8- and 16-bit integers go through per-channel lookup tables (one indexing pass per tile);
+    other types are scaled arithmetically.
+    """
+
+    lows: tuple[float, float, float]
+    highs: tuple[float, float, float]
+    _luts: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def scale(self, values: np.ndarray, channel: int) -> np.ndarray:
+        """``values`` of one channel mapped to uint8 (NaN becomes 0)."""
+        low, high = self.lows[channel], self.highs[channel]
+        factor = 255.0 / (high - low) if high > low else 0.0
+        with np.errstate(invalid="ignore"):
+            scaled = (values.astype(np.float32) - np.float32(low)) * np.float32(factor)
+            return np.nan_to_num(np.clip(scaled + 0.5, 0, 255)).astype(np.uint8)
+
+    def _lut(self, channel: int, dtype: np.dtype) -> np.ndarray:
+        """Lookup table indexed by the unsigned view of ``dtype`` values."""
+        key = (channel, dtype.str)
+        if key not in self._luts:
+            info = np.iinfo(dtype)
+            values = np.arange(info.min, info.max + 1, dtype=np.int32)
+            if dtype.kind == "i":  # the unsigned view of min..-1 comes after 0..max
+                values = np.roll(values, info.min)
+            self._luts[key] = self.scale(values, channel)
+        return self._luts[key]
+
+    def apply(self, channels: Sequence[np.ndarray], out: np.ndarray) -> None:
+        """Write ``channels`` (three 2-D arrays) stretched into ``out`` (H, W, 3) uint8."""
+        for i, values in enumerate(channels):
+            if values.dtype.kind in "iu" and values.dtype.itemsize <= 2:
+                unsigned = values.view(f"u{values.dtype.itemsize}")
+                out[:, :, i] = self._lut(i, values.dtype)[unsigned]
+            else:
+                out[:, :, i] = self.scale(values, i)
+
+
+class RasterReader:
+    """An open raster that reads windows as 8-bit RGB with their invalid-pixel mask."""
+
+    def __init__(self, source: Union[str, Path], bands: Optional[Sequence[int]] = None):
+        from rasterio.enums import ColorInterp, MaskFlags
+
+        self.ds = open_raster(source)
+        try:
+            self.bands = resolve_bands(self.ds, bands)
+        except RasterError:
+            self.ds.close()
+            raise
+        interp = list(self.ds.colorinterp)
+        self.alpha = interp.index(ColorInterp.alpha) + 1 if ColorInterp.alpha in interp else None
+        self.read_indexes = list(dict.fromkeys(self.bands))
+        if self.alpha is not None:
+            self.read_indexes.append(self.alpha)
+        self.channel_rows = [self.read_indexes.index(b) for b in self.bands]
+        flags = self.ds.mask_flag_enums[self.bands[0] - 1]
+        self.use_dataset_mask = self.alpha is None and MaskFlags.per_dataset in flags
+        nodata = [self.ds.nodatavals[b - 1] for b in dict.fromkeys(self.bands)]
+        self.nodata = nodata if all(v is not None for v in nodata) else None
+        self.dtype = np.dtype(self.ds.dtypes[self.bands[0] - 1])
+        self.needs_stretch = self.dtype != np.uint8
+
+    def __enter__(self) -> "RasterReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.ds.close()
+
+    def read(self, window, out_hw: tuple[int, int], resampling) -> tuple[np.ndarray, np.ndarray]:
+        """Raw values (bands in ``read_indexes`` order) and the invalid mask, at ``out_hw``."""
+        shape = (len(self.read_indexes), *out_hw)
+        data = self.ds.read(self.read_indexes, window=window, out_shape=shape,
+                            resampling=resampling)
+        invalid = np.zeros(out_hw, dtype=bool)
+        if self.alpha is not None:
+            invalid |= data[-1] == 0
+        elif self.use_dataset_mask:
+            invalid |= self.ds.read_masks(self.bands[0], window=window, out_shape=out_hw,
+                                          resampling=resampling) == 0
+        if self.nodata is not None:
+            nodata_all = np.ones(out_hw, dtype=bool)
+            for row, value in enumerate(self.nodata):
+                same = np.isnan(data[row]) if math.isnan(value) else data[row] == value
+                nodata_all &= same
+            invalid |= nodata_all
+        if self.dtype.kind == "f":
+            for row in set(self.channel_rows):
+                invalid |= ~np.isfinite(data[row])
+        return data, invalid
+
+    def read_rgb(self, window, out_hw: tuple[int, int], resampling, stretch: Optional[Stretch],
+                 pad_rgb: Sequence[int]) -> tuple[np.ndarray, int]:
+        """(H, W, 3) uint8 RGB of ``window`` at ``out_hw``, invalid pixels painted ``pad_rgb``;
+        also the number of invalid pixels."""
+        data, invalid = self.read(window, out_hw, resampling)
+        channels = [data[r] for r in self.channel_rows]
+        rgb = np.empty((*out_hw, 3), dtype=np.uint8)
+        if stretch is None:
+            for i, values in enumerate(channels):
+                rgb[:, :, i] = values
+        else:
+            stretch.apply(channels, rgb)
+        count = int(invalid.sum())
+        if count:
+            rgb[invalid] = pad_rgb
+        return rgb, count
+
+    def compute_stretch(self, window) -> Optional[Stretch]:
+        """The job's 2-98 percentile stretch over ``window`` (None for 8-bit rasters)."""
+        if not self.needs_stretch:
+            return None
+        samples = self._sample_values(window)
+        lows, highs = [], []
+        for row in self.channel_rows:
+            values = np.concatenate([s[row] for s in samples]) if samples else np.empty(0)
+            low, high = np.percentile(values, PERCENTILES) if values.size else (0.0, 0.0)
+            if not high > low:  # a constant channel becomes mid-grey
+                low, high = low - 0.5, high + 0.5
+            lows.append(float(low))
+            highs.append(float(high))
+        return Stretch(tuple(lows), tuple(highs))  # type: ignore[arg-type]
+
+    def _sample_values(self, window) -> list[list[np.ndarray]]:
+        """Valid values per read band from overviews, the whole window or a grid of windows."""
+        from rasterio.enums import Resampling
+        from rasterio.errors import RasterioError
+        from rasterio.windows import Window
+
+        width, height = int(window.width), int(window.height)
+        has_overviews = bool(self.ds.overviews(self.bands[0]))
+        if has_overviews or width * height <= WHOLE_READ_PIXELS:
+            factor = max(1.0, max(width, height) / SAMPLE_SIZE)
+            windows = [(window, (max(1, round(height / factor)), max(1, round(width / factor))))]
+        else:
+            size = SAMPLE_WINDOW
+            cols = np.linspace(window.col_off, window.col_off + width - size, SAMPLE_GRID)
+            rows = np.linspace(window.row_off, window.row_off + height - size, SAMPLE_GRID)
+            windows = [(Window(int(c), int(r), size, size), (size, size))
+                       for r in rows for c in cols]
+        samples = []
+        for win, out_hw in windows:
+            try:
+                data, invalid = self.read(win, out_hw, Resampling.nearest)
+            except RasterioError:
+                continue  # a corrupt block: the tiles over it will fail and be reported
+            valid = ~invalid
+            samples.append([band[valid & np.isfinite(band)] for band in data])
+        return samples

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+import shapely
 from shapely.geometry import GeometryCollection
 from shapely.geometry.base import BaseGeometry
 
@@ -45,6 +46,14 @@ class Answer:
     detections: list[Detection] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     raw: str = ""
+
+
+def polygonal(geom: BaseGeometry) -> BaseGeometry:
+    """``geom`` if it is a (multi)polygon, else the multipolygon of its polygon parts."""
+    if geom.geom_type in ("Polygon", "MultiPolygon"):
+        return geom
+    parts = shapely.get_parts(shapely.get_parts(geom))
+    return shapely.MultiPolygon([p for p in parts if p.geom_type == "Polygon"])
 
 
 def georeference(

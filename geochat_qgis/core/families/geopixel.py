@@ -12,7 +12,7 @@ from shapely.geometry import shape
 from shapely.geometry.base import BaseGeometry
 
 from ..errors import ParseError
-from ..results import Answer, Detection
+from ..results import Answer, Detection, polygonal
 from .base import CLIP_MEAN, CLIP_STD, Family, Preprocess, Task, TileSize, clean_text, finish_box
 from .base import required
 
@@ -119,4 +119,4 @@ def mask_geometry(mask: np.ndarray, width: int, height: int) -> BaseGeometry:
     if not parts:
         return shapely.Polygon()
     merged = shapely.union_all(parts).simplify(SIMPLIFY_PIXELS, preserve_topology=True)
-    return merged if merged.is_valid else shapely.make_valid(merged)
+    return merged if merged.is_valid else polygonal(shapely.make_valid(merged))

@@ -1,0 +1,90 @@
+"""``parse``: raw model text on stdin -> one JSON object with the text and detections."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+HELP = (
+    "Parse raw model output read on stdin into its text and detections (tile pixels, x right, "
+    "y down) and print them as one JSON object."
+)
+DECIMALS = 4
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..core.families import FAMILIES
+
+    parser.add_argument("--family", required=True, choices=sorted(FAMILIES), help="model family")
+    parser.add_argument(
+        "--tile-size", type=_positive, default=504, metavar="N",
+        help="side of the square tile the model saw, in pixels (default 504)",
+    )
+    parser.add_argument(
+        "--masks", metavar="FILE.npy",
+        help="GeoPixel: the (n, H, W) mask logits or booleans saved with numpy.save",
+    )
+    parser.add_argument(
+        "--angle-convention", choices=("none", "ccw", "cw"), default="none",
+        help="GeoChat: how to read the box angle (default none: axis-aligned boxes)",
+    )
+    parser.add_argument(
+        "--label", default="object", help="label for boxes the text names no phrase for"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+
+    from ..core.errors import GeoChatError
+    from ..core.families import get_family
+
+    try:
+        data = sys.stdin.buffer.read()
+    except OSError as exc:
+        raise GeoChatError(f"could not read the model output on stdin: {exc}") from exc
+    raw = data.decode("utf-8", errors="replace")
+    masks = None
+    if args.masks:
+        try:
+            masks = np.load(args.masks, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise GeoChatError(
+                f"could not read the masks {args.masks}: {exc}; save them with numpy.save"
+            ) from exc
+    settings = {"angle_convention": args.angle_convention} if args.family == "geochat" else {}
+    family = get_family(args.family, **settings)
+    answer = family.parse(raw, args.tile_size, masks, default_label=args.label)
+    problems = list(answer.problems)
+    if "\ufffd" in raw and b"\xef\xbf\xbd" not in data:
+        problems.insert(0, "the input is not valid UTF-8: undecodable bytes were replaced")
+    document = {
+        "text": answer.text,
+        "detections": [_detection_json(d) for d in answer.detections],
+        "problems": problems,
+    }
+    json.dump(document, sys.stdout, ensure_ascii=False)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _detection_json(det: Any) -> dict[str, Any]:
+    """One detection as the command prints it; ``polygon`` is the largest part's outline."""
+    geometry = det.geometry
+    if geometry.geom_type != "Polygon":
+        geometry = max(getattr(geometry, "geoms", [geometry]), key=lambda g: g.area)
+    return {
+        "label": det.label,
+        "bbox": [round(v, DECIMALS) for v in det.bbox],
+        "angle": det.angle,
+        "polygon": [[round(x, DECIMALS), round(y, DECIMALS)] for x, y in geometry.exterior.coords],
+    }
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive number of pixels")
+    return value

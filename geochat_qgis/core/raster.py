@@ -33,7 +33,7 @@ def open_raster(source: Union[str, Path]):
     from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
     text = str(source)
-    if "://" not in text and ":" not in text[2:] and not Path(text).exists():
+    if is_plain_path(text) and not Path(text).exists():
         raise RasterError(f"Raster not found: {text}. Check the path.")
     try:
         with warnings.catch_warnings():
@@ -43,6 +43,11 @@ def open_raster(source: Union[str, Path]):
         raise RasterError(
             f"Cannot read {text} as a raster ({exc}): give a GDAL-readable raster file."
         ) from exc
+
+
+def is_plain_path(source: str) -> bool:
+    """True for a file path; False for GDAL source strings (/vsi..., URLs, DRIVER:...)."""
+    return not (source.startswith("/vsi") or "://" in source or ":" in source[2:])
 
 
 def resolve_bands(ds, bands: Optional[Sequence[int]] = None) -> tuple[int, int, int]:

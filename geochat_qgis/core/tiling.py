@@ -237,7 +237,9 @@ def _read_vector(path: str) -> tuple[BaseGeometry, Optional[str]]:
     """Union of every geometry in a vector file, and the file's CRS as WKT."""
     import pyogrio
 
-    if not Path(path).exists() and "://" not in path:
+    from .raster import is_plain_path
+
+    if is_plain_path(path) and not Path(path).exists():
         raise RasterError(f"AOI file not found: {path}. Check the path.")
     try:
         meta, _, geometry, _ = pyogrio.raw.read(path, read_geometry=True)
@@ -324,7 +326,7 @@ def iter_tiles(plan: TilePlan, on_event: Optional[Callable[[TileEvent], None]] =
                 reason = str(exc.__cause__ or exc)
                 plan.counts.failed += 1
                 plan.counts.failures.append((tile.tile_id, reason))
-                log.warning("tile %s failed: %s", tile.tile_id, reason)
+                log.debug("tile %s failed: %s", tile.tile_id, reason)
                 if on_event:
                     on_event(TileEvent("failed", tile, f"unreadable blocks: {reason}"))
                 continue

@@ -1,0 +1,107 @@
+"""The dependency installer: a real venv, real pip against PyPI, imports in a fresh process."""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from geochat_qgis.cli import main
+from geochat_qgis.core.backends.base import CancelToken
+from geochat_qgis.core.deps import DepsError
+from geochat_qgis.core.deps.diagnostics import diagnostics_text, redact
+from geochat_qgis.core.deps.environment import ManagedEnv, find_base_python, platform_tag
+from geochat_qgis.core.deps.gpu import nvidia_gpus
+from geochat_qgis.core.deps.pip import install_packages, probe_imports
+from geochat_qgis.core.deps.requirements import PipStep, requirements_for
+from geochat_qgis.core.errors import Cancelled
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> ManagedEnv:
+    managed = ManagedEnv(tmp_path_factory.mktemp("deps") / f"venv-{platform_tag()}")
+    managed.create()
+    return managed
+
+
+def test_environment_matches_this_python_and_is_reused(env):
+    assert env.exists and env.stamp()["platform"] == platform_tag()
+    assert Path(find_base_python()).name.startswith("python")
+    before = env.python.stat().st_mtime_ns
+    env.create()  # second call: reused, not rebuilt
+    assert env.python.stat().st_mtime_ns == before
+
+
+def test_installs_a_real_package_and_verifies_it_in_a_fresh_process(env):
+    lines: list[str] = []
+    assert not probe_imports(env.python, ["tomli_w"])[0].ok
+    install_packages(env, PipStep(("tomli-w",)), on_line=lines.append)
+    check = probe_imports(env.python, ["tomli_w"])[0]
+    assert check.ok and check.version
+    assert Path(check.file).is_relative_to(env.path)  # inside the managed env, nowhere else
+    assert any("tomli" in line.lower() for line in lines)  # pip's live output came through
+    assert "tomli-w" in env.log_path.read_text()
+
+
+def test_missing_package_reports_pips_error(env):
+    with pytest.raises(DepsError, match="pip failed.*(No matching distribution|Could not find)"):
+        install_packages(env, PipStep(("geochat-qgis-no-such-package-zz9",)))
+
+
+def test_cancel_stops_pip(env):
+    token = CancelToken()
+    with pytest.raises(Cancelled):
+        install_packages(env, PipStep(("geochat-qgis-no-such-package-zz8",)),
+                         on_line=lambda line: token.cancel(), cancel=token)
+
+
+def test_probe_reports_missing_modules(env):
+    check = probe_imports(env.python, ["geochat_no_such_module"])[0]
+    assert not check.ok and "ModuleNotFoundError" in check.error
+
+
+def test_requirements_choose_cpu_or_cuda_builds():
+    cpu = requirements_for("transformers", "cpu")
+    assert cpu.steps[0].index_url == "https://download.pytorch.org/whl/cpu"
+    assert "numpy<2" in cpu.steps[1].packages and "torch" in cpu.imports
+    cuda = requirements_for("llama.cpp", "cuda")
+    assert cuda.steps[0].extra_index_urls[0].endswith("/cu124")
+    with pytest.raises(DepsError, match="NVIDIA GPU only"):
+        requirements_for("geopixel", "cpu")
+    with pytest.raises(DepsError, match="Unknown backend"):
+        requirements_for("tensorflow", "cpu")
+
+
+def test_gpu_detection_reads_nvidia_smi(tmp_path):
+    assert nvidia_gpus(str(tmp_path / "absent")) == []
+    # nvidia-smi cannot run on this machine: a script printing its CSV format stands in for it
+    script = tmp_path / "nvidia-smi"
+    script.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 81559, 550.54.15'\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    gpus = nvidia_gpus(str(script))
+    assert [(g.name, g.memory_mb, g.driver) for g in gpus] == [
+        ("NVIDIA H100 80GB HBM3", 81559, "550.54.15")]
+
+
+def test_diagnostics_redact_the_home_folder(tmp_path):
+    env = ManagedEnv(tmp_path / "env")
+    env.path.mkdir()
+    env.log_path.write_text(f"Collecting x\nERROR: could not write {Path.home()}/secret/file\n")
+    text = diagnostics_text(env, backends=("openai",))
+    assert "ERROR: could not write ~/secret/file" in text
+    assert f"{Path.home()}/secret" not in text
+    assert "backend openai: ready" in text
+    assert redact(str(Path.home() / "a")) == os.path.join("~", "a")
+
+
+def test_cli_install_dry_run_and_unknown_backend(tmp_path, capsys):
+    assert main(["deps", "--env", str(tmp_path / "e"), "install", "llama.cpp", "--cpu",
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "pip install llama-cpp-python numpy<2" in out and "/whl/cpu" in out
+    assert not (tmp_path / "e").exists()  # a dry run creates nothing
+    assert main(["deps", "install", "nope", "--cpu"]) == 1
+    assert "Unknown backend 'nope'" in capsys.readouterr().err

@@ -174,7 +174,7 @@ class GeoChatFamily(Family):
         off_x, off_y = (side - width) / 2.0, (side - height) / 2.0
         relative, flags = clip_box([float(v) for v in numbers[:4]], 100.0, 100.0)
         corners = [
-            v / 100.0 * side - off
+            v * side / 100.0 - off
             for v, off in zip(relative, (off_x, off_y, off_x, off_y))
         ]
         bbox, tile_flags = clip_box(corners, width, height)

@@ -1,0 +1,42 @@
+"""Quantise a text GGUF through llama.cpp's own ``llama_model_quantize`` (via llama-cpp-python)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import ModelError
+
+# name -> llama_ftype (llama.h): Q8_0 = 7, Q4_K_M = 15
+QUANT_TYPES = {"q8_0": 7, "q4_k_m": 15}
+
+
+def check_quant(quant: str) -> int:
+    """The llama.cpp file type for ``quant``; ModelError for an unknown name."""
+    try:
+        return QUANT_TYPES[quant.lower()]
+    except KeyError:
+        raise ModelError(f"Unknown quantisation {quant!r}: use one of {', '.join(QUANT_TYPES)}.") from None
+
+
+def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 0) -> Path:
+    """Write ``dst``, a ``quant`` copy of the float GGUF ``src``; returns ``dst``.
+
+    Tensors whose rows do not fit a k-quant block fall back to another type (llama.cpp's rule);
+    1-D tensors stay float. ``threads`` 0: llama.cpp's default.
+    """
+    ftype = check_quant(quant)
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise ModelError("Quantising needs llama-cpp-python: pip install llama-cpp-python.") from exc
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads
+    tmp = dst.with_name(dst.name + ".partial")
+    status = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(tmp), params)
+    if status != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise ModelError(f"llama.cpp could not quantise {src} to {quant} (status {status}); "
+                         "check that it is a valid text GGUF and that the disk has space.")
+    os.replace(tmp, dst)
+    return dst

@@ -199,7 +199,7 @@ def ground_pixel_size(crs: Optional[str], transform: Affine, cols, rows) -> np.n
         return fallback
     tr = transformer(parsed.to_wkt(), geodetic.to_wkt())
     steps = [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0)]
-    points = [transform * (cols + dc, rows + dr) for dc, dr in steps]
+    points = [transform @ (cols + dc, rows + dr) for dc, dr in steps]
     lonlat = [tr.transform(x, y, errcheck=False) for x, y in points]
     with np.errstate(invalid="ignore"):
         _, _, dx = geod.inv(*lonlat[0], *lonlat[1])

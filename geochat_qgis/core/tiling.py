@@ -285,7 +285,7 @@ def _make_tiles(col_offs: list[int], row_offs: list[int], window: int, tile_size
     gsd = ground_pixel_size(crs, transform, cols + inside_w / 2, rows + inside_h / 2)
     scale = window / tile_size
     corners = np.array([(0, 0), (window, 0), (window, window), (0, window)], dtype=float)
-    xs, ys = transform * (cols[:, None] + corners[None, :, 0], rows[:, None] + corners[None, :, 1])
+    xs, ys = transform @ (cols[:, None] + corners[None, :, 0], rows[:, None] + corners[None, :, 1])
     footprints = shapely.polygons(np.stack([xs, ys], axis=-1))
     pad_frac = 1.0 - (inside_w * inside_h) / float(window * window)
     tiles = []
@@ -294,7 +294,7 @@ def _make_tiles(col_offs: list[int], row_offs: list[int], window: int, tile_size
         tiles.append(Tile(
             tile_id=f"r{row}_c{col}", row=row, col=col, col_off=col_off, row_off=row_off,
             width=window, height=window,
-            transform=transform * Affine.translation(col_off, row_off) * Affine.scale(scale),
+            transform=transform @ Affine.translation(col_off, row_off) @ Affine.scale(scale),
             crs=crs, gsd_m=float(gsd[k]) * scale, nodata_frac=float(pad_frac[k]),
             footprint=footprints[k],
         ))

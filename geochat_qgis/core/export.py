@@ -116,16 +116,16 @@ def export_detections(
     finals = _final_paths(path, driver)
     if any(p.is_dir() for p in finals):
         raise ExportError(f"{path} (or a sidecar file) is a folder: choose another file name")
-    geoms, out_crs = _geometries(detections, crs)
     provenance = {"created": now_iso(), **(provenance or {})}
-    rows = [feature_values(d, provenance) for d in detections]
     names = [f.shp_name if driver == "ESRI Shapefile" else f.name for f in FIELDS]
-    columns = [_column(f, rows, driver) for f in FIELDS]
-    all_single = all(g.geom_type == "Polygon" for g in geoms)
     temp = path.with_name(f".{path.stem}.partial-{uuid.uuid4().hex[:8]}{path.suffix}")
     temps = [temp.with_suffix(p.suffix) for p in finals] if driver == "ESRI Shapefile" else [temp]
     try:
         _check(cancel)
+        geoms, out_crs = _geometries(detections, crs)
+        rows = [feature_values(d, provenance) for d in detections]
+        columns = [_column(f, rows, driver) for f in FIELDS]
+        all_single = all(g.geom_type == "Polygon" for g in geoms)
         if driver == "GPKG" and path.exists():
             shutil.copy2(path, temp)  # keep its other layers; a layer of the same name is replaced
         from pyogrio import raw
@@ -209,6 +209,15 @@ def _geometries(
         )
     own = list(dict.fromkeys(d.crs for d in detections))
     out_crs = crs if crs is not None else (own[0] if own else None)
+    if out_crs is not None:
+        from pyproj import CRS
+
+        try:
+            CRS.from_user_input(out_crs)
+        except Exception as exc:  # pyproj.exceptions.CRSError
+            raise ExportError(
+                f"unknown output CRS {str(out_crs)[:60]!r}: give one like 'EPSG:4326' or WKT"
+            ) from exc
     geoms = []
     for det in detections:
         geom = det.geometry

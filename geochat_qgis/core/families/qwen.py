@@ -127,6 +127,7 @@ class QwenFamily(Family):
         corners = [v * scale[i % 2] for i, v in enumerate(bbox)]
         box, flags = clip_box(corners, width, height)
         name = " ".join(str(label).split()) if label not in (None, "") else ""
+        name = name.encode("utf-8", "replace").decode("utf-8")  # JSON may escape lone surrogates
         if "clipped" in flags:
             answer.problems.append(f"bbox_2d {list(bbox)} outside the {width}x{height} tile: clipped")
         det = Detection(

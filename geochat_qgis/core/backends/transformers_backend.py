@@ -108,6 +108,17 @@ class TransformersBackend(Backend):
         self.processor = None
         self.device = "cpu"
 
+    @classmethod
+    def from_loaded(cls, model, processor, path: str | os.PathLike[str] = "in-memory",
+                    batch_size: int = 1) -> "TransformersBackend":
+        """A backend around an already loaded model and processor (benchmarks, the runtime)."""
+        backend = cls(path, settings=TransformersSettings(batch_size=batch_size))
+        processor.tokenizer.padding_side = "left"
+        backend.model, backend.processor = model.eval(), processor
+        backend.device = str(model.device)
+        backend.batch_size = batch_size
+        return backend
+
     def describe(self) -> str:
         return f"{self.name}:{self.path.name}"
 

@@ -1,0 +1,211 @@
+"""``detect``: raster -> tiles -> model -> detections -> Shapefile / GeoPackage / GeoJSON."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Optional
+
+HELP = "find objects in a raster with a vision-language model and write them as vector features"
+
+TASKS = ("refer", "grounding")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --backend and the backend settings (shared with ``ask``)."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", required=True,
+                       help="a GGUF file or folder (text model + mmproj), a Hugging Face "
+                            "checkpoint folder, a catalog name, or with --backend openai the "
+                            "server's model name")
+    model.add_argument("--mmproj", help="the vision projector GGUF (default: the mmproj beside "
+                                        "the model)")
+    model.add_argument("--backend", choices=("llama.cpp", "transformers", "openai", "geopixel"),
+                       help="default: from --model (or openai with --server-url)")
+    model.add_argument("--family", choices=("geochat", "geopixel", "qwen2.5-vl"),
+                       help="model family (default: from the model)")
+    model.add_argument("--server-url", help="OpenAI-compatible server, e.g. "
+                                            "http://127.0.0.1:8000/v1 (API key: $GEOCHAT_API_KEY)")
+    model.add_argument("--max-in-flight", type=int, help="openai: requests at once (default 4)")
+    model.add_argument("--timeout", type=float, help="openai: seconds per request (default 300)")
+    model.add_argument("--threads", type=int, help="llama.cpp: CPU threads (default: all)")
+    model.add_argument("--n-ctx", type=int, help="llama.cpp: context size (default 2048)")
+    model.add_argument("--gpu-layers", type=int,
+                       help="llama.cpp: layers on the GPU (default: all when there is one)")
+    model.add_argument("--device", help="transformers: cuda or cpu (default: cuda when present)")
+    model.add_argument("--batch-size", type=int,
+                       help="transformers: tiles per batch (default 8 on CUDA, 1 on CPU)")
+    model.add_argument("--geopixel-source", help="geopixel: a GeoPixel source checkout")
+    model.add_argument("--max-new-tokens", type=int, default=256)
+    model.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+
+
+def add_area_arguments(parser: argparse.ArgumentParser) -> None:
+    """RASTER and the area and tiling options (shared with ``ask``)."""
+    parser.add_argument("raster", help="any raster GDAL reads")
+    area = parser.add_argument_group("area")
+    area.add_argument("--extent", type=_extent, help="XMIN,YMIN,XMAX,YMAX (default: all)")
+    area.add_argument("--extent-crs", help="CRS of --extent (default: the raster's)")
+    area.add_argument("--aoi", help="vector file: only tiles touching its polygons")
+    area.add_argument("--tile-size", type=int, help="tile side in pixels (default: the model's)")
+    area.add_argument("--gsd", type=float, help="target metres per pixel (default: native)")
+    area.add_argument("--bands", type=_bands, help="e.g. 4,3,2 (default: RGB)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_area_arguments(parser)
+    parser.add_argument("--overlap", type=float, default=0.1,
+                        help="tile overlap: fraction (< 1) or pixels (default 0.1)")
+    add_model_arguments(parser)
+    task = parser.add_argument_group("task")
+    task.add_argument("--task", choices=TASKS, default="refer")
+    task.add_argument("--prompt", action="append", default=[],
+                      help="what to find (repeat for several); grounding: the question")
+    task.add_argument("--grammar", action="store_true",
+                      help="constrain answers to GeoChat's box syntax (llama.cpp backends)")
+    task.add_argument("--iou", type=float, default=0.5, help="merge threshold across tiles")
+    task.add_argument("--angle", choices=("none", "ccw", "cw"), default="none",
+                      help="how to read GeoChat's angle (unverified; default: keep the "
+                           "axis-aligned box, angle as an attribute)")
+    parser.add_argument("-o", "--output", required=True, help="OUT.shp, OUT.gpkg or OUT.geojson")
+    parser.add_argument("--output-crs", help="CRS of the output (default: the raster's)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _extent(text: str) -> tuple[float, float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError("give four numbers: XMIN,YMIN,XMAX,YMAX")
+    return values  # type: ignore[return-value]
+
+
+def _bands(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("give band numbers like 1,2,3") from None
+
+
+def backend_spec(args: argparse.Namespace):
+    """The BackendSpec the arguments describe (API key from $GEOCHAT_API_KEY)."""
+    from dataclasses import replace
+
+    from ..core.backends.factory import resolve_spec
+    from ..core.backends.openai_http import API_KEY_ENV
+
+    options = {
+        "base_url": args.server_url, "max_in_flight": args.max_in_flight,
+        "timeout": args.timeout, "n_threads": args.threads, "n_ctx": args.n_ctx,
+        "n_gpu_layers": args.gpu_layers, "device": args.device, "batch_size": args.batch_size,
+        "source": args.geopixel_source,
+    }
+    if args.server_url or args.backend == "openai":
+        options["api_key"] = os.environ.get(API_KEY_ENV)
+    kind = args.backend or ("openai" if args.server_url else None)
+    settings = {key: value for key, value in options.items() if value is not None}
+    spec = resolve_spec(args.model, kind, args.mmproj, args.family)
+    allowed = _SETTINGS_BY_KIND[spec.kind]
+    return replace(spec, settings={k: v for k, v in settings.items() if k in allowed})
+
+
+_SETTINGS_BY_KIND = {
+    "llama.cpp": {"n_threads", "n_ctx", "n_gpu_layers"},
+    "transformers": {"device", "batch_size"},
+    "openai": {"base_url", "max_in_flight", "timeout", "api_key"},
+    "geopixel": {"source"},
+}
+
+
+def tile_spec(args: argparse.Namespace, family: str, overlap: float):
+    """The TileSpec for the family, with the user's size, GSD, bands and overlap."""
+    from dataclasses import replace
+
+    from ..core.families import get_family
+    from ..core.pipeline import Job, default_tile_spec
+
+    spec = default_tile_spec(Job(raster=args.raster), get_family(family))
+    changes = {"overlap": overlap}
+    for name, value in (("tile_size", args.tile_size), ("gsd", args.gsd), ("bands", args.bands)):
+        if value is not None:
+            changes[name] = value
+    return replace(spec, **changes)
+
+
+class ProgressBar:
+    """One self-rewriting line on a terminal; silent elsewhere."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.start = time.perf_counter()
+
+    def __call__(self, progress) -> None:
+        if not self.enabled or not progress.total:
+            return
+        width = 30
+        filled = int(width * progress.done / progress.total)
+        rate = progress.done / max(1e-9, time.perf_counter() - self.start) * 60
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {progress.done}/"
+                         f"{progress.total} tiles, {progress.detections} detections, "
+                         f"{rate:.1f} tiles/min")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..core.backends.base import CancelToken
+    from ..core.backends.factory import create_backend
+    from ..core.errors import GeoChatError
+    from ..core.export import export_detections
+    from ..core.pipeline import Job, run_job
+
+    if not args.prompt:
+        raise GeoChatError("Say what to find with --prompt TEXT (repeat it for several things).")
+    spec = backend_spec(args)
+    job = Job(
+        raster=args.raster, task=args.task, prompts=args.prompt, family=spec.family,
+        extent=args.extent, extent_crs=args.extent_crs, aoi=args.aoi,
+        tile_spec=tile_spec(args, spec.family, args.overlap), backend=spec,
+        output_crs=args.output_crs, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, grammar=args.grammar, iou_threshold=args.iou,
+        family_settings={"angle_convention": args.angle} if spec.family == "geochat" else {},
+    )
+    cancel = CancelToken()
+    bar = ProgressBar(not args.quiet)
+    backend = create_backend(spec)
+    try:
+        result = run_job(job, backend, on_progress=bar, cancel=cancel)
+    except KeyboardInterrupt:
+        cancel.cancel()
+        raise
+    finally:
+        bar.close()
+        backend.close()
+    written: Optional[str] = None
+    if result.tiles_done or result.complete:
+        written = str(export_detections(result.detections, args.output, result.crs,
+                                        provenance={"task": job.task, "model": result.model,
+                                                    "raster": args.raster,
+                                                    "run_id": job.run_id}))
+    failed = len({f.tile_id for f in result.failures})
+    print(f"tiles: {result.tiles_done} done, {result.tiles_skipped} skipped (nodata), "
+          f"{failed} failed of {result.tiles_planned}; detections: {len(result.detections)}; "
+          f"seconds: {result.seconds:.1f}; output: {written or 'none'}")
+    for failure in result.failures[:5]:
+        print(f"  tile {failure.tile_id}: {failure.message}", file=sys.stderr)
+    if result.cancelled:
+        print("cancelled: the results of finished tiles were written", file=sys.stderr)
+        return 130
+    if result.error:
+        print(f"error: {result.error}", file=sys.stderr)
+        return 1
+    if not result.tiles_done and result.tiles_planned:
+        print("error: no tile could be processed", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,269 @@
+"""One Job in, results out: tiles -> backend -> family parser -> georeference -> merge.
+
+Front ends (CLI, Processing, the dock's task, the subprocess runtime) build a :class:`Job` and
+call :func:`run_job`; none of them reaches into tiling or a backend itself. A cancelled or failed
+run still returns everything finished so far, with the reason; a tile that fails is recorded and
+the run goes on (until ``max_consecutive_failures`` batches in a row fail, e.g. a server down).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar
+
+from .backends.base import Backend, CancelToken, Conversation, GenerateOptions, TokenCallback
+from .backends.factory import BackendSpec, create_backend
+from .backends.grammar import box_grammar
+from .errors import BackendError, Cancelled, GeoChatError, ParseError
+from .families import get_family
+from .merge import DEFAULT_IOU, merge_detections
+from .results import Detection, georeference
+from .tiling import TileEvent, TileSpec, iter_tiles, plan_tiles
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class Job:
+    """Everything a run needs, as plain data (the subprocess runtime sends it as JSON)."""
+
+    raster: str
+    task: str = "refer"
+    prompts: Sequence[str] = ()  # one question / phrase per entry; each tile is asked each
+    family: str = "geochat"
+    extent: Optional[tuple[float, float, float, float]] = None
+    extent_crs: Optional[str] = None  # None: the raster's CRS
+    aoi: Any = None  # polygons or a vector file, as plan_tiles takes it
+    tile_spec: Optional[TileSpec] = None  # None: the family's tile size, no overlap
+    classes: Sequence[str] = ()  # scene classification
+    backend: Optional[BackendSpec] = None  # used when run_job gets no backend
+    output_crs: Optional[str] = None  # None: the raster's CRS
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    grammar: bool = False  # constrain box answers with GBNF (llama.cpp, llama.cpp servers)
+    iou_threshold: float = DEFAULT_IOU
+    family_settings: dict[str, Any] = field(default_factory=dict)
+    max_consecutive_failures: int = 3
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+
+@dataclass
+class TileAnswer:
+    """What the model said about one tile for one prompt."""
+
+    tile_id: str
+    prompt: str
+    text: str
+    raw: str
+    problems: list[str]
+    detections: int
+    seconds: float
+    prompt_tokens: int
+    generated_tokens: int
+
+
+@dataclass
+class TileFailure:
+    tile_id: str
+    message: str
+    prompt: str = ""
+
+
+@dataclass
+class Progress:
+    """Reported after each batch: tiles finished (done + failed) out of the planned total."""
+
+    done: int
+    total: int
+    tile_ids: list[str]
+    detections: int
+
+
+@dataclass
+class JobResult:
+    run_id: str
+    model: str
+    crs: Optional[str]
+    detections: list[Detection] = field(default_factory=list)  # merged, in ``crs``
+    answers: list[TileAnswer] = field(default_factory=list)
+    failures: list[TileFailure] = field(default_factory=list)
+    tiles_planned: int = 0
+    tiles_done: int = 0
+    tiles_skipped: int = 0
+    cancelled: bool = False
+    error: Optional[str] = None  # why the run stopped early (results so far are kept)
+    seconds: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        return not self.cancelled and self.error is None
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(answer.generated_tokens for answer in self.answers)
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def default_tile_spec(job: Job, family) -> TileSpec:
+    """The job's tile spec, or the family's square tile size and pad colour."""
+    if job.tile_spec is not None:
+        return job.tile_spec
+    preprocess = family.preprocess
+    spec = TileSpec(tile_size=preprocess.size or 504)
+    return replace(spec, pad_rgb=preprocess.pad_rgb) if preprocess.pad_rgb else spec
+
+
+def job_prompts(job: Job, family) -> list[tuple[str, str]]:
+    """``[(what the user typed, the user-turn text for the model), ...]``."""
+    typed = [p for p in job.prompts if p and p.strip()] or [""]
+    return [(text, family.build_prompt(job.task, text, classes=job.classes)) for text in typed]
+
+
+def run_job(job: Job, backend: Optional[Backend] = None,
+            on_progress: Optional[ProgressCallback] = None,
+            cancel: Optional[CancelToken] = None,
+            on_token: Optional[TokenCallback] = None) -> JobResult:
+    """Run ``job`` on ``backend`` (or one built from ``job.backend``) and merge the detections.
+
+    Raises GeoChatError before any tile runs (bad raster, extent, model); after that, returns a
+    JobResult whose ``cancelled`` / ``error`` say whether it stopped early.
+    """
+    start = time.perf_counter()
+    family = get_family(job.family, **job.family_settings)
+    prompts = job_prompts(job, family)
+    spec = default_tile_spec(job, family)
+    plan = plan_tiles(job.raster, spec, extent=job.extent, extent_crs=job.extent_crs, aoi=job.aoi)
+    if backend is None:
+        if job.backend is None:
+            raise BackendError("The job names no backend and none was given.")
+        backend = create_backend(job.backend)
+    backend.load()
+    options = GenerateOptions(
+        max_new_tokens=job.max_new_tokens, temperature=job.temperature,
+        stop=getattr(family, "stop", ()), on_token=on_token, cancel=cancel,
+        grammar=box_grammar(family.name, job.task) if job.grammar else None,
+    )
+    result = JobResult(job.run_id, backend.describe(), job.output_crs or plan.crs,
+                       tiles_planned=len(plan))
+
+    def on_event(event: TileEvent) -> None:  # from the reading thread
+        if event.kind == "failed":
+            result.failures.append(TileFailure(event.tile.tile_id, event.message))
+
+    found: list[Detection] = []
+    attributes = {"task": job.task, "model": backend.describe(), "raster": str(job.raster),
+                  "run_id": job.run_id}
+    failed_in_a_row = 0
+    try:
+        for batch in _batches(_prefetch(iter_tiles(plan, on_event), 2 * backend.batch_size),
+                              backend.batch_size):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            ok = _run_batch(batch, prompts, backend, family, options, attributes, job, result,
+                            found)
+            failed_in_a_row = 0 if ok else failed_in_a_row + 1
+            if on_progress is not None:
+                on_progress(Progress(result.tiles_done + len({f.tile_id for f in result.failures}),
+                                     len(plan), [t.tile_id for t in batch], len(found)))
+            if failed_in_a_row >= job.max_consecutive_failures:
+                result.error = result.failures[-1].message
+                break
+    except Cancelled:
+        result.cancelled = True
+    except GeoChatError as exc:  # a fatal error mid-run: keep what is done
+        result.error = str(exc)
+    result.tiles_skipped = plan.counts.skipped_nodata
+    result.detections = merge_detections(found, job.iou_threshold) if found else []
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _run_batch(batch, prompts, backend: Backend, family, options: GenerateOptions,
+               attributes: dict[str, Any], job: Job, result: JobResult,
+               found: list[Detection]) -> bool:
+    """Ask every prompt about the tiles of ``batch``; False when the backend failed for all."""
+    images = [tile.image for tile in batch]
+    any_ok = False
+    for typed, user_text in prompts:
+        try:
+            generations = backend.generate(images, Conversation.single(user_text, family.name),
+                                           options)
+        except BackendError as exc:
+            log.warning("tiles %s failed: %s", [t.tile_id for t in batch], exc)
+            result.failures += [TileFailure(t.tile_id, str(exc), typed) for t in batch]
+            continue
+        any_ok = True
+        for tile, generation in zip(batch, generations):
+            size = (tile.image.shape[1], tile.image.shape[0])
+            try:
+                answer = family.parse(generation.text, size, generation.masks,
+                                      default_label=typed or job.task)
+            except ParseError as exc:
+                result.failures.append(TileFailure(tile.tile_id, str(exc), typed))
+                continue
+            for detection in answer.detections:
+                detection.attributes.update(attributes, prompt=typed or user_text)
+            placed = georeference(answer.detections, tile, job.output_crs)
+            found.extend(placed)
+            result.answers.append(TileAnswer(
+                tile.tile_id, typed, answer.text, generation.text, answer.problems, len(placed),
+                generation.seconds, generation.prompt_tokens, generation.generated_tokens))
+    if any_ok:
+        result.tiles_done += len(batch)
+    return any_ok
+
+
+def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+_END = object()
+
+
+def _prefetch(items: Iterable[T], depth: int) -> Iterator[T]:
+    """``items`` read ahead by a background thread (tile reads overlap model time)."""
+    buffer: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                buffer.put(item)
+        except BaseException as exc:  # handed to the consumer, raised there
+            buffer.put(exc)
+        buffer.put(_END)
+
+    thread = threading.Thread(target=produce, name="geochat-tiles", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                buffer.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)

@@ -73,9 +73,9 @@ def run(args: argparse.Namespace) -> int:
                       aoi=args.aoi, pixel_space=args.pixel_space)
     out = Path(args.out)
     tiles_dir = out / "tiles"
-    tiles_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for tile in iter_tiles(plan):
+        tiles_dir.mkdir(parents=True, exist_ok=True)
         _write_png(tiles_dir / f"{tile.tile_id}.png", tile.image)
         written.append(tile)
     if written:

@@ -1,0 +1,247 @@
+"""The isolated model runtime: a real child process running real backends.
+
+The child runs the OpenAI-HTTP backend against a streaming chat server on 127.0.0.1 started
+here (a generation that takes as long as the test wants), and llama.cpp for model files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import psutil
+import pytest
+
+from geochat_qgis.core.backends.base import CancelToken, Conversation, GenerateOptions
+from geochat_qgis.core.backends.factory import BackendSpec
+from geochat_qgis.core.errors import BackendError, Cancelled, GeoChatError, ModelError
+from geochat_qgis.core.runtime import protocol
+from geochat_qgis.core.runtime.backend import RuntimeSettings, SubprocessBackend, open_backend
+from geochat_qgis.core.runtime.process import RuntimeProcess, describe_exit
+
+pytestmark = pytest.mark.slow
+
+SETTINGS = RuntimeSettings(python=sys.executable, heartbeat_interval=0.2, heartbeat_timeout=3.0,
+                           startup_timeout=60.0, cancel_grace=5.0)
+IMAGE = np.arange(28 * 28 * 3, dtype=np.uint8).reshape(28, 28, 3)
+
+
+class ChatServer(ThreadingHTTPServer):
+    """An OpenAI-compatible chat server streaming ``tokens`` pieces, ``delay`` s apart."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), ChatHandler)
+        self.tokens = [f"t{i} " for i in range(5)]
+        self.delay = 0.0
+        self.bodies: list[dict] = []
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # the child being killed mid-answer is expected here
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class ChatHandler(BaseHTTPRequestHandler):
+    server: ChatServer
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.bodies.append(body)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for piece in self.server.tokens:
+            time.sleep(self.server.delay)
+            event = {"choices": [{"delta": {"content": piece}, "finish_reason": None}]}
+            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+            self.wfile.flush()
+        self.wfile.write(b"data: [DONE]\n\n")
+
+
+@pytest.fixture
+def chat():
+    server = ChatServer()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def backend(chat):
+    spec = BackendSpec("openai", "tiny", "geochat", None,
+                       {"base_url": chat.base_url, "retries": 0, "max_in_flight": 1})
+    runtime = SubprocessBackend(spec, SETTINGS)
+    yield runtime
+    runtime.close()
+
+
+@pytest.fixture(autouse=True)
+def no_zombies():
+    yield
+    zombies = [p.pid for p in psutil.Process().children(recursive=True)
+               if p.status() == psutil.STATUS_ZOMBIE]
+    assert zombies == []
+
+
+def _assert_reaped(pid: int) -> None:
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # not our child any more: it was waited for
+    if psutil.pid_exists(pid):
+        assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+
+
+def _ask(backend, **options):
+    return backend.generate([IMAGE], Conversation.single("what is here?"),
+                            GenerateOptions(**options))
+
+
+def test_generation_streams_tokens_through_the_child(backend, chat):
+    pieces: list[tuple[int, str]] = []
+    result = _ask(backend, on_token=lambda i, text: pieces.append((i, text)))
+    assert result[0].text == "t0 t1 t2 t3 t4"
+    assert pieces == [(0, p) for p in chat.tokens]
+    assert backend.pid != os.getpid() and psutil.Process(backend.pid).ppid() == os.getpid()
+    assert "openai:tiny" in backend.describe()
+    assert chat.bodies[0]["messages"]  # the image and prompt reached the server from the child
+    pid = backend.pid
+    _ask(backend)
+    assert backend.pid == pid  # the loaded runtime is reused
+
+
+def test_sigkill_mid_generation_is_reported_reaped_and_restarted(backend, chat):
+    _ask(backend)  # warm: loaded
+    chat.tokens, chat.delay = [f"t{i} " for i in range(60)], 0.05
+    seen: list[str] = []
+
+    def kill_on_third_token(index: int, text: str) -> None:
+        seen.append(text)
+        if len(seen) == 3:
+            os.kill(backend.pid, signal.SIGKILL)
+
+    pid = backend.pid
+    with pytest.raises(BackendError, match=r"killed \(SIGKILL\).*next request starts a fresh"):
+        _ask(backend, on_token=kill_on_third_token)
+    assert 3 <= len(seen) < 60
+    _assert_reaped(pid)
+    chat.tokens, chat.delay = ["ok"], 0.0
+    assert _ask(backend)[0].text == "ok"
+    assert backend.pid != pid
+
+
+def test_hung_child_times_out_on_heartbeat_and_is_killed(backend, chat):
+    backend.settings = dataclasses.replace(SETTINGS, heartbeat_timeout=1.5)
+    chat.tokens, chat.delay = [f"t{i} " for i in range(100)], 0.05
+    stopped = []
+
+    def freeze_child(index: int, text: str) -> None:
+        if not stopped:
+            stopped.append(backend.pid)
+            os.kill(backend.pid, signal.SIGSTOP)  # alive but silent: no more heartbeats
+
+    started = time.monotonic()
+    with pytest.raises(BackendError, match="stopped answering \\(no heartbeat for 1.5 s\\)"):
+        _ask(backend, on_token=freeze_child)
+    assert time.monotonic() - started < 20
+    _assert_reaped(stopped[0])
+
+
+def test_cancel_stops_generation_and_keeps_the_runtime(backend, chat):
+    _ask(backend)
+    pid = backend.pid
+    chat.tokens, chat.delay = [f"t{i} " for i in range(100)], 0.05
+    token = CancelToken()
+    with pytest.raises(Cancelled):
+        _ask(backend, cancel=token, on_token=lambda i, t: token.cancel())
+    chat.tokens, chat.delay = ["again"], 0.0
+    assert _ask(backend)[0].text == "again"
+    assert backend.pid == pid  # cancelled cooperatively: same child, model still loaded
+
+
+def test_truncated_gguf_fails_to_load_with_a_clear_message(tmp_path, chat):
+    import gguf
+
+    path = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", np.ones((64, 256), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    broken = SubprocessBackend(BackendSpec("llama.cpp", str(path), "geochat"), SETTINGS)
+    try:
+        with pytest.raises(ModelError, match=r"model\.gguf .*truncated.*[Dd]ownload or convert"):
+            broken.load()
+        assert broken.process.alive  # the child reported it; nothing crashed
+    finally:
+        broken.close()
+    # the parent is unaffected: another runtime works
+    good = SubprocessBackend(BackendSpec("openai", "tiny", "geochat", None,
+                                         {"base_url": chat.base_url, "retries": 0}), SETTINGS)
+    try:
+        assert _ask(good)[0].text == "t0 t1 t2 t3 t4"
+    finally:
+        good.close()
+
+
+def test_child_exits_when_the_parent_goes_away():
+    process = RuntimeProcess(sys.executable, 0.2, 3.0, 60.0)
+    process.start()
+    assert process.info["pid"] == process.pid
+    process.proc.stdin.close()  # as when QGIS dies: the child's stdin ends
+    assert process.proc.wait(timeout=30) == 0
+
+
+def test_runtime_that_cannot_start_says_how_to_fix_it(tmp_path):
+    runtime = SubprocessBackend(BackendSpec("openai", "m"),
+                                RuntimeSettings(python=str(tmp_path / "no-python")))
+    with pytest.raises(BackendError, match="Could not start the model runtime.*deps install"):
+        runtime.load()
+
+
+def test_exit_descriptions():
+    assert "out-of-memory" in describe_exit(-signal.SIGKILL)
+    assert "crashed (SIGSEGV) in native code" in describe_exit(-signal.SIGSEGV)
+    assert describe_exit(3) == "exited with code 3"
+
+
+def test_protocol_round_trips(tmp_path):
+    from PIL import Image
+
+    assert np.array_equal(protocol.decode_image(protocol.encode_array(IMAGE)), IMAGE)
+    masks = np.random.default_rng(0).normal(size=(2, 5, 7)).astype(np.float32)
+    assert np.array_equal(protocol.decode_image(protocol.encode_array(masks)), masks)
+    Image.fromarray(IMAGE).save(tmp_path / "tile.png")
+    assert np.array_equal(protocol.decode_image({"path": str(tmp_path / "tile.png")}), IMAGE)
+    conversation = Conversation.single("q", "qwen2.5-vl")
+    conversation.turns[0].assistant = "a"
+    again = protocol.decode_conversation(json.loads(json.dumps(
+        protocol.encode_conversation(conversation))))
+    assert again.pairs() == [("q", "a")] and again.family == "qwen2.5-vl"
+    assert isinstance(protocol.decode_error({"error": "ModelError", "message": "m"}), ModelError)
+    assert isinstance(protocol.decode_error({"error": "Cancelled", "message": "c"}), Cancelled)
+    odd = protocol.decode_error({"error": "KeyError", "message": "'x'"})
+    assert type(odd) is BackendError and "KeyError" in str(odd)
+    assert isinstance(odd, GeoChatError)
+
+
+def test_open_backend_chooses_the_runtime():
+    spec = BackendSpec("openai", "m")
+    assert isinstance(open_backend(spec, "subprocess"), SubprocessBackend)
+    assert open_backend(spec, "inprocess").name == "openai"
+    with pytest.raises(BackendError, match="Unknown runtime"):
+        open_backend(spec, "thread")

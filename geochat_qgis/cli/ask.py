@@ -44,8 +44,8 @@ def overview_spec(args: argparse.Namespace, family: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.backends.factory import create_backend
     from ..core.pipeline import Job, run_job
+    from ..core.runtime.backend import open_backend
 
     spec = backend_spec(args)
     tiles, how = overview_spec(args, spec.family)
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
               extent=args.extent, extent_crs=args.extent_crs, aoi=args.aoi, tile_spec=tiles,
               classes=classes, backend=spec, max_new_tokens=args.max_new_tokens,
               temperature=args.temperature)
-    backend = create_backend(spec)
+    backend = open_backend(spec, args.runtime)
     try:
         result = run_job(job, backend, on_token=_echo if sys.stdout.isatty() else None)
     finally:

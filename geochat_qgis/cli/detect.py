@@ -39,6 +39,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--geopixel-source", help="geopixel: a GeoPixel source checkout")
     model.add_argument("--max-new-tokens", type=int, default=256)
     model.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    model.add_argument("--runtime", choices=("inprocess", "subprocess"), default="inprocess",
+                       help="run the model here (default) or in a separate runtime process "
+                            "that a native crash or out-of-memory kill cannot take down")
 
 
 def add_area_arguments(parser: argparse.ArgumentParser) -> None:
@@ -160,10 +163,10 @@ class ProgressBar:
 
 def run(args: argparse.Namespace) -> int:
     from ..core.backends.base import CancelToken
-    from ..core.backends.factory import create_backend
     from ..core.errors import GeoChatError
     from ..core.export import export_detections
     from ..core.pipeline import Job, run_job
+    from ..core.runtime.backend import open_backend
 
     if not args.prompt:
         raise GeoChatError("Say what to find with --prompt TEXT (repeat it for several things).")
@@ -178,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     )
     cancel = CancelToken()
     bar = ProgressBar(not args.quiet)
-    backend = create_backend(spec)
+    backend = open_backend(spec, args.runtime)
     try:
         result = run_job(job, backend, on_progress=bar, cancel=cancel)
     except KeyboardInterrupt:

@@ -42,6 +42,7 @@ class ChatServer(ThreadingHTTPServer):
         self.tokens = [f"t{i} " for i in range(5)]
         self.delay = 0.0
         self.bodies: list[dict] = []
+        self.on_request = None  # called with the request count before answering
 
     def handle_error(self, request, client_address) -> None:
         pass  # the child being killed mid-answer is expected here
@@ -60,6 +61,8 @@ class ChatHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.bodies.append(body)
+        if self.server.on_request is not None:
+            self.server.on_request(len(self.server.bodies))
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
@@ -245,3 +248,33 @@ def test_open_backend_chooses_the_runtime():
     assert open_backend(spec, "inprocess").name == "openai"
     with pytest.raises(BackendError, match="Unknown runtime"):
         open_backend(spec, "thread")
+
+
+def test_sigkill_during_detect_keeps_finished_tiles(chat, demo_raster, tmp_path, capsys):
+    import geopandas
+
+    from geochat_qgis.cli import main
+
+    chat.tokens = ["{<10><10><40><40>|<0>}"]
+    killed: list[int] = []
+
+    def kill_runtime_on_fourth_tile(count: int) -> None:
+        if count == 4:
+            for child in psutil.Process().children():
+                if "runtime" in child.cmdline():
+                    killed.append(child.pid)
+                    child.send_signal(signal.SIGKILL)  # not waited for here: the parent reaps
+
+    chat.on_request = kill_runtime_on_fourth_tile
+    output = tmp_path / "cars.gpkg"
+    code = main(["detect", str(demo_raster), "--tile-size", "256", "--overlap", "0",
+                 "--prompt", "car", "--backend", "openai", "--server-url", chat.base_url,
+                 "--model", "tiny", "--max-in-flight", "1", "--runtime", "subprocess",
+                 "--quiet", "-o", str(output)])
+    err = capsys.readouterr().err
+    assert len(killed) == 1
+    assert "killed (SIGKILL)" in err  # the failed tile says what happened
+    assert code == 0
+    found = geopandas.read_file(output)
+    assert 3 <= len(found) < 16  # the tiles before the kill (and after the restart) are kept
+    _assert_reaped(killed[0])

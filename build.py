@@ -284,8 +284,14 @@ def venv_site_packages() -> Path:
 
 
 def qgis_env(headless: bool) -> dict[str, str]:
-    """QGIS runs Debian's Python: put the venv's packages on its path."""
+    """QGIS runs Debian's Python: put the venv's packages on its path.
+
+    QGIS's embedded Python finds its prefix from the first ``python3`` on PATH: a pyenv or other
+    interpreter there makes it lose the qgis module, so Debian's /usr/bin comes first.
+    """
     env = dict(os.environ)
+    env["PATH"] = os.pathsep.join(["/usr/bin", "/bin", env.get("PATH", "")])
+    env.pop("QT_QPA_PLATFORM", None)  # a real window, on the real or the virtual display
     env["PYTHONPATH"] = os.pathsep.join(
         [str(venv_site_packages())] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     )
@@ -294,58 +300,89 @@ def qgis_env(headless: bool) -> dict[str, str]:
     return env
 
 
-def startup_script(raster: Path, screenshot: Path, headless: bool) -> str:
-    """Python that QGIS runs after start (--code): load the raster, open the dock, maybe snap."""
+def startup_script(body: str, headless: bool, settle_ms: int = 3000) -> str:
+    """Python QGIS runs once started (``--code``).
+
+    ``body`` defines ``main(iface)``, run after the window has settled. Headless, QGIS then quits;
+    an exception is printed (a Python error dialog would block a virtual display forever) and
+    QGIS exits with status 1.
+    """
     return textwrap.dedent(
-        f"""
-        from qgis.core import QgsProject, QgsRasterLayer
+        """
+        import os, sys, traceback
+        from qgis.core import QgsProject
         from qgis.PyQt.QtCore import QTimer
-        from qgis.utils import iface, plugins
+        from qgis.utils import iface
+        """
+    ) + textwrap.dedent(body) + textwrap.dedent(
+        f"""
 
-        layer = QgsRasterLayer({str(raster)!r}, {raster.stem!r})
-        if not layer.isValid():
-            raise RuntimeError("demo raster did not load: " + {str(raster)!r})
-        QgsProject.instance().addMapLayer(layer)
-        iface.setActiveLayer(layer)
-        iface.mapCanvas().setExtent(layer.extent())
-        plugin = plugins[{PACKAGE!r}]
-        plugin.show_dock()
-        print("GEOCHAT-RUN: raster loaded:", layer.name(), layer.crs().authid(), flush=True)
-        print("GEOCHAT-RUN: dock shows:", plugin.dock.layer_summary(), flush=True)
+        def _geochat_run():
+            try:
+                main(iface)
+            except Exception:
+                print("GEOCHAT-RUN-ERROR", traceback.format_exc(), flush=True)
+                if {headless!r}:
+                    os._exit(1)
+            if {headless!r}:
+                QgsProject.instance().setDirty(False)
+                iface.mainWindow().close()
 
-        def snap():
-            window = iface.mainWindow()
-            window.grab().save({str(screenshot)!r})
-            print("GEOCHAT-RUN: screenshot", {str(screenshot)!r}, flush=True)
-            QgsProject.instance().setDirty(False)
-            window.close()
-
-        if {headless!r}:
-            QTimer.singleShot(4000, snap)
+        QTimer.singleShot({settle_ms}, _geochat_run)
         """
     )
 
 
+def demo_body(raster: Path, screenshot: Path) -> str:
+    """Load the raster, open the chat dock on it, save a screenshot of the main window."""
+    return f"""
+        def main(iface):
+            from qgis.core import QgsRasterLayer
+            from qgis.utils import plugins
+
+            layer = QgsRasterLayer({str(raster)!r}, {raster.stem!r})
+            if not layer.isValid():
+                raise RuntimeError("the demo raster did not load: " + {str(raster)!r})
+            QgsProject.instance().addMapLayer(layer)
+            iface.setActiveLayer(layer)
+            iface.mapCanvas().setExtent(layer.extent())
+            plugin = plugins[{PACKAGE!r}]
+            plugin.show_dock()
+            print("GEOCHAT-RUN: raster loaded:", layer.name(), layer.crs().authid(), flush=True)
+            print("GEOCHAT-RUN: dock shows:", plugin.dock.layer_summary(), flush=True)
+            iface.mapCanvas().refreshAllLayers()
+            iface.mapCanvas().waitWhileRendering()
+            iface.mainWindow().grab().save({str(screenshot)!r})
+            print("GEOCHAT-RUN: screenshot saved", flush=True)
+        """
+
+
 def run_qgis(
-    qgis_dir: Path, profile: str, raster: Path, screenshot: Path, headless: bool, timeout: float = 300
+    qgis_dir: Path, profile: str, script: str, headless: bool, timeout: float = 300
 ) -> subprocess.CompletedProcess:
-    """Start the real QGIS desktop application with the plugin's profile."""
+    """Start the real QGIS desktop application with a profile; QGIS runs ``script`` once started.
+
+    Headless (no display) it runs on Xvfb, captures its output and is killed after ``timeout``.
+    """
     OUT.mkdir(exist_ok=True)
-    script = OUT / "qgis_startup.py"
-    script.write_text(startup_script(raster, screenshot, headless), encoding="utf-8")
+    script_path = OUT / f"qgis_startup_{os.getpid()}.py"
+    script_path.write_text(script, encoding="utf-8")
     command = [
         "qgis", "--nologo", "--noversioncheck", "--skipbadlayers",
-        "--profiles-path", str(qgis_dir), "--profile", profile, "--code", str(script),
+        "--profiles-path", str(qgis_dir), "--profile", profile, "--code", str(script_path),
     ]
     if headless:
         if not shutil.which("xvfb-run"):
             raise BuildError("no display and no xvfb-run: run `python3 build.py setup` (installs xvfb)")
         command = ["xvfb-run", "-a", "-s", "-screen 0 1600x1000x24"] + command
-    say("starting QGIS: " + " ".join(command))
-    return subprocess.run(
-        command, env=qgis_env(headless), timeout=None if not headless else timeout,
-        capture_output=headless, text=True,
-    )
+    say("starting QGIS: " + " ".join(command[command.index("qgis"):]))
+    try:
+        return subprocess.run(
+            command, env=qgis_env(headless), timeout=timeout if headless else None,
+            capture_output=headless, text=True,
+        )
+    finally:
+        script_path.unlink(missing_ok=True)
 
 
 def run(qgis_dir: Path, profile: str) -> int:
@@ -354,10 +391,10 @@ def run(qgis_dir: Path, profile: str) -> int:
     headless = not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY")
     screenshot = OUT / "qgis_main_window.png"
     screenshot.unlink(missing_ok=True)
-    result = run_qgis(qgis_dir, profile, DEMO_RASTER, screenshot, headless)
+    result = run_qgis(qgis_dir, profile, startup_script(demo_body(DEMO_RASTER, screenshot), headless), headless)
     if headless:
         for line in (result.stdout + result.stderr).splitlines():
-            if "GEOCHAT-RUN" in line or "Traceback" in line or "Error" in line:
+            if line.startswith("GEOCHAT-RUN") or "Error" in line:
                 print(line)
         if not screenshot.exists():
             raise BuildError("QGIS exited without writing the screenshot: see the output above")

@@ -78,6 +78,10 @@ class GeoChatPlugin:
             self.dock.visibilityChanged.connect(self.action.setChecked)
         self.dock.show()
         self.dock.raise_()
+        if self.action is not None:
+            blocked = self.action.blockSignals(True)  # already showing: no toggled round trip
+            self.action.setChecked(True)
+            self.action.blockSignals(blocked)
 
     def _on_action_toggled(self, checked: bool) -> None:
         if checked:

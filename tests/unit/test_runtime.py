@@ -83,6 +83,14 @@ def chat():
     server.server_close()
 
 
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """The project's tiny random GeoChat as a GGUF pair (model.gguf + mmproj.gguf)."""
+    from geochat_qgis.core.weights.tiny import build_tiny_geochat
+
+    return build_tiny_geochat(tmp_path_factory.mktemp("tiny") / "gguf", "gguf", seed=0)
+
+
 @pytest.fixture
 def backend(chat):
     spec = BackendSpec("openai", "tiny", "geochat", None,
@@ -174,17 +182,13 @@ def test_cancel_stops_generation_and_keeps_the_runtime(backend, chat):
     assert backend.pid == pid  # cancelled cooperatively: same child, model still loaded
 
 
-def test_truncated_gguf_fails_to_load_with_a_clear_message(tmp_path, chat):
-    import gguf
-
-    path = tmp_path / "model.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tensor("token_embd.weight", np.ones((64, 256), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+def test_truncated_gguf_fails_to_load_with_a_clear_message(tiny_gguf, tmp_path, chat):
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    data = (tiny_gguf / "model.gguf").read_bytes()
+    (folder / "model.gguf").write_bytes(data[: int(len(data) * 0.6)])  # a download cut short
+    (folder / "mmproj.gguf").write_bytes((tiny_gguf / "mmproj.gguf").read_bytes())
+    path = folder / "model.gguf"
     broken = SubprocessBackend(BackendSpec("llama.cpp", str(path), "geochat"), SETTINGS)
     try:
         with pytest.raises(ModelError, match=r"model\.gguf .*truncated.*[Dd]ownload or convert"):
@@ -278,3 +282,19 @@ def test_sigkill_during_detect_keeps_finished_tiles(chat, demo_raster, tmp_path,
     found = geopandas.read_file(output)
     assert 3 <= len(found) < 16  # the tiles before the kill (and after the restart) are kept
     _assert_reaped(killed[0])
+
+
+def test_tiny_gguf_generates_the_same_through_the_child_as_in_process(tiny_gguf):
+    spec = BackendSpec("llama.cpp", str(tiny_gguf), "geochat", None, {"n_threads": 1})
+    image = np.random.default_rng(1).integers(0, 255, (504, 504, 3), dtype=np.uint8)
+    conversation = Conversation.single("[refer] Give me the location of <p> car </p>")
+    pieces: list[str] = []
+    with SubprocessBackend(spec, SETTINGS) as child:
+        remote = child.generate([image], conversation, GenerateOptions(
+            max_new_tokens=12, on_token=lambda i, text: pieces.append(text)))[0]
+        assert child.pid != os.getpid() and "model.gguf" in child.describe()
+    with open_backend(spec, "inprocess") as local:
+        here = local.generate([image], conversation, GenerateOptions(max_new_tokens=12))[0]
+    assert remote.text == here.text and remote.generated_tokens == here.generated_tokens > 0
+    assert remote.prompt_tokens == here.prompt_tokens > 1296  # the 504 px image's tokens
+    assert "".join(pieces).strip() == remote.text.strip()

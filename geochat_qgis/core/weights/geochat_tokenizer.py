@@ -16,6 +16,7 @@ from ..errors import ModelError
 from ..families.llava_v1 import IMAGE_TOKEN, SYSTEM
 
 TOKENIZER_MODEL = "tokenizer.model"
+LLAMA_CPP_MEDIA_MARKER = "<__media__>"  # mtmd_default_marker()
 
 # The llava_v1 conversation (geochat/conversation.py) as a chat template: identical text to
 # core/families/llava_v1.llava_v1_prompt for the same turns.
@@ -31,7 +32,11 @@ LLAVA_V1_CHAT_TEMPLATE = (
     "{%- else -%}"
     "{%- for item in message['content'] if item['type'] == 'image' -%}"
     "{{- '" + IMAGE_TOKEN + "\\n' -}}{%- endfor -%}"
-    "{%- for item in message['content'] if item['type'] == 'text' -%}{{- item['text'] -}}{%- endfor -%}"
+    # llama.cpp's MTMD chat handler (llama_cpp.server --chat_format mtmd) passes each image as a
+    # text item holding its media marker: it takes the place of "<image>", so "\n" follows it.
+    "{%- for item in message['content'] if item['type'] == 'text' -%}{{- item['text'] -}}"
+    "{%- if item['text'] == '" + LLAMA_CPP_MEDIA_MARKER + "' -%}{{- '\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
     "{%- endif -%}{{- ' ASSISTANT:' -}}"
     "{%- elif message['role'] == 'assistant' -%}{{- ' ' -}}"
     "{%- if message['content'] is string -%}{{- message['content'] -}}"

@@ -86,14 +86,14 @@ def _list(catalog, cache, as_json: bool) -> int:
         "name": e.name, "family": e.family, "backends": list(e.backends), "size": _size(e),
         "status": model_status(e, cache), "license": e.license, "min_ram_gb": e.min_ram_gb,
         "min_vram_gb": e.min_vram_gb, "source": str(e.local_path or e.repo), "title": e.title,
-        "folder": str(e.local_dir(cache)),
+        "folder": str(e.local_dir(cache)), "convert": e.convert,
     } for e in catalog]
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"{'NAME':28} {'FAMILY':11} {'SIZE':>8} {'STATUS':10} {'BACKENDS':16} LICENCE")
     for row in rows:
-        backends = ",".join(row["backends"]) or "(convert)"
+        backends = ",".join(row["backends"]) or ("(convert)" if row["convert"] else "-")
         print(f"{row['name']:28} {row['family']:11} {row['size']:>8} {row['status']:10} "
               f"{backends:16} {row['license'] or '?'}")
     return 0
@@ -141,10 +141,13 @@ def run(args: argparse.Namespace) -> int:
         for check in checks:
             print(f"{check.status:16} {check.path} {check.detail}".rstrip())
         bad = [c for c in checks if c.status not in ("ok", "unverified")]
-        if bad:
-            print(f"{entry.name}: {len(bad)} file(s) missing or damaged; fetch them again with "
+        if any(c.status != "missing" for c in bad):
+            print(f"{entry.name}: damaged file(s); fetch them again with "
                   f"`models remove {entry.name}` then `models download {entry.name}`",
                   file=sys.stderr)
+        elif bad:
+            print(f"{entry.name}: {len(bad)} file(s) missing; run "
+                  f"`models download {entry.name}`", file=sys.stderr)
         return 1 if bad else 0
     freed = remove_model(entry, args.cache)
     print(f"{entry.name}: removed, {freed / 1e9:.2f} GB freed")

@@ -40,6 +40,8 @@ class HubServer(ThreadingHTTPServer):
         self.ignore_range = False
         self.api = True
         self.requests: list[tuple[str, str]] = []  # (path, Range header)
+        self.auth: list[str] = []  # Authorization headers received
+        self.redirects: dict[str, str] = {}  # path -> absolute URL to send the client to
 
     def handle_error(self, request, client_address) -> None:
         pass  # a client that hangs up mid-answer (cancel, refused size) is expected here
@@ -58,6 +60,13 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         srv = self.server
         srv.requests.append((self.path, self.headers.get("Range", "")))
+        srv.auth.append(self.headers.get("Authorization", ""))
+        if self.path in srv.redirects:
+            self.send_response(302)
+            self.send_header("Location", srv.redirects[self.path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.path.startswith("/api/models/") and srv.api:
             repo = self.path[len("/api/models/"):].split("/revision/")[0]
             siblings = [
@@ -97,14 +106,16 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-@pytest.fixture
-def hub():
+def _serve():
     server = HubServer()
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     yield server
     server.shutdown()
     server.server_close()
+
+
+hub = pytest.fixture(_serve)
+cdn = pytest.fixture(_serve)
 
 
 @pytest.fixture
@@ -127,6 +138,20 @@ def test_full_download_reports_progress_and_verifies(hub, payload, tmp_path):
     assert digest == hashlib.sha256(payload).hexdigest()
     assert not (tmp_path / "w.bin.part").exists()
     assert seen[-1] == (SIZE, SIZE) and seen == sorted(seen) and len(seen) >= 4
+
+
+def test_redirect_to_a_cdn_keeps_range_and_drops_the_token(hub, cdn, payload, tmp_path,
+                                                           monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    _put(cdn, "/blob/w.bin", payload)
+    hub.redirects["/o/r/resolve/main/w.bin"] = cdn.url + "/blob/w.bin"
+    cdn.drop_after["/blob/w.bin"] = SIZE // 3
+    download_file(hub.url + "/o/r/resolve/main/w.bin", tmp_path / "w.bin", size=SIZE,
+                  sha256=hashlib.sha256(payload).hexdigest(), retries=1)
+    assert (tmp_path / "w.bin").read_bytes() == payload
+    assert hub.auth == ["Bearer hf_secret", "Bearer hf_secret"]  # asked twice (resume)
+    assert cdn.auth == ["", ""]  # the token never left the hub's host
+    assert [r for _, r in cdn.requests] == ["", f"bytes={SIZE // 3}-"]
 
 
 def test_checksum_mismatch_deletes_the_file(hub, payload, tmp_path):

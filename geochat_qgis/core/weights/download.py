@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from ...__about__ import version
 from ..errors import Cancelled, GeoChatError
@@ -40,6 +40,20 @@ class DownloadError(GeoChatError):
 
 class _Interrupted(Exception):
     """The connection broke mid-transfer: retry with Range from the partial file."""
+
+
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follows redirects (the hub serves large files from a CDN) keeping the Range header, and
+    drops the access token when the redirect leaves the hub's host."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urlsplit(new.full_url).netloc != urlsplit(req.full_url).netloc:
+            new.remove_header("Authorization")
+        return new
+
+
+_OPENER = urllib.request.build_opener(_RedirectHandler)
 
 
 def hub_endpoint(override: Optional[str] = None) -> str:
@@ -111,7 +125,7 @@ def sha256_of(path: Path, cancel: Optional["CancelToken"] = None) -> str:
 def fetch_json(url: str, timeout: float = 30.0) -> Any:
     """GET a JSON document (hub API); DownloadError when it cannot be had."""
     try:
-        with urllib.request.urlopen(_request(url), timeout=timeout) as response:
+        with _OPENER.open(_request(url), timeout=timeout) as response:
             return json.loads(response.read().decode("utf-8"))
     except urllib.error.HTTPError as exc:
         raise _http_failure(url, exc) from exc
@@ -140,7 +154,7 @@ def _transfer(
         part.unlink()
         have = 0
     try:
-        response = urllib.request.urlopen(_request(url, have), timeout=timeout)
+        response = _OPENER.open(_request(url, have), timeout=timeout)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have and (size is None or have == size):
             return  # the partial file is already complete

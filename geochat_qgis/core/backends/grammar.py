@@ -18,12 +18,10 @@ angle ::= "|<" "-"? ([0-9] | [1-8] [0-9] | "90") ">"
 REFER_GRAMMAR = r"""root ::= box (" "? box){0,7}
 """ + _BOX_RULES
 
-GROUNDING_GRAMMAR = r"""root ::= lead? object (sep object){0,15} tail?
-object ::= "<p>" phrase "</p>" " "? box (" "? box){0,7}
-phrase ::= " "? [a-zA-Z0-9] [a-zA-Z0-9 ,'-]{0,40}
-lead ::= [^<{}]{1,200}
-sep ::= [^<{}]{0,120}
-tail ::= [^<{}]{1,200}
+GROUNDING_GRAMMAR = r"""root ::= text? object (text? object){0,7} text?
+object ::= "<p>" phrase "</p>" " "? box (" "? box){0,3}
+phrase ::= [^<>{}]+
+text ::= [^<>{}]+
 """ + _BOX_RULES
 
 _BY_TASK = {"refer": REFER_GRAMMAR, "grounding": GROUNDING_GRAMMAR}

@@ -7,6 +7,7 @@ cancel token is honoured between tokens; a GBNF grammar can constrain the answer
 """
 from __future__ import annotations
 
+import codecs
 import ctypes
 import logging
 import os
@@ -37,7 +38,7 @@ class LlamaCppSettings:
     """llama.cpp load settings. ``None`` means: choose for this machine."""
 
     n_ctx: int = 2048  # GeoChat: 1296 image tokens + prompt + answer
-    n_threads: Optional[int] = None  # None: all cores
+    n_threads: Optional[int] = None  # None: llama-cpp-python's default (half the cores)
     n_gpu_layers: Optional[int] = None  # None: all layers when the build and a GPU allow it
     n_batch: int = 512
     verbose: bool = False
@@ -58,6 +59,15 @@ def default_gpu_layers() -> int:
     import llama_cpp
 
     return -1 if llama_cpp.llama_supports_gpu_offload() and gpu_present() else 0
+
+
+@lru_cache(maxsize=None)
+def _route_mtmd_logs() -> None:
+    """Send libmtmd's logs through llama-cpp-python's logger (quiet unless verbose)."""
+    from llama_cpp import _logger, mtmd_cpp
+
+    mtmd_cpp.mtmd_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    mtmd_cpp.mtmd_helper_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
 @lru_cache(maxsize=None)
@@ -137,6 +147,7 @@ class LlamaCppBackend(Backend):
                 "`python -m geochat_qgis deps install llama.cpp` (or pip install llama-cpp-python)."
             ) from exc
         text, projector = resolve_gguf_pair(self.model_arg, self.mmproj_arg)
+        _route_mtmd_logs()
         settings = self.settings
         if self.family in LLAVA_V1_FAMILIES and settings.n_ctx < 2048:
             raise BackendError(f"n_ctx {settings.n_ctx} is too small for GeoChat: use >= 2048.")
@@ -150,7 +161,7 @@ class LlamaCppBackend(Backend):
                 model_path=str(text.path),
                 chat_handler=handler,
                 n_ctx=settings.n_ctx,
-                n_threads=settings.n_threads or os.cpu_count() or 1,
+                n_threads=settings.n_threads,
                 n_gpu_layers=gpu_layers,
                 n_batch=settings.n_batch,
                 verbose=settings.verbose,
@@ -201,42 +212,74 @@ class LlamaCppBackend(Backend):
         handler.images = {key: as_rgb(image)}
         start = time.perf_counter()
         try:
-            chunks = handler(
-                llama=llama,
-                messages=self._messages(conversation, key),
-                temperature=options.temperature,
-                repeat_penalty=1.0,  # the papers decode without a repetition penalty
-                seed=options.seed,
-                stop=list(options.stop),
-                max_tokens=options.max_new_tokens,
-                grammar=_grammar(options.grammar),
-                stream=True,
-            )
+            # The handler evaluates the prompt (text and image chunks) and returns a lazy
+            # completion stream; decoding runs in our own loop below (token by token, O(1) work
+            # per token: llama-cpp-python's stream re-detokenizes the whole answer each token).
+            handler(llama=llama, messages=self._messages(conversation, key),
+                    max_tokens=1, stream=True).close()
         except ValueError as exc:
             raise BackendError(f"llama.cpp could not read the prompt or tile: {exc}") from exc
         finally:
             handler.images = {}
-        prompt_tokens = llama.n_tokens
-        pieces: list[str] = []
-        finish = None
-        for chunk in chunks:
-            choice = chunk["choices"][0]
-            piece = choice["delta"].get("content")
-            if piece:
-                pieces.append(piece)
-                if options.on_token is not None:
-                    options.on_token(index, piece)
-            finish = choice.get("finish_reason") or finish
-            if options.cancel is not None and options.cancel.cancelled:
-                chunks.close()
-                options.check_cancel()
+        prompt = llama.input_ids[: llama.n_tokens].tolist()
+        text, generated, finish = _decode(llama, prompt, index, options)
         return Generation(
-            text="".join(pieces).strip(),
-            prompt_tokens=prompt_tokens,
-            generated_tokens=max(llama.n_tokens - prompt_tokens, len(pieces)),
+            text=text.strip(),
+            prompt_tokens=len(prompt),
+            generated_tokens=generated,
             seconds=time.perf_counter() - start,
             extra={"finish_reason": finish},
         )
+
+
+def _decode(llama, prompt: list[int], index: int, options: GenerateOptions
+            ) -> tuple[str, int, str]:
+    """Sample after the evaluated ``prompt`` until end of generation, a stop string, the token
+    limit or a cancel; returns (text, tokens generated, finish reason)."""
+    import llama_cpp
+
+    if options.temperature > 0:
+        llama.set_seed(options.seed)
+    vocab = llama._model.vocab
+    limit = min(options.max_new_tokens, llama.n_ctx() - len(prompt))
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+    text = ""
+    count = 0
+    finish = "length"
+    tokens = llama.generate(prompt, temp=options.temperature, repeat_penalty=1.0,
+                            grammar=_grammar(options.grammar), reset=True)
+    try:
+        for token in tokens:
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                finish = "stop"
+                break
+            count += 1
+            piece = decoder.decode(llama.detokenize([token]))
+            if piece:
+                text += piece
+                if options.on_token is not None:
+                    options.on_token(index, piece)
+            cut = _stop_index(text, options.stop, len(piece))
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+                break
+            if options.cancel is not None and options.cancel.cancelled:
+                options.check_cancel()
+            if count >= limit:
+                break
+    finally:
+        tokens.close()
+    return text + decoder.decode(b"", final=True), count, finish
+
+
+def _stop_index(text: str, stop: Sequence[str], new: int) -> int:
+    """Where the first stop string in the tail of ``text`` starts (only the tail can be new)."""
+    for word in stop:
+        if word:
+            at = text.find(word, max(0, len(text) - new - len(word)))
+            if at >= 0:
+                return at
+    return -1
 
 
 @lru_cache(maxsize=8)

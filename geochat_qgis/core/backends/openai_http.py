@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -41,6 +41,9 @@ class HttpSettings:
     retries: int = 3  # extra tries after a 5xx or a connection failure
     backoff: float = 0.5  # seconds before the first retry, doubled each time
     grammar_field: Optional[str] = "grammar"  # request field for GBNF (llama.cpp servers)
+    # more request fields: llama_cpp.server penalises repeats (1.1) unless told not to, which
+    # breaks greedy decoding as the papers evaluate it; vLLM and Ollama ignore the field
+    extra_body: dict[str, Any] = field(default_factory=lambda: {"repeat_penalty": 1.0})
 
 
 class _Retryable(Exception):
@@ -93,6 +96,7 @@ class OpenAIHttpBackend(Backend):
     def _payload(self, image: np.ndarray, conversation: Conversation,
                  options: GenerateOptions, stream: bool) -> bytes:
         body: dict[str, Any] = {
+            **self.settings.extra_body,
             "model": self.model,
             "messages": chat_messages(conversation, png_data_uri(image)),
             "max_tokens": options.max_new_tokens,

@@ -17,7 +17,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import shapely
-from shapely.geometry.base import BaseGeometry
 
 from .errors import Cancelled, ExportError, GeoChatError
 from .results import Detection, polygonal
@@ -55,6 +54,7 @@ DRIVERS = {".shp": "ESRI Shapefile", ".gpkg": "GPKG", ".geojson": "GeoJSON", ".j
 SHAPEFILE_PARTS = (".shp", ".shx", ".dbf", ".prj", ".cpg")
 SHAPEFILE_STALE = (".qix", ".sbn", ".sbx")  # spatial indexes of an old file: wrong once replaced
 SHAPEFILE_TEXT_BYTES = 254  # a dBase text field holds at most 254 bytes
+POLYGON, MULTIPOLYGON = 3, 6  # shapely geometry type ids
 
 
 def now_iso() -> str:
@@ -62,24 +62,41 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
+def attribute_columns(
+    detections: Sequence[Detection], provenance: Optional[Mapping[str, Any]] = None
+) -> dict[str, list[Any]]:
+    """The FIELDS values of ``detections``, one list per field name (None where unknown).
+
+    The provenance fields come from each detection's ``attributes``, else from ``provenance``.
+    """
+    provenance = provenance or {}
+    columns: dict[str, list[Any]] = {
+        "label": [d.label for d in detections],
+        "phrase": [d.phrase or None for d in detections],
+        "angle": [d.angle for d in detections],
+        "score": [d.score for d in detections],
+        "kind": [d.kind for d in detections],
+        "flags": [",".join(d.flags) or None for d in detections],
+        "tile_id": [d.tile_id or None for d in detections],
+    }
+    for name in PROVENANCE:
+        default = _text(provenance.get(name))
+        columns[name] = [
+            _text(d.attributes.get(name, default)) if d.attributes else default
+            for d in detections
+        ]
+    return {f.name: columns[f.name] for f in FIELDS}
+
+
 def feature_values(
     det: Detection, provenance: Optional[Mapping[str, Any]] = None
 ) -> dict[str, Any]:
-    """The FIELDS values of one detection (None where unknown)."""
-    provenance = provenance or {}
-    values: dict[str, Any] = {
-        "label": det.label,
-        "phrase": det.phrase or None,
-        "angle": det.angle,
-        "score": det.score,
-        "kind": det.kind,
-        "flags": ",".join(det.flags) or None,
-        "tile_id": det.tile_id or None,
-    }
-    for name in PROVENANCE:
-        value = det.attributes.get(name, provenance.get(name))
-        values[name] = None if value is None else str(value)
-    return values
+    """The FIELDS values of one detection, by field name (for a layer's feature)."""
+    return {name: values[0] for name, values in attribute_columns([det], provenance).items()}
+
+
+def _text(value: Any) -> Optional[str]:
+    return value if value is None or isinstance(value, str) else str(value)
 
 
 def driver_for(path: Path) -> str:
@@ -123,16 +140,16 @@ def export_detections(
     try:
         _check(cancel)
         geoms, out_crs = _geometries(detections, crs)
-        rows = [feature_values(d, provenance) for d in detections]
-        columns = [_column(f, rows, driver) for f in FIELDS]
-        all_single = all(g.geom_type == "Polygon" for g in geoms)
-        if driver == "GPKG" and path.exists():
+        values = attribute_columns(detections, provenance)
+        columns = [_column(f, values[f.name], driver) for f in FIELDS]
+        all_single = bool((shapely.get_type_id(geoms) == POLYGON).all())
+        if driver == "GPKG" and _other_layers(path, layer or path.stem):
             shutil.copy2(path, temp)  # keep its other layers; a layer of the same name is replaced
         from pyogrio import raw
 
         raw.write(
             str(temp),
-            shapely.to_wkb(np.array(geoms, dtype=object)),
+            shapely.to_wkb(geoms),
             columns,
             names,
             layer=layer or path.stem,
@@ -152,6 +169,21 @@ def export_detections(
             raise
         raise ExportError(f"could not write {path}: {exc}") from exc
     return path
+
+
+def _other_layers(path: Path, layer: str) -> bool:
+    """True when the GeoPackage at ``path`` exists and holds layers other than ``layer``."""
+    if not path.exists():
+        return False
+    from pyogrio import list_layers
+
+    try:
+        names = list_layers(path)[:, 0]
+    except Exception as exc:  # pyogrio.errors.DataSourceError: not a readable GeoPackage
+        raise ExportError(
+            f"{path} exists but is not a readable GeoPackage ({exc}): choose another file name"
+        ) from exc
+    return any(name != layer for name in names)
 
 
 def _check(cancel: Any) -> None:
@@ -199,7 +231,7 @@ def _commit(moves: dict[Path, Path], stale: Sequence[Path]) -> None:
 
 def _geometries(
     detections: Sequence[Detection], crs: Optional[str]
-) -> tuple[list[BaseGeometry], Optional[str]]:
+) -> tuple[np.ndarray, Optional[str]]:
     """Polygonal geometries in the output CRS, and that CRS."""
     from .georef import reproject_geometry, same_crs
 
@@ -209,6 +241,11 @@ def _geometries(
         )
     own = list(dict.fromkeys(d.crs for d in detections))
     out_crs = crs if crs is not None else (own[0] if own else None)
+    if (out_crs is None and any(own)) or (out_crs is not None and None in own):
+        raise ExportError(
+            "some detections have a CRS and others not: georeference all from rasters with a "
+            "CRS, or export them separately"
+        )
     if out_crs is not None:
         from pyproj import CRS
 
@@ -218,27 +255,26 @@ def _geometries(
             raise ExportError(
                 f"unknown output CRS {str(out_crs)[:60]!r}: give one like 'EPSG:4326' or WKT"
             ) from exc
-    geoms = []
-    for det in detections:
-        geom = det.geometry
-        if out_crs is not None and det.crs is not None and not same_crs(det.crs, out_crs):
-            geom = reproject_geometry(geom, det.crs, out_crs)
-        elif (det.crs is None) != (out_crs is None):
-            raise ExportError(
-                "some detections have a CRS and others not: georeference all from rasters with a "
-                "CRS, or export them separately"
-            )
-        geoms.append(polygonal(geom))
+    foreign = {c for c in own if c is not None and not same_crs(c, out_crs)}
+    geoms = np.array([d.geometry for d in detections], dtype=object)
+    for i, det in enumerate(detections):
+        if det.crs in foreign:
+            geoms[i] = reproject_geometry(det.geometry, det.crs, out_crs)
+    odd = np.flatnonzero(~np.isin(shapely.get_type_id(geoms), (POLYGON, MULTIPOLYGON)))
+    for i in odd:
+        geoms[i] = polygonal(geoms[i])
     return geoms, out_crs
 
 
-def _column(field: Field, rows: Sequence[dict[str, Any]], driver: str) -> np.ndarray:
+def _column(field: Field, values: list[Any], driver: str) -> np.ndarray:
     """One attribute column; text cut to 254 UTF-8 bytes in shapefiles (whole characters)."""
-    values = [row[field.name] for row in rows]
     if field.type == "float":
-        return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+        return np.array(values, dtype=np.float64)  # None -> NaN -> null
     if driver == "ESRI Shapefile":
-        values = [None if v is None else _fit_bytes(v, SHAPEFILE_TEXT_BYTES) for v in values]
+        too_long = {v for v in set(values) if v is not None and len(v) * 4 > SHAPEFILE_TEXT_BYTES}
+        if too_long:
+            fitted = {v: _fit_bytes(v, SHAPEFILE_TEXT_BYTES) for v in too_long}
+            values = [fitted.get(v, v) for v in values]
     return np.array(values, dtype=object)
 
 

@@ -165,4 +165,8 @@ def test_refusals(tmp_path):
     tile_frame = [Detection("x", shapely.box(0, 0, 1, 1))]
     with pytest.raises(ExportError, match="georeference"):
         export_detections(tile_frame, tmp_path / "out.gpkg")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.dbf"]
+    (tmp_path / "notes.gpkg").write_text("not a geopackage")
+    with pytest.raises(ExportError, match="not a readable GeoPackage"):
+        export_detections(_dets(), tmp_path / "notes.gpkg")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.gpkg", "out.dbf"]
+    assert (tmp_path / "notes.gpkg").read_text() == "not a geopackage"

@@ -102,13 +102,26 @@ def test_output_cut_off_mid_box(geochat):
     angle_cut = geochat.parse("A <p>car</p>{<10><20><30><40>|<4", 100)
     (det,) = angle_cut.detections
     assert det.bbox == (10.0, 20.0, 30.0, 40.0) and det.angle is None
-    assert "truncated" in det.flags
+    assert det.flags == ["truncated"]
 
 
 def test_unreadable_boxes_are_problems_not_errors(geochat):
     answer = geochat.parse("a {<1><two>} b {<5><5>}", 100)
     assert answer.detections == [] and answer.text == "a b"
     assert len(answer.problems) == 2
+
+
+def test_malformed_box_keeps_its_corners(geochat):
+    answer = geochat.parse("<p>tank</p>{<10><20><30><40>|45}", 100)
+    (det,) = answer.detections
+    assert det.bbox == (10.0, 20.0, 30.0, 40.0) and det.angle is None
+    assert det.flags == ["malformed"] and answer.text == "tank"
+
+
+def test_delim_between_boxes_as_in_the_demo(geochat):
+    answer = geochat.parse("<p>ships</p> {<1><2><3><4>|<0>}<delim>{<5><6><7><8>|<10>}", 100)
+    assert [d.bbox for d in answer.detections] == [(1, 2, 3, 4), (5, 6, 7, 8)]
+    assert answer.text == "ships"
 
 
 def test_padded_non_square_tile_subtracts_the_pad_offset(geochat):

@@ -22,7 +22,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-_STRAY_MARKUP = re.compile(r"</?p>|<p\s*\Z|\[SEG\]|</s>")
+# tags that carry no text: phrase tags left unpaired, GeoPixel's [SEG], GeoChat's box separator
+# <delim> (its demo splits boxes on it), the end-of-sequence token
+_STRAY_MARKUP = re.compile(r"</?p>|<p\s*\Z|\[SEG\]|<delim>|</s>")
 
 
 def clean_text(pieces: Sequence[str]) -> str:

@@ -133,27 +133,27 @@ class GeoChatFamily(Family):
                 phrase = " ".join(match.group("ptext").split())
                 pieces.append(phrase)
                 continue
+            flag = ""
             if match.group("box") is not None:
                 numbers = list(_BOX_RE.fullmatch(match.group("box")).groups())  # x1 y1 x2 y2 θ
-                truncated = False
-            elif match.group("bad") is not None:
-                answer.problems.append(f"unreadable box {match.group('bad')!r} skipped")
-                continue
-            else:  # cut off mid-box
-                numbers = _CUT_NUMBERS.findall(match.group("cut"))[:5]
-                if len(numbers) < 4:
-                    answer.problems.append(
-                        f"output cut off mid-box {match.group('cut')!r}: box skipped"
-                    )
+            else:  # malformed, or cut off mid-box: keep it if its four corners are readable
+                bad = match.group("bad") is not None
+                found = _CUT_NUMBERS.findall(match.group("bad" if bad else "cut"))
+                if len(found) < 4:
+                    what = "unreadable box" if bad else "output cut off mid-box"
+                    answer.problems.append(f"{what} {match.group(0)!r} skipped")
                     continue
-                numbers = numbers[:4] + [None]  # a cut angle may have lost digits
-                truncated = True
-                answer.problems.append("output cut off after a box: its angle is unknown")
+                # a cut angle may have lost digits; a malformed one is not trusted either
+                numbers, flag = found[:4] + [None], "malformed" if bad else "truncated"
+                answer.problems.append(
+                    f"{'malformed' if bad else 'cut off'} box {match.group(0)!r}: "
+                    "corners read, angle unknown"
+                )
             det = self._detection(
                 numbers, phrase or default_label, phrase, match.span(), width, height
             )
-            if truncated:
-                det.flags.append("truncated")
+            if flag:
+                det.flags.append(flag)
             if "clipped" in det.flags:
                 answer.problems.append(f"box {match.group(0).strip()!r} outside 0-100: clipped")
             answer.detections.append(det)

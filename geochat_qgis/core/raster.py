@@ -9,6 +9,7 @@ overviews or a sample, so every tile of a job has the same colours.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +20,15 @@ import numpy as np
 from .errors import RasterError
 
 # A stretch sample is read at most this many pixels across (from overviews where they exist).
-SAMPLE_SIZE = 1024
+SAMPLE_SIZE = 512
 # Without overviews, an area up to this many pixels is read whole for the stretch; a larger one
 # is sampled with a grid of small windows, so a 50 GB raster costs the same as a small one.
 WHOLE_READ_PIXELS = 4096 * 4096
 SAMPLE_GRID, SAMPLE_WINDOW = 8, 128
 PERCENTILES = (2.0, 98.0)
+# rasterio's own GDAL caches decoded blocks in up to 5 % of RAM by default; this is plenty for a
+# row of tiles of a 20000 px wide raster and keeps the tiler's memory independent of the raster.
+GDAL_CACHE_BYTES = 256 * 2**20
 
 
 def open_raster(source: Union[str, Path]):
@@ -43,6 +47,17 @@ def open_raster(source: Union[str, Path]):
         raise RasterError(
             f"Cannot read {text} as a raster ({exc}): give a GDAL-readable raster file."
         ) from exc
+
+
+def limit_gdal_cache() -> None:
+    """Cap rasterio's GDAL block cache at GDAL_CACHE_BYTES unless the user set GDAL_CACHEMAX."""
+    if "GDAL_CACHEMAX" in os.environ:
+        return
+    from rasterio.env import get_gdal_config, set_gdal_config
+
+    current = get_gdal_config("GDAL_CACHEMAX")
+    if not isinstance(current, int) or current > GDAL_CACHE_BYTES:
+        set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE_BYTES)
 
 
 def is_plain_path(source: str) -> bool:
@@ -111,7 +126,7 @@ class Stretch:
         for i, values in enumerate(channels):
             if values.dtype.kind in "iu" and values.dtype.itemsize <= 2:
                 unsigned = values.view(f"u{values.dtype.itemsize}")
-                out[:, :, i] = self._lut(i, values.dtype)[unsigned]
+                out[:, :, i] = np.take(self._lut(i, values.dtype), unsigned)
             else:
                 out[:, :, i] = self.scale(values, i)
 
@@ -122,6 +137,7 @@ class RasterReader:
     def __init__(self, source: Union[str, Path], bands: Optional[Sequence[int]] = None):
         from rasterio.enums import ColorInterp, MaskFlags
 
+        limit_gdal_cache()
         self.ds = open_raster(source)
         try:
             self.bands = resolve_bands(self.ds, bands)
@@ -130,13 +146,11 @@ class RasterReader:
             raise
         interp = list(self.ds.colorinterp)
         self.alpha = interp.index(ColorInterp.alpha) + 1 if ColorInterp.alpha in interp else None
-        self.read_indexes = list(dict.fromkeys(self.bands))
-        if self.alpha is not None:
-            self.read_indexes.append(self.alpha)
-        self.channel_rows = [self.read_indexes.index(b) for b in self.bands]
+        self.distinct = list(dict.fromkeys(self.bands))  # each colour band read once
+        self.channel_rows = [self.distinct.index(b) for b in self.bands]
         flags = self.ds.mask_flag_enums[self.bands[0] - 1]
         self.use_dataset_mask = self.alpha is None and MaskFlags.per_dataset in flags
-        nodata = [self.ds.nodatavals[b - 1] for b in dict.fromkeys(self.bands)]
+        nodata = [self.ds.nodatavals[b - 1] for b in self.distinct]
         self.nodata = nodata if all(v is not None for v in nodata) else None
         self.dtype = np.dtype(self.ds.dtypes[self.bands[0] - 1])
         self.needs_stretch = self.dtype != np.uint8
@@ -150,44 +164,65 @@ class RasterReader:
     def close(self) -> None:
         self.ds.close()
 
-    def read(self, window, out_hw: tuple[int, int], resampling) -> tuple[np.ndarray, np.ndarray]:
-        """Raw values (bands in ``read_indexes`` order) and the invalid mask, at ``out_hw``."""
-        shape = (len(self.read_indexes), *out_hw)
-        data = self.ds.read(self.read_indexes, window=window, out_shape=shape,
+    def read(self, window, out_hw: tuple[int, int],
+             resampling) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """Raw values of the distinct colour bands (bands, H, W) and the invalid mask (None
+        when the raster cannot have invalid pixels)."""
+        data = self.ds.read(self.distinct, window=window, out_shape=(len(self.distinct), *out_hw),
                             resampling=resampling)
-        invalid = np.zeros(out_hw, dtype=bool)
-        if self.alpha is not None:
-            invalid |= data[-1] == 0
-        elif self.use_dataset_mask:
-            invalid |= self.ds.read_masks(self.bands[0], window=window, out_shape=out_hw,
-                                          resampling=resampling) == 0
-        if self.nodata is not None:
-            nodata_all = np.ones(out_hw, dtype=bool)
-            for row, value in enumerate(self.nodata):
-                same = np.isnan(data[row]) if math.isnan(value) else data[row] == value
-                nodata_all &= same
-            invalid |= nodata_all
-        if self.dtype.kind == "f":
-            for row in set(self.channel_rows):
-                invalid |= ~np.isfinite(data[row])
-        return data, invalid
+        return data, self._invalid(window, out_hw, resampling, list(data))
+
+    def read_raw(self, window, out_hw: tuple[int, int],
+                 resampling) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """The disk half of :meth:`read_rgb` (GDAL work, releases the GIL): an 8-bit raster's
+        (H, W, 3) image itself, a deeper one's values as :meth:`read` gives them."""
+        if self.needs_stretch:
+            return self.read(window, out_hw, resampling)
+        rgb = np.empty((*out_hw, 3), dtype=np.uint8)  # GDAL interleaves the bands itself
+        self.ds.read(list(self.bands), window=window, out=rgb.transpose(2, 0, 1),
+                     resampling=resampling)
+        distinct = [rgb[:, :, self.bands.index(b)] for b in self.distinct]
+        return rgb, self._invalid(window, out_hw, resampling, distinct)
+
+    def to_rgb(self, values: np.ndarray, invalid: Optional[np.ndarray],
+               stretch: Optional[Stretch], pad_rgb: Sequence[int]) -> tuple[np.ndarray, int]:
+        """The CPU half of :meth:`read_rgb`: 8-bit RGB, invalid pixels painted ``pad_rgb``."""
+        if self.needs_stretch:
+            if stretch is None:
+                raise ValueError("rasters deeper than 8 bits need the job's compute_stretch()")
+            rgb = np.empty((*values.shape[1:], 3), dtype=np.uint8)
+            stretch.apply([values[r] for r in self.channel_rows], rgb)
+        else:
+            rgb = values
+        count = 0 if invalid is None else int(invalid.sum())
+        if count:
+            rgb[invalid] = pad_rgb
+        return rgb, count
 
     def read_rgb(self, window, out_hw: tuple[int, int], resampling, stretch: Optional[Stretch],
                  pad_rgb: Sequence[int]) -> tuple[np.ndarray, int]:
         """(H, W, 3) uint8 RGB of ``window`` at ``out_hw``, invalid pixels painted ``pad_rgb``;
         also the number of invalid pixels."""
-        data, invalid = self.read(window, out_hw, resampling)
-        channels = [data[r] for r in self.channel_rows]
-        rgb = np.empty((*out_hw, 3), dtype=np.uint8)
-        if stretch is None:
-            for i, values in enumerate(channels):
-                rgb[:, :, i] = values
-        else:
-            stretch.apply(channels, rgb)
-        count = int(invalid.sum())
-        if count:
-            rgb[invalid] = pad_rgb
-        return rgb, count
+        return self.to_rgb(*self.read_raw(window, out_hw, resampling), stretch, pad_rgb)
+
+    def _invalid(self, window, out_hw: tuple[int, int], resampling,
+                 distinct: list[np.ndarray]) -> Optional[np.ndarray]:
+        """Where pixels have no data (alpha 0, masked, nodata in every band, NaN); None when
+        the raster cannot have any."""
+        masks = []
+        if self.alpha is not None:
+            masks.append(self.ds.read(self.alpha, window=window, out_shape=out_hw,
+                                      resampling=resampling) == 0)
+        elif self.use_dataset_mask:
+            masks.append(self.ds.read_masks(self.bands[0], window=window, out_shape=out_hw,
+                                            resampling=resampling) == 0)
+        if self.nodata is not None:
+            masks.append(np.logical_and.reduce([
+                np.isnan(values) if math.isnan(value) else values == value
+                for values, value in zip(distinct, self.nodata)]))
+        if self.dtype.kind == "f":
+            masks.extend(~np.isfinite(values) for values in distinct)
+        return np.logical_or.reduce(masks) if masks else None
 
     def compute_stretch(self, window) -> Optional[Stretch]:
         """The job's 2-98 percentile stretch over ``window`` (None for 8-bit rasters)."""
@@ -227,6 +262,6 @@ class RasterReader:
                 data, invalid = self.read(win, out_hw, Resampling.nearest)
             except RasterioError:
                 continue  # a corrupt block: the tiles over it will fail and be reported
-            valid = ~invalid
+            valid = np.ones(out_hw, dtype=bool) if invalid is None else ~invalid
             samples.append([band[valid & np.isfinite(band)] for band in data])
         return samples

@@ -302,16 +302,16 @@ def _make_tiles(col_offs: list[int], row_offs: list[int], window: int, tile_size
 
 
 def iter_tiles(plan: TilePlan, on_event: Optional[Callable[[TileEvent], None]] = None,
-               ) -> Iterator[Tile]:
+               prefetch: bool = True) -> Iterator[Tile]:
     """Read the plan's tiles lazily: each yielded Tile is a copy with its ``image`` set.
 
     Tiles over ``spec.max_nodata`` are skipped and tiles whose blocks cannot be read fail; both
     are counted in ``plan.counts`` and reported to ``on_event``, and the job goes on. Memory
     stays proportional to one tile. The 8-bit stretch is computed once and kept on the plan.
+    With ``prefetch``, a worker thread decodes the next tile's window while this one is
+    converted and used (a local file only: GDAL settings of the caller's thread stay put).
     """
-    from rasterio.errors import RasterioError
-
-    from .raster import RasterReader
+    from .raster import RasterReader, is_plain_path
 
     plan.counts = TileCounts()
     with RasterReader(plan.raster_path, plan.bands) as reader:
@@ -319,17 +319,18 @@ def iter_tiles(plan: TilePlan, on_event: Optional[Callable[[TileEvent], None]] =
             from rasterio.windows import Window
 
             plan.stretch = reader.compute_stretch(Window(*plan.area_window))
-        for tile in plan.tiles:
-            try:
-                image, nodata_frac = _read_tile(reader, plan, tile)
-            except RasterioError as exc:
-                reason = str(exc.__cause__ or exc)
+        ahead = prefetch and is_plain_path(plan.raster_path)
+        for tile, out_hw, raw in _raw_reads(reader, plan, ahead):
+            if isinstance(raw, Exception):
+                reason = str(raw.__cause__ or raw)
                 plan.counts.failed += 1
                 plan.counts.failures.append((tile.tile_id, reason))
                 log.debug("tile %s failed: %s", tile.tile_id, reason)
                 if on_event:
                     on_event(TileEvent("failed", tile, f"unreadable blocks: {reason}"))
                 continue
+            rgb, invalid = reader.to_rgb(*raw, plan.stretch, plan.spec.pad_rgb)
+            image, nodata_frac = _place(plan, rgb, invalid, out_hw)
             if nodata_frac > plan.spec.max_nodata:
                 plan.counts.skipped_nodata += 1
                 if on_event:
@@ -340,8 +341,38 @@ def iter_tiles(plan: TilePlan, on_event: Optional[Callable[[TileEvent], None]] =
             yield replace(tile, image=image, nodata_frac=nodata_frac)
 
 
-def _read_tile(reader, plan: TilePlan, tile: Tile) -> tuple[np.ndarray, float]:
-    """The tile's (S, S, 3) uint8 image and its nodata fraction (padding included)."""
+def _raw_reads(reader, plan: TilePlan, prefetch: bool) -> Iterator[tuple[Tile, tuple, Any]]:
+    """(tile, output size, raw read or the RasterioError) per tile, in order; with
+    ``prefetch`` the reads run one tile ahead in a worker thread."""
+    from rasterio.errors import RasterioError
+
+    def read(tile: Tile) -> tuple[tuple[int, int], Any]:
+        window, out_hw, resampling = _request(plan, tile)
+        try:
+            return out_hw, reader.read_raw(window, out_hw, resampling)
+        except RasterioError as exc:
+            return out_hw, exc
+
+    if not prefetch:
+        for tile in plan.tiles:
+            yield (tile, *read(tile))
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geochat-tiles")
+    try:
+        pending = pool.submit(read, plan.tiles[0]) if plan.tiles else None
+        for k, tile in enumerate(plan.tiles):
+            current = pending
+            if k + 1 < len(plan.tiles):
+                pending = pool.submit(read, plan.tiles[k + 1])
+            yield (tile, *current.result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _request(plan: TilePlan, tile: Tile):
+    """The part of the tile's window inside the raster, its output size and the resampling."""
     from rasterio.enums import Resampling
     from rasterio.windows import Window
 
@@ -353,12 +384,17 @@ def _read_tile(reader, plan: TilePlan, tile: Tile) -> tuple[np.ndarray, float]:
     inside_h = min(tile.row_off + tile.height, height) - tile.row_off
     out_w = size if inside_w == tile.width else max(1, min(size, round(inside_w / scale)))
     out_h = size if inside_h == tile.height else max(1, min(size, round(inside_h / scale)))
-    window = Window(tile.col_off, tile.row_off, inside_w, inside_h)
-    rgb, invalid = reader.read_rgb(window, (out_h, out_w), resampling, plan.stretch,
-                                   plan.spec.pad_rgb)
-    if (out_h, out_w) == (size, size):
+    return Window(tile.col_off, tile.row_off, inside_w, inside_h), (out_h, out_w), resampling
+
+
+def _place(plan: TilePlan, rgb: np.ndarray, invalid: int,
+           out_hw: tuple[int, int]) -> tuple[np.ndarray, float]:
+    """The full (S, S, 3) tile image, padded bottom/right, and its nodata fraction."""
+    size = plan.spec.tile_size
+    if out_hw == (size, size):
         return rgb, invalid / float(size * size)
     image = np.empty((size, size, 3), dtype=np.uint8)
     image[:] = plan.spec.pad_rgb
+    out_h, out_w = out_hw
     image[:out_h, :out_w] = rgb
     return image, 1.0 - (out_h * out_w - invalid) / float(size * size)

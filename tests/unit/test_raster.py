@@ -59,7 +59,7 @@ def test_reader_masks_nodata_alpha_internal_mask_and_nan(data_dir):
         _, invalid = reader.read(window, (100, 100), Resampling.nearest)
         assert invalid[0, 0] and invalid.mean() > 0.5
     with RasterReader(data_dir / "RGBA.uint16.tif") as reader:  # alpha band
-        assert reader.alpha == 4 and reader.read_indexes == [3, 2, 1, 4]
+        assert reader.alpha == 4 and reader.distinct == [3, 2, 1]
         with rasterio.open(data_dir / "RGBA.uint16.tif") as ds:
             alpha = ds.read(4, window=window)
         _, invalid = reader.read(window, (100, 100), Resampling.nearest)
@@ -75,7 +75,7 @@ def test_reader_masks_nodata_alpha_internal_mask_and_nan(data_dir):
 
 def test_grey_band_is_read_once(data_dir):
     with RasterReader(data_dir / "shade.tif") as reader:
-        assert reader.bands == (1, 1, 1) and reader.read_indexes == [1]
+        assert reader.bands == (1, 1, 1) and reader.distinct == [1]
         rgb, invalid = reader.read_rgb(Window(0, 0, 64, 64), (64, 64), Resampling.nearest,
                                        None, (1, 2, 3))
         assert (rgb[..., 0] == rgb[..., 2]).sum() + invalid == 64 * 64
@@ -114,3 +114,11 @@ def test_open_errors_are_clear(tmp_path):
         open_raster(tmp_path / "bad.tif")
     with pytest.raises(RasterError, match="Cannot read"):
         open_raster("/vsimem/nothing-here.tif")  # a GDAL source string, not a path
+
+
+def test_reader_caps_gdal_block_cache(demo_raster, monkeypatch):
+    from rasterio.env import get_gdal_config
+
+    monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
+    with RasterReader(demo_raster):
+        assert get_gdal_config("GDAL_CACHEMAX") <= raster_module.GDAL_CACHE_BYTES

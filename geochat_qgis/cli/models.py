@@ -45,12 +45,12 @@ class ProgressBar:
     On a non-terminal stream it prints a plain line every 10 %.
     """
 
-    def __init__(self, label: str, stream: TextIO = sys.stderr, width: int = 30) -> None:
-        self.label, self.stream, self.width = label, stream, width
+    def __init__(self, label: str, stream: Optional[TextIO] = None, width: int = 30) -> None:
+        self.label, self.stream, self.width = label, stream or sys.stderr, width
         self.started = time.monotonic()
         self.first_done: Optional[int] = None
         self.last_decile = -1
-        self.tty = stream.isatty()
+        self.tty = self.stream.isatty()
 
     def __call__(self, done: int, total: Optional[int]) -> None:
         if self.first_done is None:

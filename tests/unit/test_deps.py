@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from geochat_qgis.cli import main
 from geochat_qgis.core.backends.base import CancelToken
 from geochat_qgis.core.deps import DepsError
-from geochat_qgis.core.deps.diagnostics import diagnostics_text, redact
+from geochat_qgis.core.deps.diagnostics import diagnostics_text, record_error, redact
 from geochat_qgis.core.deps.environment import ManagedEnv, find_base_python, platform_tag
 from geochat_qgis.core.deps.gpu import nvidia_gpus
 from geochat_qgis.core.deps.pip import install_packages, probe_imports
@@ -86,12 +87,15 @@ def test_gpu_detection_reads_nvidia_smi(tmp_path):
         ("NVIDIA H100 80GB HBM3", 81559, "550.54.15")]
 
 
-def test_diagnostics_redact_the_home_folder(tmp_path):
+def test_diagnostics_redact_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEOCHAT_DEPS_DIR", str(tmp_path / "data"))
+    record_error(f"runtime crashed\nloading {Path.home()}/models/m.gguf")
     env = ManagedEnv(tmp_path / "env")
     env.path.mkdir()
     env.log_path.write_text(f"Collecting x\nERROR: could not write {Path.home()}/secret/file\n")
     text = diagnostics_text(env, backends=("openai",))
     assert "ERROR: could not write ~/secret/file" in text
+    assert "runtime crashed loading ~/models/m.gguf" in text  # one line per recorded failure
     assert f"{Path.home()}/secret" not in text
     assert "backend openai: ready" in text
     assert redact(str(Path.home() / "a")) == os.path.join("~", "a")
@@ -101,7 +105,8 @@ def test_cli_install_dry_run_and_unknown_backend(tmp_path, capsys):
     assert main(["deps", "--env", str(tmp_path / "e"), "install", "llama.cpp", "--cpu",
                  "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "pip install llama-cpp-python numpy<2" in out and "/whl/cpu" in out
+    assert "pip install llama-cpp-python numpy<2" in out
+    assert ("/whl/metal" if sys.platform == "darwin" else "/whl/cpu") in out
     assert not (tmp_path / "e").exists()  # a dry run creates nothing
     assert main(["deps", "install", "nope", "--cpu"]) == 1
     assert "Unknown backend 'nope'" in capsys.readouterr().err

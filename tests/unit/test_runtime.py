@@ -101,7 +101,8 @@ def backend(chat):
 
 
 @pytest.fixture(autouse=True)
-def no_zombies():
+def no_zombies(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEOCHAT_DEPS_DIR", str(tmp_path / "data"))  # errors.log goes here
     yield
     zombies = [p.pid for p in psutil.Process().children(recursive=True)
                if p.status() == psutil.STATUS_ZOMBIE]
@@ -148,6 +149,9 @@ def test_sigkill_mid_generation_is_reported_reaped_and_restarted(backend, chat):
         _ask(backend, on_token=kill_on_third_token)
     assert 3 <= len(seen) < 60
     _assert_reaped(pid)
+    from geochat_qgis.core.deps.diagnostics import errors_log
+
+    assert "killed (SIGKILL)" in errors_log().read_text()  # for "Copy diagnostics"
     chat.tokens, chat.delay = ["ok"], 0.0
     assert _ask(backend)[0].text == "ok"
     assert backend.pid != pid

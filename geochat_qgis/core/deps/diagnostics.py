@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ...__about__ import version
-from .environment import ManagedEnv, platform_tag, runtime_python
+from .environment import ManagedEnv, data_root, platform_tag, runtime_python
 from .gpu import nvidia_gpus
 from .pip import probe_imports
 from .requirements import BACKENDS, requirements_for
@@ -21,14 +22,35 @@ def redact(text: str) -> str:
     return text.replace(home, "~") if home not in ("", "/") else text
 
 
-def last_errors(env: ManagedEnv, count: int = ERROR_LINES) -> list[str]:
-    """The last error lines of the install log (else its last lines)."""
+def errors_log() -> Path:
+    """Where runtime failures are recorded for the diagnostics."""
+    return data_root() / "errors.log"
+
+
+def record_error(message: str, keep: int = 200) -> None:
+    """Append one failure (time-stamped) to the errors log, keeping its last ``keep`` lines."""
+    path = errors_log()
     try:
-        lines = env.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+        lines.append(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(message.split())}")
+        path.write_text("\n".join(lines[-keep:]) + "\n", encoding="utf-8")
+    except OSError:
+        pass  # diagnostics must never be the reason something fails
+
+
+def _tail(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return []
-    errors = [line for line in lines if "ERROR" in line or "Error" in line]
-    return (errors or lines)[-count:]
+
+
+def last_errors(env: ManagedEnv, count: int = ERROR_LINES) -> list[str]:
+    """The last runtime failures and install-log errors (else the install log's last lines)."""
+    lines = _tail(env.log_path)
+    errors = [line for line in lines if "ERROR" in line or "Error" in line] or lines
+    return (_tail(errors_log()) + errors)[-count:]
 
 
 def backend_status(backend: str, python: str) -> dict[str, Any]:

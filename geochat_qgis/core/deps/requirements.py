@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -64,10 +65,11 @@ def requirements_for(backend: str, accelerator: Optional[str] = None) -> Backend
     tag = os.environ.get(CUDA_TAG_ENV, DEFAULT_CUDA_TAG) if accelerator == "cuda" else "cpu"
     torch = PipStep(("torch",), index_url=TORCH_INDEX.format(tag=tag))
     if backend == "llama.cpp":
+        wheels = "metal" if sys.platform == "darwin" else tag  # Apple GPUs: the Metal build
         return BackendRequirements(
             backend, accelerator,
             (PipStep(("llama-cpp-python", *BASE),
-                     extra_index_urls=(LLAMA_CPP_INDEX.format(tag=tag),)),),
+                     extra_index_urls=(LLAMA_CPP_INDEX.format(tag=wheels),)),),
             ("llama_cpp", "numpy", "PIL"), 600 if accelerator == "cuda" else 60,
             "Without a prebuilt wheel for this platform pip compiles llama.cpp (needs a C++ "
             "compiler and CMake; several minutes).",

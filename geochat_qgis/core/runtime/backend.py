@@ -105,9 +105,12 @@ class SubprocessBackend(Backend):
                     return reply
                 elif reply["type"] == "error":
                     raise protocol.decode_error(reply)
-        except BackendError:
+        except BackendError as exc:
             if not process.alive:
                 self._loaded = False
+                from ..deps.diagnostics import record_error
+
+                record_error(f"runtime ({self.spec.kind}:{self.spec.model}): {exc}")
             raise
 
     def load(self) -> None:

@@ -44,6 +44,8 @@ def describe_exit(code: Optional[int]) -> str:
         if name in _NATIVE_CRASHES:
             return f"crashed ({name}) in native code (llama.cpp, torch or a GPU driver)"
         return f"was stopped by {name}"
+    if code in (0xC0000005, 0xC00000FD, 0xC0000409):  # Windows: access violation, stack
+        return f"crashed (Windows status {code:#x}) in native code"
     return f"exited with code {code}" if code else "exited"
 
 

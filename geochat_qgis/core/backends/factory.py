@@ -10,7 +10,7 @@ import dataclasses
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..errors import BackendError, ModelError
 from .base import Backend
@@ -163,7 +163,8 @@ def create_backend(spec: BackendSpec) -> Backend:
 class BackendCache:
     """Holds one loaded backend; asking again with the same spec returns it without reloading."""
 
-    def __init__(self) -> None:
+    def __init__(self, factory: Optional[Callable[[BackendSpec], Backend]] = None) -> None:
+        self._factory = factory or create_backend  # e.g. a subprocess runtime's opener
         self._lock = threading.Lock()
         self._spec: Optional[BackendSpec] = None
         self._backend: Optional[Backend] = None
@@ -174,7 +175,7 @@ class BackendCache:
             if self._backend is not None and self._spec == spec:
                 return self._backend
             self.clear_locked()
-            backend = create_backend(spec)
+            backend = self._factory(spec)
             backend.load()
             self._spec, self._backend = spec, backend
             return backend

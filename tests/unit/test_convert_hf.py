@@ -1,0 +1,188 @@
+"""GeoChat checkpoint -> standard LLaVA folder: transformers loads it with no custom code, and the
+tensors, config, tokenizer and processor are what GeoChat itself runs with (models.md list)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from geochat_qgis.cli import main
+from geochat_qgis.core.families.llava_v1 import SYSTEM, llava_v1_prompt
+from test_weights_helpers import ckpt, original_tensors  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.slow
+QUESTION = "[refer] Give me the location of <p> car </p>"
+
+
+@pytest.fixture(scope="module")
+def hf_dir(ckpt: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("converted") / "hf"
+    assert main(["convert", "geochat", str(ckpt), str(out), "--to", "hf"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(hf_dir: Path):
+    from transformers import LlavaForConditionalGeneration
+
+    loaded, info = LlavaForConditionalGeneration.from_pretrained(hf_dir, output_loading_info=True)
+    return loaded.eval(), info
+
+
+@pytest.fixture(scope="module")
+def processor(hf_dir: Path):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(hf_dir, backend="pil")
+
+
+def _image(seed: int, size: int = 504) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def test_transformers_loads_without_custom_code_or_missing_keys(model, hf_dir: Path) -> None:
+    loaded, info = model
+    assert type(loaded).__name__ == "LlavaForConditionalGeneration"
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    assert info["mismatched_keys"] == set()
+    assert not list(hf_dir.glob("*.py")), "no custom code in the folder"
+    assert not list(hf_dir.glob("*.bin")), "safetensors only"
+
+
+def test_config_has_geochat_settings(hf_dir: Path) -> None:
+    config = json.loads((hf_dir / "config.json").read_text())
+    text, vision = config["text_config"], config["vision_config"]
+    assert config["model_type"] == "llava"
+    assert vision["image_size"] == 504 and vision["patch_size"] == 14
+    assert vision["hidden_act"] == "quick_gelu"
+    assert config["vision_feature_layer"] == -2
+    assert config["vision_feature_select_strategy"] == "default"
+    assert config["projector_hidden_act"] == "gelu" and config["multimodal_projector_bias"]
+    assert config["image_seq_length"] == 1296
+    assert text["rms_norm_eps"] == 1e-5
+    assert text["tie_word_embeddings"] is False and config["tie_word_embeddings"] is False
+    assert (text["eos_token_id"], text["pad_token_id"], text["bos_token_id"]) == (2, 0, 1)
+    # 512 SentencePiece pieces + GeoChat's <im_patch> (mm_use_im_patch_token) + <image>
+    assert text["vocab_size"] == 514 and config["image_token_id"] == 513
+
+
+def test_position_table_is_geochats_bicubic_interpolation(model, ckpt: Path) -> None:
+    loaded, _ = model
+    table = original_tensors(ckpt)["clip.vision_model.embeddings.position_embedding.weight"]
+    assert table.shape == (24 * 24 + 1, 32)
+    grid = table[1:].reshape(24, 24, 32).permute(2, 0, 1)[None]
+    resized = F.interpolate(grid, size=(36, 36), mode="bicubic", align_corners=True)[0]
+    expected = torch.cat([table[:1], resized.permute(1, 2, 0).reshape(36 * 36, 32)])
+    held = loaded.model.vision_tower.embeddings.position_embedding.weight.detach()
+    assert held.shape == (1297, 32)
+    torch.testing.assert_close(held, expected, rtol=0, atol=1e-6)
+    # transformers' own align_corners=False interpolation would be a different table
+    other = F.interpolate(grid, size=(36, 36), mode="bicubic", align_corners=False)[0]
+    assert not torch.allclose(held[1:], other.permute(1, 2, 0).reshape(-1, 32), atol=1e-3)
+
+
+def test_vision_weights_come_from_clip_not_the_stale_copy(model, ckpt: Path) -> None:
+    loaded, _ = model
+    original = original_tensors(ckpt)
+    tower = loaded.model.vision_tower
+    for name in ("encoder.layers.0.self_attn.q_proj.weight", "embeddings.patch_embedding.weight",
+                 "encoder.layers.2.mlp.fc2.bias", "pre_layrnorm.weight"):
+        held = tower.get_parameter(name).detach()
+        assert torch.equal(held, original[f"clip.vision_model.{name}"])
+        assert not torch.equal(held, original[f"model.vision_tower.vision_tower.vision_model.{name}"])
+
+
+def test_projector_and_text_weights_are_copied_exactly(model, ckpt: Path) -> None:
+    loaded, _ = model
+    original = original_tensors(ckpt)
+    projector = loaded.model.multi_modal_projector
+    assert torch.equal(projector.linear_1.weight.detach(), original["model.mm_projector.0.weight"])
+    assert torch.equal(projector.linear_1.bias.detach(), original["model.mm_projector.0.bias"])
+    assert torch.equal(projector.linear_2.weight.detach(), original["model.mm_projector.2.weight"])
+    assert torch.equal(projector.linear_2.bias.detach(), original["model.mm_projector.2.bias"])
+    x = torch.linspace(-4, 4, 101)
+    torch.testing.assert_close(projector.act(x), x * 0.5 * (1 + torch.erf(x / 2 ** 0.5)))  # erf GELU
+    text = loaded.model.language_model
+    assert torch.equal(text.layers[1].self_attn.k_proj.weight.detach(),
+                       original["model.layers.1.self_attn.k_proj.weight"])
+    assert torch.equal(text.norm.weight.detach(), original["model.norm.weight"])
+
+
+def test_added_rows_are_the_mean_and_never_win_greedy(model, ckpt: Path) -> None:
+    loaded, _ = model
+    original = original_tensors(ckpt)
+    embed = loaded.model.language_model.embed_tokens.weight.detach()
+    head = loaded.lm_head.weight.detach()
+    assert torch.equal(embed[:512], original["model.embed_tokens.weight"])
+    assert torch.equal(head[:512], original["lm_head.weight"])
+    for row in (512, 513):  # <im_patch>, <image>
+        torch.testing.assert_close(head[row], original["lm_head.weight"].mean(0))
+        torch.testing.assert_close(embed[row], original["model.embed_tokens.weight"].mean(0))
+    hidden = torch.randn(2000, 64, generator=torch.Generator().manual_seed(1)) * 5
+    logits = hidden @ head.T
+    assert not bool(((logits.argmax(1) == 512) | (logits.argmax(1) == 513)).any())
+
+
+def test_tokenizer_reproduces_geochats_chunked_slow_tokenizer(processor, ckpt: Path) -> None:
+    """GeoChat tokenises the text around <image> separately (tokenizer_image_token)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
+    prompt = llava_v1_prompt([(QUESTION, None)])
+    before, after = prompt.split("<image>")
+    expected = [1, *sp.encode(before), 513, *sp.encode(after)]
+    assert sp.id_to_piece(sp.encode(after)[0]) == "▁"  # the "▁" after <image> (models.md 7)
+    assert processor.tokenizer(prompt).input_ids == expected
+
+
+def test_chat_template_is_llava_v1(processor) -> None:
+    first = [{"type": "image"}, {"type": "text", "text": QUESTION}]
+    messages = [{"role": "user", "content": first}]
+    assert processor.apply_chat_template(messages) == llava_v1_prompt([(QUESTION, None)])
+    turns = messages + [{"role": "assistant", "content": "{<1><2><3><4>|<5>}"},
+                        {"role": "user", "content": [{"type": "text", "text": "and the ship?"}]}]
+    assert processor.apply_chat_template(turns) == llava_v1_prompt(
+        [(QUESTION, "{<1><2><3><4>|<5>}"), ("and the ship?", None)])
+    assert processor.apply_chat_template(messages).startswith(SYSTEM + " USER: <image>\n")
+
+
+def test_processor_pads_with_clip_mean_and_counts_1296_tokens(processor) -> None:
+    wide = np.full((100, 300, 3), 200, dtype=np.uint8)
+    pixels = processor.image_processor(images=Image.fromarray(wide), return_tensors="pt").pixel_values[0]
+    assert pixels.shape == (3, 504, 504)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    corner = pixels[:, 0, 0]
+    expected = (torch.tensor([122, 116, 104]) / 255 - mean) / std  # int(mean*255), truncated
+    torch.testing.assert_close(corner, expected, atol=1e-5, rtol=0)
+    inputs = processor(images=_image(0), text=llava_v1_prompt([(QUESTION, None)]), return_tensors="pt")
+    assert int((inputs.input_ids == 513).sum()) == 1296
+
+
+def test_processor_resizes_with_pil_bicubic(processor) -> None:
+    image = _image(3, size=336)
+    pixels = processor.image_processor(images=image, return_tensors="pt").pixel_values[0]
+    resized = np.asarray(image.resize((504, 504), Image.BICUBIC), dtype=np.float32) / 255
+    mean = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+    std = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+    expected = torch.from_numpy(((resized - mean) / std).transpose(2, 0, 1))
+    torch.testing.assert_close(pixels, expected, atol=1e-5, rtol=0)
+
+
+def test_generates_greedy_and_the_image_matters(model, processor) -> None:
+    loaded, _ = model
+    prompt = llava_v1_prompt([(QUESTION, None)])
+    last_logits = []
+    for seed in (0, 1):
+        inputs = processor(images=_image(seed), text=prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = loaded.generate(**inputs, max_new_tokens=12, do_sample=False)
+            last_logits.append(loaded(**inputs).logits[0, -1])
+        new = out[0, inputs.input_ids.shape[1]:].tolist()
+        assert len(new) == 12 and 513 not in new and 512 not in new
+    assert float((last_logits[0] - last_logits[1]).abs().max()) > 0.1

@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Optional, TextIO
 
 HELP = "list, download, verify, remove or add models (catalog in models/catalog.json)"
@@ -110,7 +111,8 @@ def _add(args) -> int:
     files += [{"path": name} for name in args.file]
     raw = {"name": args.name, "family": args.family, "files": files,
            "backends": args.backend, "revision": args.revision}
-    raw.update({"path": args.path} if args.path else {"repo": args.repo})
+    # a folder given on the command line is relative to here, not to the catalog file
+    raw.update({"path": str(Path(args.path).resolve())} if args.path else {"repo": args.repo})
     path = add_user_entry(raw, args.user_catalog)
     print(f"added '{args.name}' to {path}")
     return 0

@@ -312,6 +312,19 @@ def test_local_entry_is_never_downloaded_nor_removed(tmp_path):
     assert (tmp_path / "m.gguf").exists()
 
 
+def test_cli_add_local_folder_is_stored_absolute(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "m.gguf").write_bytes(b"GGUF")
+    monkeypatch.chdir(tmp_path)
+    user = tmp_path / "cfg" / "user.json"
+    assert main(["models", "--user-catalog", str(user), "add", "mine", "--family", "geochat",
+                 "--path", "mine", "--model-file", "m.gguf"]) == 0
+    assert json.loads(user.read_text())["models"][0]["path"] == str(tmp_path / "mine")
+    assert main(["models", "--user-catalog", str(user), "list", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out.split("\n", 1)[1])}
+    assert rows["mine"]["status"] == "installed"
+
+
 def test_cli_download_list_verify_remove(hub, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("GEOCHAT_HF_ENDPOINT", hub.url)
     model = os.urandom(SIZE)

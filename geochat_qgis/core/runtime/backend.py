@@ -52,7 +52,8 @@ class SubprocessBackend(Backend):
         return self.process.pid if self.process else None
 
     def describe(self) -> str:
-        return f"{self._describe} (runtime pid {self.pid})" if self.pid else self._describe
+        """The child backend's own description (it goes into result attributes: no pid)."""
+        return self._describe
 
     def _new_id(self) -> int:
         self._next_id += 1

@@ -12,6 +12,7 @@ import os
 import shutil
 import uuid
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -68,23 +69,29 @@ def attribute_columns(
     """The FIELDS values of ``detections``, one list per field name (None where unknown).
 
     The provenance fields come from each detection's ``attributes``, else from ``provenance``.
+    Empty text becomes None (a null attribute).
     """
     provenance = provenance or {}
+
+    def column(attribute: str) -> list[Any]:
+        return list(map(attrgetter(attribute), detections))
+
     columns: dict[str, list[Any]] = {
-        "label": [d.label for d in detections],
-        "phrase": [d.phrase or None for d in detections],
-        "angle": [d.angle for d in detections],
-        "score": [d.score for d in detections],
-        "kind": [d.kind for d in detections],
-        "flags": [",".join(d.flags) or None for d in detections],
-        "tile_id": [d.tile_id or None for d in detections],
+        name: column(name) for name in ("label", "phrase", "angle", "score", "kind", "tile_id")
     }
+    columns["flags"] = [",".join(flags) for flags in column("flags")]
+    attributes = column("attributes")
     for name in PROVENANCE:
-        default = _text(provenance.get(name))
-        columns[name] = [
-            _text(d.attributes.get(name, default)) if d.attributes else default
-            for d in detections
-        ]
+        default = provenance.get(name)
+        if any(attributes):
+            columns[name] = [a.get(name, default) if a else default for a in attributes]
+        else:
+            columns[name] = [default] * len(detections)
+    for f in FIELDS:
+        if f.type == "str" and not set(map(type, columns[f.name])) <= {str, type(None)}:
+            columns[f.name] = [None if v is None else str(v) for v in columns[f.name]]
+    for name in ("phrase", "flags", "tile_id"):
+        columns[name] = [v or None for v in columns[name]]
     return {f.name: columns[f.name] for f in FIELDS}
 
 
@@ -93,10 +100,6 @@ def feature_values(
 ) -> dict[str, Any]:
     """The FIELDS values of one detection, by field name (for a layer's feature)."""
     return {name: values[0] for name, values in attribute_columns([det], provenance).items()}
-
-
-def _text(value: Any) -> Optional[str]:
-    return value if value is None or isinstance(value, str) else str(value)
 
 
 def driver_for(path: Path) -> str:
@@ -235,11 +238,11 @@ def _geometries(
     """Polygonal geometries in the output CRS, and that CRS."""
     from .georef import reproject_geometry, same_crs
 
-    if any(d.frame == "tile" for d in detections):
+    if "tile" in set(map(attrgetter("frame"), detections)):
         raise ExportError(
             "detections are still in tile pixels: georeference them before exporting"
         )
-    own = list(dict.fromkeys(d.crs for d in detections))
+    own = list(dict.fromkeys(map(attrgetter("crs"), detections)))
     out_crs = crs if crs is not None else (own[0] if own else None)
     if (out_crs is None and any(own)) or (out_crs is not None and None in own):
         raise ExportError(
@@ -256,10 +259,11 @@ def _geometries(
                 f"unknown output CRS {str(out_crs)[:60]!r}: give one like 'EPSG:4326' or WKT"
             ) from exc
     foreign = {c for c in own if c is not None and not same_crs(c, out_crs)}
-    geoms = np.array([d.geometry for d in detections], dtype=object)
-    for i, det in enumerate(detections):
-        if det.crs in foreign:
-            geoms[i] = reproject_geometry(det.geometry, det.crs, out_crs)
+    geoms = np.array(list(map(attrgetter("geometry"), detections)), dtype=object)
+    if foreign:
+        for i, det in enumerate(detections):
+            if det.crs in foreign:
+                geoms[i] = reproject_geometry(det.geometry, det.crs, out_crs)
     odd = np.flatnonzero(~np.isin(shapely.get_type_id(geoms), (POLYGON, MULTIPOLYGON)))
     for i in odd:
         geoms[i] = polygonal(geoms[i])

@@ -83,7 +83,11 @@ class Handler(BaseHTTPRequestHandler):
         if header and not srv.ignore_range:
             start = int(header.split("=")[1].split("-")[0])
             if start >= len(data):
-                return self._send(416, b"")
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
         body = data[start:]
         self.send_response(206 if start else 200)
         if start:
@@ -286,6 +290,34 @@ def test_hub_checksum_catches_a_corrupt_transfer(hub, tmp_path, monkeypatch):
     with pytest.raises(DownloadError, match="Checksum mismatch"):
         download_model(entry, tmp_path)
     assert real == b"a" * 1000
+
+
+def test_partial_file_longer_than_the_servers_starts_over(hub, payload, tmp_path):
+    url = _put(hub, "/o/r/resolve/main/w.bin", payload)
+    (tmp_path / "w.bin.part").write_bytes(b"x" * (SIZE + 10))  # the file changed on the server
+    download_file(url, tmp_path / "w.bin", sha256=hashlib.sha256(payload).hexdigest())
+    assert (tmp_path / "w.bin").read_bytes() == payload
+    assert [r for _, r in hub.requests] == [f"bytes={SIZE + 10}-", ""]
+    # a partial file that is already whole: the 416 answer's length says so, nothing is fetched
+    (tmp_path / "w.bin").rename(tmp_path / "w.bin.part")
+    download_file(url, tmp_path / "w.bin", sha256=hashlib.sha256(payload).hexdigest())
+    assert hub.requests[-1] == ("/o/r/resolve/main/w.bin", f"bytes={SIZE}-")
+    assert len(hub.requests) == 3 and (tmp_path / "w.bin").read_bytes() == payload
+
+
+def test_snapshot_download_uses_the_hub_file_list_and_works_offline_once_done(
+        hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("GEOCHAT_HF_ENDPOINT", hub.url)
+    _put(hub, "/o/snap/resolve/main/config.json", b"{}")
+    _put(hub, "/o/snap/resolve/main/weights/part-1.bin", os.urandom(3000))
+    entry = parse_entry({"name": "snap", "family": "geopixel", "repo": "o/snap",
+                         "snapshot": True, "files": []}, "test")
+    folder = download_model(entry, tmp_path)
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) == [
+        ".geochat-manifest.json", "config.json", "weights/part-1.bin"]
+    assert {c.status for c in verify_model(entry, tmp_path)} == {"ok"}
+    hub.api = False  # the hub's API is gone: what is downloaded still counts
+    assert download_model(entry, tmp_path) == folder
 
 
 def test_snapshot_entry_offline_fails_clearly(tmp_path, monkeypatch):

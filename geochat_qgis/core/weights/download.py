@@ -135,6 +135,12 @@ def fetch_json(url: str, timeout: float = 30.0) -> Any:
         raise DownloadError(f"{url} did not return JSON ({exc}).") from exc
 
 
+def _range_total(value: str) -> Optional[int]:
+    """The full length from a Content-Range value (``bytes */N`` or ``bytes A-B/N``)."""
+    tail = value.rpartition("/")[2]
+    return int(tail) if tail.isdigit() else None
+
+
 def _range_start(response: http.client.HTTPResponse) -> int:
     """First byte of a 206 answer, from Content-Range ``bytes START-END/TOTAL``."""
     value = response.headers.get("Content-Range", "")
@@ -156,8 +162,11 @@ def _transfer(
     try:
         response = _OPENER.open(_request(url, have), timeout=timeout)
     except urllib.error.HTTPError as exc:
-        if exc.code == 416 and have and (size is None or have == size):
-            return  # the partial file is already complete
+        if exc.code == 416 and have:
+            if have == (size or _range_total(exc.headers.get("Content-Range", ""))):
+                return  # the partial file is already complete
+            part.unlink()  # the partial file does not fit the server's file: start over
+            raise _Interrupted(f"HTTP 416 for a {have}-byte partial file") from exc
         raise _http_failure(url, exc) from exc
     except (urllib.error.URLError, OSError) as exc:
         raise _Interrupted(_offline(url, exc)) from exc

@@ -116,8 +116,13 @@ def download_model(
         if missing:
             raise ModelError(f"Model '{entry.name}' points at {folder}, which lacks {missing}.")
         return folder
-    files = resolve_files(entry, endpoint)
     manifest = _read_manifest(folder)
+    try:
+        files = resolve_files(entry, endpoint)
+    except DownloadError:
+        if entry.snapshot and manifest and model_status(entry, cache) == "installed":
+            return folder  # downloaded before; the hub is just unreachable now
+        raise
 
     def complete(item: ModelFile) -> bool:
         path = folder / item.path

@@ -186,10 +186,24 @@ def _check_geochat_config(folder: Path, config: dict[str, Any]) -> None:
             raise ModelError(f"{folder}/config.json lacks {key!r}; it is not a complete GeoChat config.")
 
 
+CLIP_336_CATALOG_NAME = "clip-vit-large-patch14-336"
+
+
 def default_clip_folder(src: Path) -> Optional[Path]:
-    """The CLIP-336 folder to use when none is given: ``clip/`` inside the checkpoint."""
+    """The CLIP-336 folder to use when none is given: ``clip/`` inside the checkpoint, else the
+    catalog's CLIP-336 entry once downloaded."""
     candidate = Path(src) / "clip"
-    return candidate if candidate.is_dir() else None
+    if candidate.is_dir():
+        return candidate
+    from .catalog import load_catalog
+    from .store import model_status
+
+    catalog = load_catalog()
+    if CLIP_336_CATALOG_NAME in catalog:
+        entry = catalog.get(CLIP_336_CATALOG_NAME)
+        if model_status(entry) == "installed":
+            return entry.local_dir()
+    return None
 
 
 def open_geochat_checkpoint(src: Path, clip: Optional[Path] = None) -> GeoChatCheckpoint:
@@ -207,7 +221,7 @@ def open_geochat_checkpoint(src: Path, clip: Optional[Path] = None) -> GeoChatCh
     if clip_folder is None:
         raise ModelError(
             f"GeoChat runs with the stock {CLIP_336_NAME} vision tower, which {src} does not contain: "
-            "download it (python -m geochat_qgis models download clip-vit-large-patch14-336) and "
+            f"download it (python -m geochat_qgis models download {CLIP_336_CATALOG_NAME}) or "
             "pass its folder with --clip."
         )
     clip_ckpt = open_clip_checkpoint(clip_folder)

@@ -161,6 +161,7 @@ def _mmproj_writer(path: Path, ckpt: GeoChatCheckpoint, half: bool):
 def _write_pair(folder: Path, text_name: str, ckpt: GeoChatCheckpoint, vocab: Vocabulary,
                 plan: list[PlannedTensor], progress: Optional[Callable[[int, int, str], None]]) -> None:
     import numpy as np
+    import torch
 
     half = plan[0].dtype != "float32"
     text = _text_writer(folder / text_name, ckpt, vocab, half)
@@ -195,7 +196,7 @@ def _write_pair(folder: Path, text_name: str, ckpt: GeoChatCheckpoint, vocab: Vo
         elif target.endswith("attn_k.weight") and writer is text:
             tensor = _permute(tensor, kv_heads)
         dtype = _gguf_dtype(target, tensor.ndim, half)
-        writer.write_tensor_data(tensor.float().numpy().astype(dtype, copy=False))
+        writer.write_tensor_data(tensor.to(torch.float16 if dtype == np.float16 else torch.float32).numpy())
     for writer in (text, mmproj):
         writer.close()
 

@@ -69,15 +69,15 @@ def make_raster(path: Path, size: int) -> None:
 
 def worker(mode: str, path: str, gsd_factor: float) -> dict:
     """One timed pass in this process: 'tiler' or 'raw'. Returns tiles, seconds, peak RSS."""
-    from geochat_qgis.core.raster import limit_gdal_cache
+    from geochat_qgis.core.raster import RasterReader, limit_gdal_cache
     from geochat_qgis.core.tiling import TileSpec, iter_tiles, plan_tiles
-
-    limit_gdal_cache()  # the tiler's GDAL block cache limit, for raw reads too
 
     plan = plan_tiles(path, TileSpec(tile_size=TILE, overlap=OVERLAP))
     if gsd_factor != 1:  # not timed: both modes read the windows the plan lists
         spec = TileSpec(tile_size=TILE, overlap=OVERLAP, gsd=gsd_factor * plan.native_gsd_m)
         plan = plan_tiles(path, spec)
+    with RasterReader(path) as reader:  # raw reads get the block cache the tiler sets itself
+        limit_gdal_cache(reader.cache_bytes(plan.area_window[2], plan.window_px, plan.scale))
     started = time.perf_counter()
     count = 0
     if mode == "tiler":
@@ -98,7 +98,16 @@ def worker(mode: str, path: str, gsd_factor: float) -> dict:
     seconds = time.perf_counter() - started
     return {"mode": mode, "tiles": count, "planned": len(plan), "seconds": seconds,
             "window_px": plan.window_px,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the
+    parent that forked it)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_worker(mode: str, path: Path, gsd_factor: float) -> dict:

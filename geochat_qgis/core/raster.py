@@ -26,9 +26,10 @@ SAMPLE_SIZE = 512
 WHOLE_READ_PIXELS = 4096 * 4096
 SAMPLE_GRID, SAMPLE_WINDOW = 8, 128
 PERCENTILES = (2.0, 98.0)
-# rasterio's own GDAL caches decoded blocks in up to 5 % of RAM by default; this is plenty for a
-# row of tiles of a 20000 px wide raster and keeps the tiler's memory independent of the raster.
-GDAL_CACHE_BYTES = 256 * 2**20
+# rasterio's own GDAL caches decoded blocks in up to 5 % of RAM by default. A job needs the
+# blocks under one row of tiles (so the next row reuses the ones it shares), within these bounds:
+# memory then stays independent of the raster's size.
+GDAL_CACHE_MIN, GDAL_CACHE_MAX = 32 * 2**20, 256 * 2**20
 
 
 def open_raster(source: Union[str, Path]):
@@ -49,15 +50,13 @@ def open_raster(source: Union[str, Path]):
         ) from exc
 
 
-def limit_gdal_cache() -> None:
-    """Cap rasterio's GDAL block cache at GDAL_CACHE_BYTES unless the user set GDAL_CACHEMAX."""
+def limit_gdal_cache(nbytes: int = GDAL_CACHE_MAX) -> None:
+    """Set rasterio's GDAL block cache to ``nbytes`` unless the user set GDAL_CACHEMAX."""
     if "GDAL_CACHEMAX" in os.environ:
         return
-    from rasterio.env import get_gdal_config, set_gdal_config
+    from rasterio.env import set_gdal_config
 
-    current = get_gdal_config("GDAL_CACHEMAX")
-    if not isinstance(current, int) or current > GDAL_CACHE_BYTES:
-        set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE_BYTES)
+    set_gdal_config("GDAL_CACHEMAX", int(nbytes))
 
 
 def is_plain_path(source: str) -> bool:
@@ -137,7 +136,6 @@ class RasterReader:
     def __init__(self, source: Union[str, Path], bands: Optional[Sequence[int]] = None):
         from rasterio.enums import ColorInterp, MaskFlags
 
-        limit_gdal_cache()
         self.ds = open_raster(source)
         try:
             self.bands = resolve_bands(self.ds, bands)
@@ -163,6 +161,15 @@ class RasterReader:
 
     def close(self) -> None:
         self.ds.close()
+
+    def cache_bytes(self, area_width: int, window_px: int, scale: float) -> int:
+        """GDAL block cache that holds the blocks under one row of tiles (plus a margin)."""
+        block_h, block_w = self.ds.block_shapes[0]
+        level = scale if scale > 1 and self.ds.overviews(self.bands[0]) else 1.0
+        across = math.ceil(area_width / level / block_w) + 1
+        down = math.ceil(window_px / level / block_h) + 1
+        block = block_w * block_h * self.ds.count * self.dtype.itemsize
+        return int(min(GDAL_CACHE_MAX, max(GDAL_CACHE_MIN, 1.25 * across * down * block)))
 
     def read(self, window, out_hw: tuple[int, int],
              resampling) -> tuple[np.ndarray, Optional[np.ndarray]]:

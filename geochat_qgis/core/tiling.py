@@ -311,10 +311,11 @@ def iter_tiles(plan: TilePlan, on_event: Optional[Callable[[TileEvent], None]] =
     With ``prefetch``, a worker thread decodes the next tile's window while this one is
     converted and used (a local file only: GDAL settings of the caller's thread stay put).
     """
-    from .raster import RasterReader, is_plain_path
+    from .raster import RasterReader, is_plain_path, limit_gdal_cache
 
     plan.counts = TileCounts()
     with RasterReader(plan.raster_path, plan.bands) as reader:
+        limit_gdal_cache(reader.cache_bytes(plan.area_window[2], plan.window_px, plan.scale))
         if plan.stretch is None and reader.needs_stretch:
             from rasterio.windows import Window
 

@@ -116,9 +116,18 @@ def test_open_errors_are_clear(tmp_path):
         open_raster("/vsimem/nothing-here.tif")  # a GDAL source string, not a path
 
 
-def test_reader_caps_gdal_block_cache(demo_raster, monkeypatch):
+def test_gdal_block_cache_holds_one_row_of_tiles_within_bounds(data_dir, tmp_path, monkeypatch):
     from rasterio.env import get_gdal_config
 
+    from geochat_qgis.core.tiling import TileSpec, iter_tiles, plan_tiles
+
     monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
-    with RasterReader(demo_raster):
-        assert get_gdal_config("GDAL_CACHEMAX") <= raster_module.GDAL_CACHE_BYTES
+    path = write_raster(tmp_path / "t.tif", gradient(2048, 600, 4, "uint16"), tiled=True)
+    with RasterReader(path) as reader:  # 256 px blocks of 4 x 2 bytes: 512 KiB each
+        assert reader.cache_bytes(2048, 504, 1.0) == raster_module.GDAL_CACHE_MIN
+        wide = reader.cache_bytes(100_000, 504, 1.0)
+        assert wide == raster_module.GDAL_CACHE_MAX
+        assert reader.cache_bytes(20_000, 504, 1.0) == int(1.25 * 80 * 3 * 2**19)
+    plan = plan_tiles(data_dir / "cogeo.tif", TileSpec(tile_size=256))
+    next(iter_tiles(plan))
+    assert get_gdal_config("GDAL_CACHEMAX") == raster_module.GDAL_CACHE_MIN

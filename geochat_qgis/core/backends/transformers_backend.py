@@ -62,15 +62,19 @@ def _token_streamer(tokenizer, on_token, eos_id: Optional[int]):
                     self.done[row] = True
                     continue
                 self.tokens[row].append(token)
-                text = tokenizer.decode(self.tokens[row], skip_special_tokens=True)
-                if text.endswith("\ufffd"):
-                    continue  # wait for the rest of a multi-byte character
-                if len(text) > len(self.sent[row]):
-                    on_token(row, text[len(self.sent[row]):])
-                    self.sent[row] = text
+                self.flush(row, final=False)
+
+        def flush(self, row: int, final: bool) -> None:
+            text = tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+            if not final and text.endswith("\ufffd"):
+                return  # wait for the rest of a multi-byte character
+            if len(text) > len(self.sent[row]):
+                on_token(row, text[len(self.sent[row]):])
+                self.sent[row] = text
 
         def end(self) -> None:
-            pass
+            for row in range(len(self.tokens)):
+                self.flush(row, final=True)
 
     return BatchStreamer()
 

@@ -1,0 +1,121 @@
+"""The OpenAI HTTP backend against a real ``python -m llama_cpp.server`` on 127.0.0.1.
+
+The server runs the tiny GeoChat GGUF with ``--chat_format mtmd`` (the GGUF's own llava_v1 chat
+template): greedy answers over HTTP must equal the in-process llama.cpp backend's, which shows
+that both paths send the same prompt and image.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from geochat_qgis.core.backends.base import Conversation, GenerateOptions
+from geochat_qgis.core.backends.grammar import REFER_GRAMMAR
+from geochat_qgis.core.backends.llama_cpp import LlamaCppBackend
+from geochat_qgis.core.backends.openai_http import HttpSettings, OpenAIHttpBackend
+from geochat_qgis.core.families import get_family
+
+pytest.importorskip("llama_cpp.server")
+pytestmark = pytest.mark.slow
+
+REFER = "[refer] Give me the location of <p> car </p>"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LlamaServer:
+    """``python -m llama_cpp.server`` for a GGUF folder, on a free local port."""
+
+    def __init__(self, folder: Path, log: Path) -> None:
+        self.port = free_port()
+        self.log = open(log, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(folder / "model.gguf"),
+             "--clip_model_path", str(folder / "mmproj.gguf"), "--chat_format", "mtmd",
+             "--n_ctx", "2048", "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/models", timeout=2) as response:
+                    self.models = json.load(response)
+                break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"llama_cpp.server did not start: see {log}")
+                time.sleep(0.3)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    from geochat_qgis.core.weights.tiny import build_tiny_geochat
+
+    return build_tiny_geochat(tmp_path_factory.mktemp("tiny") / "gguf", "gguf")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gguf, tmp_path_factory):
+    running = LlamaServer(tiny_gguf, tmp_path_factory.mktemp("server") / "server.log")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def tiles():
+    rng = np.random.default_rng(3)
+    return [rng.integers(0, 256, (504, 504, 3), dtype=np.uint8) for _ in range(3)]
+
+
+def test_http_answers_equal_in_process_llama_cpp(server, tiny_gguf, tiles):
+    """Same prompt tokens, same greedy answers (llama-cpp-python's completion may run past
+    max_tokens to finish a multi-byte character, so free text is compared as a prefix)."""
+    model = server.models["data"][0]["id"]
+    http = OpenAIHttpBackend(model, settings=HttpSettings(base_url=server.url, max_in_flight=2))
+    free = GenerateOptions(max_new_tokens=20)
+    boxes = GenerateOptions(max_new_tokens=256, grammar=REFER_GRAMMAR)
+    with http, LlamaCppBackend(tiny_gguf) as local:
+        for options in (free, boxes):
+            over_http = http.generate(tiles, Conversation.single(REFER), options)
+            in_process = local.generate(tiles, Conversation.single(REFER), options)
+            assert [g.prompt_tokens for g in over_http] == [g.prompt_tokens for g in in_process]
+            for remote, here in zip(over_http, in_process):
+                assert remote.text.startswith(here.text) and len(here.text) > 3
+    assert [g.text for g in over_http] == [g.text for g in in_process]  # the grammar's run
+    family = get_family("geochat")
+    for generation in over_http:  # grammar-constrained answers parse into boxes
+        answer = family.parse(generation.text, 504)
+        assert answer.detections and not answer.problems, generation.text
+
+
+def test_streaming_over_sse(server, tiles):
+    pieces: list[str] = []
+    http = OpenAIHttpBackend("tiny", settings=HttpSettings(base_url=server.url))
+    streamed = http.generate(tiles[:1], Conversation.single(REFER), GenerateOptions(
+        max_new_tokens=12, on_token=lambda index, piece: pieces.append(piece)))
+    whole = http.generate(tiles[:1], Conversation.single(REFER), GenerateOptions(max_new_tokens=12))
+    assert len(pieces) > 1
+    assert "".join(pieces).strip() == streamed[0].text == whole[0].text

@@ -1,0 +1,99 @@
+"""transformers on the CPU with the project's tiny random GeoChat (a converted LLaVA folder)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from geochat_qgis.core.backends.base import CancelToken, Conversation, GenerateOptions
+from geochat_qgis.core.backends.factory import resolve_spec
+from geochat_qgis.core.backends.geopixel import GeoPixelBackend, cuda_available
+from geochat_qgis.core.backends.transformers_backend import (TransformersBackend,
+                                                             TransformersSettings)
+from geochat_qgis.core.errors import BackendError, Cancelled, ModelError
+
+pytest.importorskip("transformers")
+
+REFER = "[refer] Give me the location of <p> airplane </p>"
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    from geochat_qgis.core.weights.tiny import build_tiny_geochat
+
+    return build_tiny_geochat(tmp_path_factory.mktemp("tiny") / "hf", "hf")
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_hf):
+    with TransformersBackend(tiny_hf, settings=TransformersSettings(batch_size=2)) as loaded:
+        yield loaded
+
+
+@pytest.fixture(scope="module")
+def tiles():
+    rng = np.random.default_rng(11)
+    return [rng.integers(0, 256, (504, 504, 3), dtype=np.uint8) for _ in range(2)]
+
+
+def test_cpu_float32_and_sdpa(backend):
+    import torch
+
+    assert backend.device == "cpu" and backend.model.dtype == torch.float32
+    assert backend.model.config._attn_implementation == "sdpa"
+    assert resolve_spec(str(backend.path)).kind == "transformers"
+
+
+def test_batch_of_two_equals_one_at_a_time(backend, tiles):
+    options = GenerateOptions(max_new_tokens=16)
+    batched = backend.generate(tiles, Conversation.single(REFER), options)
+    single = [backend.generate([tile], Conversation.single(REFER), options)[0] for tile in tiles]
+    assert [g.text for g in batched] == [g.text for g in single]
+    assert batched[0].text != batched[1].text  # the two tiles really were looked at
+    assert batched[0].prompt_tokens == single[0].prompt_tokens > 1296
+    assert all(0 < g.generated_tokens <= 16 for g in batched)
+
+
+def test_streaming_reports_each_row(backend, tiles):
+    pieces: dict[int, list[str]] = {0: [], 1: []}
+    result = backend.generate(tiles, Conversation.single(REFER), GenerateOptions(
+        max_new_tokens=12, on_token=lambda index, piece: pieces[index].append(piece)))
+    for index in (0, 1):
+        assert len(pieces[index]) > 1
+        assert "".join(pieces[index]).strip() == result[index].text
+
+
+def test_cancel_stops_generation(backend, tiles):
+    cancel = CancelToken()
+    seen: list[str] = []
+
+    def on_token(index: int, piece: str) -> None:
+        seen.append(piece)
+        cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        backend.generate(tiles[:1], Conversation.single(REFER),
+                         GenerateOptions(max_new_tokens=200, on_token=on_token, cancel=cancel))
+    assert 1 <= len(seen) <= 2
+
+
+def test_multi_turn_conversation_runs(backend, tiles):
+    from geochat_qgis.core.backends.base import Turn
+
+    conversation = Conversation([Turn("What is this?", "An airport."), Turn(REFER)])
+    result = backend.generate(tiles[:1], conversation, GenerateOptions(max_new_tokens=4))
+    single = backend.generate(tiles[:1], Conversation.single(REFER), GenerateOptions(max_new_tokens=4))
+    assert result[0].prompt_tokens > single[0].prompt_tokens
+
+
+def test_gguf_or_missing_folder_is_explained(tmp_path):
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ModelError, match="GGUF file: use --backend llama.cpp"):
+        TransformersBackend(tmp_path / "model.gguf").load()
+    with pytest.raises(ModelError, match="no config.json"):
+        TransformersBackend(tmp_path).load()
+
+
+@pytest.mark.skipif(cuda_available(), reason="this machine has CUDA")
+def test_geopixel_refuses_without_cuda(tmp_path):
+    with pytest.raises(BackendError, match="GeoPixel needs an NVIDIA GPU.*--backend llama.cpp"):
+        GeoPixelBackend(tmp_path).load()

@@ -14,8 +14,8 @@ from geochat_qgis.core.deps import DepsError
 from geochat_qgis.core.deps.diagnostics import diagnostics_text, record_error, redact
 from geochat_qgis.core.deps.environment import ManagedEnv, find_base_python, platform_tag
 from geochat_qgis.core.deps.gpu import nvidia_gpus
-from geochat_qgis.core.deps.pip import install_packages, probe_imports
-from geochat_qgis.core.deps.requirements import PipStep, requirements_for
+from geochat_qgis.core.deps.pip import install_backend, install_packages, probe_imports
+from geochat_qgis.core.deps.requirements import BackendRequirements, PipStep, requirements_for
 from geochat_qgis.core.errors import Cancelled
 
 pytestmark = pytest.mark.slow
@@ -45,6 +45,17 @@ def test_installs_a_real_package_and_verifies_it_in_a_fresh_process(env):
     assert Path(check.file).is_relative_to(env.path)  # inside the managed env, nowhere else
     assert any("tomli" in line.lower() for line in lines)  # pip's live output came through
     assert "tomli-w" in env.log_path.read_text()
+
+
+def test_install_backend_installs_every_step_then_verifies_the_imports(env):
+    demo = BackendRequirements("demo", "cpu", (PipStep(("tomli-w",)),), ("tomli_w", "json"), 1)
+    lines: list[str] = []
+    checks = install_backend(env, demo, on_line=lines.append)
+    assert [c.module for c in checks if c.ok] == ["tomli_w", "json"]
+    assert lines[-1].startswith("Verifying: import tomli_w, json in a fresh process")
+    broken = BackendRequirements("demo", "cpu", (PipStep(("tomli-w",)),), ("tomli_w_typo",), 1)
+    with pytest.raises(DepsError, match="installed but does not import: tomli_w_typo"):
+        install_backend(env, broken)
 
 
 def test_missing_package_reports_pips_error(env):

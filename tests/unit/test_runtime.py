@@ -213,6 +213,12 @@ def test_child_exits_when_the_parent_goes_away():
     process = RuntimeProcess(sys.executable, 0.2, 3.0, 60.0)
     process.start()
     assert process.info["pid"] == process.pid
+    process.send({"id": 7, "op": "ping"})
+    assert process.receive() == {"type": "pong", "id": 7}
+    process.send({"id": 8, "op": "generate", "images": [], "conversation": {"turns": []},
+                  "options": {}})
+    reply = process.receive()
+    assert reply["type"] == "error" and "No model is loaded" in reply["message"]
     process.proc.stdin.close()  # as when QGIS dies: the child's stdin ends
     assert process.proc.wait(timeout=30) == 0
 

@@ -1,7 +1,7 @@
 """Open a raster, choose its bands and turn windows of it into 8-bit RGB plus a nodata mask.
 
 Bands: by default red, green and blue by colour interpretation, else bands 1-3, else band 1
-repeated as grey. Nodata comes from the band nodata value (all chosen bands equal to it), NaN,
+repeated as grey (or coloured through its colour table when it is paletted). Nodata comes from the band nodata value (all chosen bands equal to it), NaN,
 an alpha band (0 = transparent) or the dataset's internal mask (0 = masked). Rasters deeper than
 8 bits get one percentile stretch per channel (:class:`Stretch`), computed once per job from
 overviews or a sample, so every tile of a job has the same colours.
@@ -151,7 +151,25 @@ class RasterReader:
         nodata = [self.ds.nodatavals[b - 1] for b in self.distinct]
         self.nodata = nodata if all(v is not None for v in nodata) else None
         self.dtype = np.dtype(self.ds.dtypes[self.bands[0] - 1])
-        self.needs_stretch = self.dtype != np.uint8
+        self.palette = self._palette(interp)
+        self.needs_stretch = self.dtype != np.uint8 and self.palette is None
+
+    def _palette(self, interp: list) -> Optional[np.ndarray]:
+        """(entries, 3) uint8 colours of a paletted grey band, else None."""
+        from rasterio.enums import ColorInterp
+
+        band = self.bands[0]
+        if (len(self.distinct) != 1 or interp[band - 1] != ColorInterp.palette
+                or self.dtype not in (np.uint8, np.uint16)):
+            return None
+        try:
+            colormap = self.ds.colormap(band)
+        except ValueError:  # no colour table after all
+            return None
+        table = np.zeros((max(256, max(colormap) + 1), 3), dtype=np.uint8)
+        for index, rgba in colormap.items():
+            table[index] = rgba[:3]
+        return table
 
     def __enter__(self) -> "RasterReader":
         return self
@@ -183,6 +201,10 @@ class RasterReader:
                  resampling) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """The disk half of :meth:`read_rgb` (GDAL work, releases the GIL): an 8-bit raster's
         (H, W, 3) image itself, a deeper one's values as :meth:`read` gives them."""
+        if self.palette is not None:  # averaged colour indexes mean nothing
+            from rasterio.enums import Resampling
+
+            return self.read(window, out_hw, Resampling.nearest)
         if self.needs_stretch:
             return self.read(window, out_hw, resampling)
         rgb = np.empty((*out_hw, 3), dtype=np.uint8)  # GDAL interleaves the bands itself
@@ -199,6 +221,8 @@ class RasterReader:
                 raise ValueError("rasters deeper than 8 bits need the job's compute_stretch()")
             rgb = np.empty((*values.shape[1:], 3), dtype=np.uint8)
             stretch.apply([values[r] for r in self.channel_rows], rgb)
+        elif self.palette is not None:
+            rgb = self.palette[values[0]]
         else:
             rgb = values
         count = 0 if invalid is None else int(invalid.sum())

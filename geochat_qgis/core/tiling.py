@@ -160,6 +160,12 @@ def plan_tiles(raster: Union[str, Path], spec: TileSpec = TileSpec(), extent=Non
         bands = resolve_bands(ds, spec.bands)
         crs = ds.crs.to_wkt() if ds.crs else None
         transform, width, height = ds.transform, ds.width, ds.height
+        gcps_only = crs is None and bool(ds.gcps[0])
+    if gcps_only and not pixel_space:
+        raise RasterError(
+            f"{raster} is georeferenced by ground control points only: warp it first (QGIS "
+            f"Georeferencer, or gdalwarp) so it has a CRS and geotransform, or ask for pixel space."
+        )
     if crs is None and not pixel_space:
         raise RasterError(
             f"{raster} has no CRS, so tiles cannot be placed on the map: assign one (QGIS layer "

@@ -131,3 +131,19 @@ def test_gdal_block_cache_holds_one_row_of_tiles_within_bounds(data_dir, tmp_pat
     plan = plan_tiles(data_dir / "cogeo.tif", TileSpec(tile_size=256))
     next(iter_tiles(plan))
     assert get_gdal_config("GDAL_CACHEMAX") == raster_module.GDAL_CACHE_MIN
+
+
+def test_paletted_band_is_coloured_through_its_table(tmp_path):
+    data = np.zeros((1, 32, 32), dtype=np.uint8)
+    data[0, :, 16:] = 2
+    path = tmp_path / "palette.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=32, height=32, count=1, dtype="uint8",
+                       crs="EPSG:32633", transform=rasterio.Affine(2, 0, 0, 0, -2, 0)) as dst:
+        dst.write(data)
+        dst.write_colormap(1, {0: (255, 0, 0, 255), 1: (0, 255, 0, 255), 2: (0, 0, 255, 255)})
+    with RasterReader(path) as reader:
+        assert reader.palette is not None and not reader.needs_stretch
+        rgb, invalid = reader.read_rgb(Window(0, 0, 32, 32), (16, 16), Resampling.average, None,
+                                       (0, 0, 0))
+    assert invalid == 0
+    assert (rgb[:, :8] == (255, 0, 0)).all() and (rgb[:, 8:] == (0, 0, 255)).all()

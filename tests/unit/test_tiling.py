@@ -296,3 +296,19 @@ def test_colour_interpretation_decides_the_rgb_order(tmp_path):
         ColorInterp.blue, ColorInterp.green, ColorInterp.red])
     (tile,) = list(iter_tiles(plan_tiles(path, TileSpec(tile_size=64))))
     assert (tile.image[..., 2] == 200).all() and (tile.image[..., 0] == 0).all()
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_raster_with_ground_control_points_only_is_refused_clearly(tmp_path):
+    from rasterio.control import GroundControlPoint
+
+    path = tmp_path / "gcps.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=3,
+                       dtype="uint8") as dst:
+        dst.write(gradient(64, 64))
+        dst.gcps = ([GroundControlPoint(0, 0, 500000, 5000000),
+                     GroundControlPoint(64, 0, 500640, 5000000),
+                     GroundControlPoint(0, 64, 500000, 4999360)], rasterio.crs.CRS.from_epsg(32633))
+    with pytest.raises(RasterError, match="ground control points only.*gdalwarp"):
+        plan_tiles(path)
+    assert len(plan_tiles(path, TileSpec(tile_size=64), pixel_space=True)) == 1

@@ -75,15 +75,24 @@ def suppress_boxes(detections: Sequence[Detection], iou_threshold: float) -> lis
     position[order] = np.arange(len(order))
     geoms = np.array([d.geometry for d in detections], dtype=object)
     codes = _label_codes(detections)
-    left, right = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+    # envelope overlaps only: pairs of other labels are dropped before any exact geometry work
+    left, right = shapely.STRtree(geoms).query(geoms)
     same = (codes[left] == codes[right]) & (position[left] < position[right])
     better, worse = left[same], right[same]
-    inter = shapely.area(shapely.intersection(geoms[better], geoms[worse]))
     areas = shapely.area(geoms)
-    union = areas[better] + areas[worse] - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, inter / union, 0.0)
-    degenerate = union <= 0  # zero-area boxes: duplicates only when equal
+    # an upper bound first (overlap <= envelope overlap and <= the smaller area): exact
+    # intersections only for pairs that could pass the threshold
+    bounds = shapely.bounds(geoms)
+    lo = np.maximum(bounds[better, :2], bounds[worse, :2])
+    hi = np.minimum(bounds[better, 2:], bounds[worse, 2:])
+    bound = np.minimum(np.prod(np.clip(hi - lo, 0, None), axis=1),
+                       np.minimum(areas[better], areas[worse]))
+    maybe = _iou(bound, areas[better], areas[worse]) >= iou_threshold
+    maybe |= areas[better] + areas[worse] <= 0  # zero-area boxes: duplicates only when equal
+    better, worse = better[maybe], worse[maybe]
+    inter = shapely.area(shapely.intersection(geoms[better], geoms[worse]))
+    iou = _iou(inter, areas[better], areas[worse])
+    degenerate = areas[better] + areas[worse] - inter <= 0
     iou[degenerate] = shapely.equals(geoms[better[degenerate]], geoms[worse[degenerate]])
     hit = iou > iou_threshold if iou_threshold < 1.0 else iou >= 1.0
     better, worse = better[hit], worse[hit]
@@ -139,6 +148,13 @@ def stitch_masks(
             )
         )
     return merged
+
+
+def _iou(inter: np.ndarray, area_a: np.ndarray, area_b: np.ndarray) -> np.ndarray:
+    """Intersection over union from the intersection and the two areas (0 where both are 0)."""
+    union = area_a + area_b - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, inter / union, 0.0)
 
 
 def _label_codes(detections: Sequence[Detection]) -> np.ndarray:

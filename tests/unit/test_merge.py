@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import shapely
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from geochat_qgis.core.errors import GeoChatError
 from geochat_qgis.core.families import get_family
@@ -96,3 +98,32 @@ def test_mixed_crs_and_bad_threshold_are_refused():
     with pytest.raises(GeoChatError, match="between 0 and 1"):
         merge_detections(dets[:1], iou_threshold=1.5)
     assert merge_detections([]) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(boxes=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40), st.integers(0, 12),
+                                st.integers(0, 12), st.integers(0, 89), st.sampled_from("ab")),
+                      min_size=1, max_size=25),
+       threshold=st.sampled_from([0.0, 0.3, 0.5, 0.9, 1.0]))
+def test_nms_equals_brute_force_greedy(boxes, threshold):
+    """The vectorised NMS keeps exactly what a plain greedy pass over the ranking keeps."""
+    dets = [_det(label, shapely.affinity.rotate(shapely.box(x, y, x + w, y + h), a),
+                 margin=float(x % 7)) for x, y, w, h, a, label in boxes]
+    order = rank(dets)
+    kept: list[int] = []
+    for i in order:
+        a = dets[i].geometry
+        duplicate = False
+        for k in kept:
+            if dets[k].label != dets[i].label:
+                continue
+            b = dets[k].geometry
+            union = a.union(b).area
+            iou = a.intersection(b).area / union if union > 0 else float(a.equals(b))
+            if (iou > threshold) if threshold < 1.0 else (iou >= 1.0 - 1e-12):
+                duplicate = True
+                break
+        if not duplicate:
+            kept.append(i)
+    assert [id(d) for d in merge_detections(dets, iou_threshold=threshold)] == \
+        [id(dets[i]) for i in kept]

@@ -99,6 +99,8 @@ def test_output_cut_off_mid_box(geochat):
     cut = geochat.parse("A <p>car</p>{<10><20><3", 100)
     assert cut.detections == [] and cut.text == "A car"
     assert any("cut off" in p for p in cut.problems)
+    brace = geochat.parse("A <p>car</p> {", 100)
+    assert brace.text == "A car" and brace.problems
     angle_cut = geochat.parse("A <p>car</p>{<10><20><30><40>|<4", 100)
     (det,) = angle_cut.detections
     assert det.bbox == (10.0, 20.0, 30.0, 40.0) and det.angle is None
@@ -109,6 +111,11 @@ def test_unreadable_boxes_are_problems_not_errors(geochat):
     answer = geochat.parse("a {<1><two>} b {<5><5>}", 100)
     assert answer.detections == [] and answer.text == "a b"
     assert len(answer.problems) == 2
+
+
+def test_nested_phrase_tags_take_the_inner_phrase(geochat):
+    (det,) = geochat.parse("<p>big <p>red roof</p>{<1><2><3><4>}", 100).detections
+    assert det.label == "red roof"
 
 
 def test_malformed_box_keeps_its_corners(geochat):
@@ -122,6 +129,12 @@ def test_delim_between_boxes_as_in_the_demo(geochat):
     answer = geochat.parse("<p>ships</p> {<1><2><3><4>|<0>}<delim>{<5><6><7><8>|<10>}", 100)
     assert [d.bbox for d in answer.detections] == [(1, 2, 3, 4), (5, 6, 7, 8)]
     assert answer.text == "ships"
+
+
+def test_zero_size_box_is_widened_to_one_grid_step(geochat):
+    (det,) = geochat.parse("{<40><30><40><100>}", 200).detections
+    assert det.bbox == (79.0, 60.0, 81.0, 200.0)
+    assert det.flags == ["widened"] and det.geometry.is_valid and det.geometry.area == 280
 
 
 def test_padded_non_square_tile_subtracts_the_pad_offset(geochat):

@@ -86,9 +86,13 @@ def finish_box(det: Detection, width: int, height: int) -> Detection:
 
 
 def clip_box(
-    values: Sequence[float], width: float, height: float
+    values: Sequence[float], width: float, height: float, min_size: float = 0.0
 ) -> tuple[tuple[float, float, float, float], list[str]]:
-    """Order and clip a box (x1, y1, x2, y2) to [0, width] x [0, height]; flags what changed."""
+    """Order and clip a box (x1, y1, x2, y2) to [0, width] x [0, height]; flags what changed.
+
+    A side shorter than ``min_size`` (the model's coordinate step: a box that rounded to zero
+    width) is widened to it about its centre, inside the tile, so every box is a valid polygon.
+    """
     x1, y1, x2, y2 = (float(v) for v in values)
     flags: list[str] = []
     if x1 > x2 or y1 > y2:
@@ -103,7 +107,20 @@ def clip_box(
     )
     if clipped != (x1, y1, x2, y2):
         flags.append("clipped")
-    return clipped, flags
+    (x1, x2), widened_x = _widen(clipped[0], clipped[2], width, min_size)
+    (y1, y2), widened_y = _widen(clipped[1], clipped[3], height, min_size)
+    if widened_x or widened_y:
+        flags.append("widened")
+    return (x1, y1, x2, y2), flags
+
+
+def _widen(low: float, high: float, limit: float, size: float) -> tuple[tuple[float, float], bool]:
+    """[low, high] grown to ``size`` about its centre and kept within [0, limit]."""
+    if high - low >= size:
+        return (low, high), False
+    size = min(size, limit)
+    low = min(max((low + high - size) / 2.0, 0.0), limit - size)
+    return (low, low + size), True
 
 
 def box_polygon(bbox: Sequence[float]) -> BaseGeometry:

@@ -43,14 +43,15 @@ _SHAPELY_SIGN = {"ccw": -1.0, "cw": 1.0}
 _NUM = r"<\s*(-?\d+(?:\.\d+)?)\s*>"
 _BOX = rf"\{{\s*{_NUM}\s*{_NUM}\s*{_NUM}\s*{_NUM}\s*(?:\|\s*{_NUM}\s*)?\}}"
 _BOX_RE = re.compile(_BOX)
+# in order: a phrase (no nested tags), a box, a malformed box, a box cut off at the end
 _TOKENS = re.compile(
-    rf"(?P<phrase><p>(?P<ptext>.*?)</p>)"
+    r"(?P<phrase><p>(?P<ptext>(?:(?!</?p>).)*?)</p>)"
     rf"|(?P<box>{_BOX})"
     r"|(?P<bad>\{[^{}]*<[^{}]*\})"
-    r"|(?P<cut>\{\s*<[^{}]*\Z)",
+    r"|(?P<cut>\{\s*(?:<[^{}]*)?\Z)",
     re.DOTALL,
 )
-_CUT_NUMBERS = re.compile(r"<\s*(-?\d+(?:\.\d+)?)\s*>")
+_NUMBERS = re.compile(_NUM)
 
 VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
 CLASSIFY_SUFFIX = (
@@ -138,7 +139,7 @@ class GeoChatFamily(Family):
                 numbers = list(_BOX_RE.fullmatch(match.group("box")).groups())  # x1 y1 x2 y2 θ
             else:  # malformed, or cut off mid-box: keep it if its four corners are readable
                 bad = match.group("bad") is not None
-                found = _CUT_NUMBERS.findall(match.group("bad" if bad else "cut"))
+                found = _NUMBERS.findall(match.group("bad" if bad else "cut"))
                 if len(found) < 4:
                     what = "unreadable box" if bad else "output cut off mid-box"
                     answer.problems.append(f"{what} {match.group(0)!r} skipped")
@@ -177,7 +178,7 @@ class GeoChatFamily(Family):
             v * side / 100.0 - off
             for v, off in zip(relative, (off_x, off_y, off_x, off_y))
         ]
-        bbox, tile_flags = clip_box(corners, width, height)
+        bbox, tile_flags = clip_box(corners, width, height, min_size=side / 100.0)
         flags += [f for f in tile_flags if f not in flags]
         angle = float(numbers[4]) if numbers[4] is not None else None
         geometry = box_polygon(bbox)

@@ -125,7 +125,7 @@ class QwenFamily(Family):
             answer.problems.append(f"bbox_2d {bbox!r} is not four numbers: skipped")
             return
         corners = [v * scale[i % 2] for i, v in enumerate(bbox)]
-        box, flags = clip_box(corners, width, height)
+        box, flags = clip_box(corners, width, height, min_size=max(scale))
         name = " ".join(str(label).split()) if label not in (None, "") else ""
         name = name.encode("utf-8", "replace").decode("utf-8")  # JSON may escape lone surrogates
         if "clipped" in flags:

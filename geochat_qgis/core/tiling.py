@@ -326,26 +326,34 @@ def iter_tiles(plan: TilePlan, on_event: Optional[Callable[[TileEvent], None]] =
             from rasterio.windows import Window
 
             plan.stretch = reader.compute_stretch(Window(*plan.area_window))
-        ahead = prefetch and is_plain_path(plan.raster_path)
-        for tile, out_hw, raw in _raw_reads(reader, plan, ahead):
-            if isinstance(raw, Exception):
-                reason = str(raw.__cause__ or raw)
-                plan.counts.failed += 1
-                plan.counts.failures.append((tile.tile_id, reason))
-                log.debug("tile %s failed: %s", tile.tile_id, reason)
-                if on_event:
-                    on_event(TileEvent("failed", tile, f"unreadable blocks: {reason}"))
-                continue
-            rgb, invalid = reader.to_rgb(*raw, plan.stretch, plan.spec.pad_rgb)
-            image, nodata_frac = _place(plan, rgb, invalid, out_hw)
-            if nodata_frac > plan.spec.max_nodata:
-                plan.counts.skipped_nodata += 1
-                if on_event:
-                    on_event(TileEvent("skipped", replace(tile, nodata_frac=nodata_frac),
-                                       f"{nodata_frac:.0%} nodata"))
-                continue
-            plan.counts.read += 1
-            yield replace(tile, image=image, nodata_frac=nodata_frac)
+        reads = _raw_reads(reader, plan, prefetch and is_plain_path(plan.raster_path))
+        try:
+            yield from _finish(plan, reader, reads, on_event)
+        finally:
+            reads.close()  # stops the worker thread before the dataset closes
+
+
+def _finish(plan: TilePlan, reader, reads, on_event) -> Iterator[Tile]:
+    """Raw reads -> 8-bit tiles, counting and reporting failed and skipped ones."""
+    for tile, out_hw, raw in reads:
+        if isinstance(raw, Exception):
+            reason = str(raw.__cause__ or raw)
+            plan.counts.failed += 1
+            plan.counts.failures.append((tile.tile_id, reason))
+            log.debug("tile %s failed: %s", tile.tile_id, reason)
+            if on_event:
+                on_event(TileEvent("failed", tile, f"unreadable blocks: {reason}"))
+            continue
+        rgb, invalid = reader.to_rgb(*raw, plan.stretch, plan.spec.pad_rgb)
+        image, nodata_frac = _place(plan, rgb, invalid, out_hw)
+        if nodata_frac > plan.spec.max_nodata:
+            plan.counts.skipped_nodata += 1
+            if on_event:
+                on_event(TileEvent("skipped", replace(tile, nodata_frac=nodata_frac),
+                                   f"{nodata_frac:.0%} nodata"))
+            continue
+        plan.counts.read += 1
+        yield replace(tile, image=image, nodata_frac=nodata_frac)
 
 
 def _raw_reads(reader, plan: TilePlan, prefetch: bool) -> Iterator[tuple[Tile, tuple, Any]]:

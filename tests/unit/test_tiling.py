@@ -1,6 +1,8 @@
 """Tile plans and tile reading over every shipped edge-case raster and generated ones."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import rasterio
@@ -286,7 +288,11 @@ def test_tiles_are_produced_lazily(demo_raster):
     assert plan.counts.read == 0
     first = next(tiles)
     assert plan.counts.read == 1 and first.tile_id == "r0_c0"
-    tiles.close()
+    assert any(t.name.startswith("geochat-tiles") for t in threading.enumerate())
+    tiles.close()  # stopping early ends the read-ahead thread
+    assert not any(t.name.startswith("geochat-tiles") for t in threading.enumerate())
+    assert [t.tile_id for t in iter_tiles(plan, prefetch=False)] == [
+        t.tile_id for t in iter_tiles(plan)]
 
 
 def test_colour_interpretation_decides_the_rgb_order(tmp_path):

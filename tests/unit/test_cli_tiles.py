@@ -101,3 +101,17 @@ def test_module_entry_point_prints_one_line(demo_raster, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("\n") == 1 and done.stdout.startswith("1 tiles written")
     assert done.stderr == ""
+
+
+def test_aoi_file_limits_the_tiles(demo_raster, tmp_path, capsys):
+    import shapely
+    from shapely.geometry import box
+
+    aoi = tmp_path / "aoi.geojson"
+    corner = box(14321853.2, 4533021.5 - 100, 14321853.2 + 100, 4533021.5)  # top-left 100 m
+    pyogrio.raw.write(str(aoi), shapely.to_wkb(np.array([corner], dtype=object)), [], [],
+                      driver="GeoJSON", geometry_type="Polygon", crs="EPSG:3857")
+    out = tmp_path / "out"
+    assert main(["tiles", str(demo_raster), "--aoi", str(aoi), "--tile-size", "256",
+                 "--overlap", "0", "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "tiles").glob("*.png")) == ["r0_c0.png"]

@@ -318,3 +318,23 @@ def test_raster_with_ground_control_points_only_is_refused_clearly(tmp_path):
     with pytest.raises(RasterError, match="ground control points only.*gdalwarp"):
         plan_tiles(path)
     assert len(plan_tiles(path, TileSpec(tile_size=64), pixel_space=True)) == 1
+
+
+def test_gdal_source_strings_and_finer_gsd(data_dir, tmp_path):
+    import zipfile
+
+    archive = tmp_path / "rasters.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(data_dir / "shade.tif", "inner/shade.tif")
+    source = f"/vsizip/{archive}/inner/shade.tif"
+    plan = plan_tiles(source, TileSpec(tile_size=256, overlap=0))
+    direct = plan_tiles(data_dir / "shade.tif", TileSpec(tile_size=256, overlap=0))
+    assert len(plan) == len(direct) == 16
+    for a, b in zip(iter_tiles(plan), iter_tiles(direct)):
+        assert a.tile_id == b.tile_id and (a.image == b.image).all()
+    # a finer GSD than native: smaller windows upsampled to the full tile size
+    fine = plan_tiles(data_dir / "shade.tif", TileSpec(tile_size=256, gsd=direct.native_gsd_m / 2))
+    assert fine.window_px == 128 and fine.scale == 0.5
+    tile = next(iter_tiles(fine))
+    assert tile.image.shape == (256, 256, 3)
+    assert tile.gsd_m == pytest.approx(direct.tiles[0].gsd_m / 2, rel=0.01)

@@ -170,3 +170,11 @@ def test_refusals(tmp_path):
         export_detections(_dets(), tmp_path / "notes.gpkg")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.gpkg", "out.dbf"]
     assert (tmp_path / "notes.gpkg").read_text() == "not a geopackage"
+
+
+@pytest.mark.parametrize("suffix", [".shp", ".gpkg", ".geojson"])
+def test_no_detections_write_an_empty_layer(tmp_path, suffix):
+    path = export_detections([], tmp_path / f"none{suffix}", crs="EPSG:4326")
+    info = pyogrio.read_info(path)
+    assert info["features"] == 0 and info["crs"] == "EPSG:4326"
+    assert list(info["fields"]) == [f.shp_name if suffix == ".shp" else f.name for f in FIELDS]

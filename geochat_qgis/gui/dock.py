@@ -1,14 +1,72 @@
-"""The GeoChat chat dock: follows the active raster layer."""
+"""The GeoChat chat dock: follows the active raster layer; ask, find, identify, preview, run."""
 from __future__ import annotations
 
-from typing import Optional
+import logging
+from dataclasses import replace
+from typing import Any, Optional
 
-from qgis.core import QgsMapLayer, QgsRasterLayer
-from qgis.gui import QgisInterface, QgsDockWidget
+from qgis.core import (
+    Qgis,
+    QgsFeatureRequest,
+    QgsGeometry,
+    QgsMapLayer,
+    QgsProject,
+    QgsRasterLayer,
+    QgsRectangle,
+    QgsVectorLayer,
+)
+from qgis.gui import QgisInterface, QgsDockWidget, QgsMapToolExtent
 from qgis.PyQt.QtCore import Qt
-from qgis.PyQt.QtWidgets import QLabel, QVBoxLayout, QWidget
+from qgis.PyQt.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QMessageBox,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
 
+from ..core.chat import ChatReply, ChatRequest
+from ..core.errors import GeoChatError
+from ..core.pipeline import Job, JobResult
+from ..core.tiling import TileSpec, plan_tiles
+from ..toolbelt.settings import PluginSettings
+from . import area as areas
+from .chat_history import load_history, model_history, save_history
+from .chat_view import ChatView
 from .layer_summary import describe_layer, raster_or_none
+from .map_tools import RegionMapTool
+from .model_choice import MISSING, NEEDS_GPU, NOT_FOUND, backend_spec, model_choices, model_status
+from .result_layers import add_result_layer
+from .runner import Runner
+from .tile_preview import TilePreview, describe_estimate, estimate_seconds, human_duration
+
+log = logging.getLogger(__name__)
+
+# (task, label in the picker, runs over every tile of the area)
+TASKS = (
+    ("chat", "Ask / caption", False),
+    ("vqa", "Question, short answer (VQA)", False),
+    ("classify", "Classify the scene", False),
+    ("refer", "Find objects [refer]", True),
+    ("grounding", "Describe with boxes [grounding]", True),
+    ("segment", "Segment (GeoPixel)", True),
+    ("identify", "Identify a region [identify]", False),
+)
+TILED = {task for task, _label, tiled in TASKS if tiled}
+PLACEHOLDERS = {
+    "chat": "Ask anything about the area, e.g. Describe this image.",
+    "vqa": "A question with a short answer, e.g. Is there a road?",
+    "classify": "Optional question; fill the classes below",
+    "refer": "What to find, one phrase (e.g. airplane); several separated by ';'",
+    "grounding": "What to describe (e.g. Describe the image in detail)",
+    "segment": "What to segment (e.g. the buildings)",
+    "identify": "Draw a region with the region tool, then ask (optional text)",
+}
 
 
 class GeoChatDock(QgsDockWidget):
@@ -19,6 +77,24 @@ class GeoChatDock(QgsDockWidget):
         self.setObjectName("GeoChatDock")
         self.iface = iface
         self.layer: Optional[QgsRasterLayer] = None
+        self.settings = PluginSettings.load()
+        self.runner = Runner(lambda: self.settings.runtime)
+        self.preview = TilePreview(iface.mapCanvas())
+        self.drawn_rectangle: Optional[QgsRectangle] = None
+        self.region: Optional[QgsGeometry] = None
+        self.rectangle_tool = QgsMapToolExtent(iface.mapCanvas())
+        self.rectangle_tool.extentChanged.connect(self._on_rectangle)
+        self.region_tool = RegionMapTool(iface.mapCanvas())
+        self.region_tool.regionDrawn.connect(self._on_region)
+        self._watched_layers: set[str] = set()
+        self.aoi_layer: Optional[QgsVectorLayer] = None
+        self._build_ui()
+        self.iface.currentLayerChanged.connect(self.set_layer)
+        QgsProject.instance().readProject.connect(self._reload_history)
+        self.set_layer(self.iface.activeLayer())
+
+    # ------------------------------------------------------------------ UI
+    def _build_ui(self) -> None:
         body = QWidget(self)
         layout = QVBoxLayout(body)
         self.layer_label = QLabel(body)
@@ -26,22 +102,400 @@ class GeoChatDock(QgsDockWidget):
         self.layer_label.setWordWrap(True)
         self.layer_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
         layout.addWidget(self.layer_label)
-        layout.addStretch(1)
+
+        model_row = QHBoxLayout()
+        self.model_combo = QComboBox(body)
+        self.model_combo.setObjectName("GeoChatModel")
+        for choice in model_choices():
+            self.model_combo.addItem(choice.title, choice.key)
+        self.model_combo.addItem("Model file or folder...", "")
+        if self.settings.model and self.model_combo.findData(self.settings.model) < 0:
+            self.model_combo.insertItem(self.model_combo.count() - 1, self.settings.model, self.settings.model)
+        self.model_combo.setCurrentIndex(max(0, self.model_combo.findData(self.settings.model)))
+        self.model_combo.activated.connect(self._on_model_chosen)
+        self.backend_combo = QComboBox(body)
+        self.backend_combo.setObjectName("GeoChatBackend")
+        for kind in ("llama.cpp", "transformers", "openai"):
+            self.backend_combo.addItem(kind, kind)
+        self.backend_combo.setCurrentIndex(max(0, self.backend_combo.findData(self.settings.backend)))
+        self.backend_combo.activated.connect(self._on_backend_chosen)
+        model_row.addWidget(QLabel("Model", body))
+        model_row.addWidget(self.model_combo, 1)
+        model_row.addWidget(self.backend_combo)
+        layout.addLayout(model_row)
+        self.status_label = QLabel(body)
+        self.status_label.setObjectName("GeoChatModelStatus")
+        self.status_label.setWordWrap(True)
+        layout.addWidget(self.status_label)
+
+        task_row = QHBoxLayout()
+        self.task_combo = QComboBox(body)
+        self.task_combo.setObjectName("GeoChatTask")
+        for task, label, _tiled in TASKS:
+            self.task_combo.addItem(label, task)
+        self.task_combo.setCurrentIndex(self.task_combo.findData("refer"))
+        self.task_combo.currentIndexChanged.connect(self._on_task_changed)
+        self.area_combo = QComboBox(body)
+        self.area_combo.setObjectName("GeoChatArea")
+        for key, label in areas.CHOICES.items():
+            self.area_combo.addItem(label, key)
+        self.draw_button = QPushButton("Draw", body)
+        self.draw_button.setToolTip("Draw the rectangle to run on")
+        self.draw_button.clicked.connect(lambda: self.iface.mapCanvas().setMapTool(self.rectangle_tool))
+        self.region_button = QPushButton("Region", body)
+        self.region_button.setToolTip("Draw the region to identify: click vertices, right click to close")
+        self.region_button.clicked.connect(lambda: self.iface.mapCanvas().setMapTool(self.region_tool))
+        task_row.addWidget(self.task_combo, 1)
+        task_row.addWidget(self.area_combo, 1)
+        task_row.addWidget(self.draw_button)
+        task_row.addWidget(self.region_button)
+        layout.addLayout(task_row)
+        self.classes_edit = QLineEdit(body)
+        self.classes_edit.setPlaceholderText("Classes, comma separated (e.g. forest, residential, river)")
+        layout.addWidget(self.classes_edit)
+
+        self.chat = ChatView(body)
+        self.chat.phraseClicked.connect(self.select_phrase)
+        layout.addWidget(self.chat, 1)
+
+        prompt_row = QHBoxLayout()
+        self.prompt_edit = QLineEdit(body)
+        self.prompt_edit.setObjectName("GeoChatPrompt")
+        self.prompt_edit.returnPressed.connect(self.send)
+        self.send_button = QPushButton("Send", body)
+        self.send_button.setObjectName("GeoChatSend")
+        self.send_button.clicked.connect(self.send)
+        self.cancel_button = QPushButton("Cancel", body)
+        self.cancel_button.setObjectName("GeoChatCancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.runner.cancel)
+        prompt_row.addWidget(self.prompt_edit, 1)
+        prompt_row.addWidget(self.send_button)
+        prompt_row.addWidget(self.cancel_button)
+        layout.addLayout(prompt_row)
+
+        bottom_row = QHBoxLayout()
+        self.preview_button = QPushButton("Preview tiles", body)
+        self.preview_button.clicked.connect(self.show_preview)
+        self.preview_label = QLabel(body)
+        self.progress = QProgressBar(body)
+        self.progress.setRange(0, 100)
+        self.progress.setValue(0)
+        bottom_row.addWidget(self.preview_button)
+        bottom_row.addWidget(self.preview_label, 1)
+        bottom_row.addWidget(self.progress, 1)
+        layout.addLayout(bottom_row)
         self.setWidget(body)
-        self.iface.currentLayerChanged.connect(self.set_layer)
-        self.set_layer(self.iface.activeLayer())
+        self._on_task_changed()
+        self.refresh_model_status()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def task_name(self) -> str:
+        return self.task_combo.currentData()
 
     def set_layer(self, layer: Optional[QgsMapLayer]) -> None:
-        """Follow the active layer: a raster becomes the subject, anything else shows a hint."""
+        """Follow the active layer: a raster becomes the subject, anything else shows a hint.
+
+        The last active polygon layer is where "selected polygons" come from.
+        """
+        if isinstance(layer, QgsVectorLayer):
+            self.aoi_layer = layer
         self.layer = raster_or_none(layer)
         self.layer_label.setText(describe_layer(layer))
+        self.chat.set_messages(load_history(QgsProject.instance(), self.layer.id()) if self.layer else [])
+        self._update_enabled()
 
     def layer_summary(self) -> str:
         return self.layer_label.text()
 
-    def cleanup(self) -> None:
-        """Disconnect from QGIS before the dock is deleted."""
+    def _update_enabled(self) -> None:
+        running = self.runner.busy
+        ready = self.layer is not None and not running
+        for widget in (self.send_button, self.prompt_edit, self.preview_button):
+            widget.setEnabled(ready)
+        self.cancel_button.setEnabled(running)
+
+    def _on_task_changed(self, *_args: Any) -> None:
+        task = self.task_name
+        self.prompt_edit.setPlaceholderText(PLACEHOLDERS[task])
+        self.classes_edit.setVisible(task == "classify")
+        self.region_button.setEnabled(task == "identify")
+        self.area_combo.setEnabled(task != "identify")
+
+    def _on_model_chosen(self, index: int) -> None:
+        key = self.model_combo.itemData(index)
+        if key == "":
+            path, _ = QFileDialog.getOpenFileName(self, "GeoChat model (GGUF, or config.json of a "
+                                                  "checkpoint folder)", "", "Models (*.gguf *.json)")
+            if not path:
+                return
+            key = path[:-len("/config.json")] if path.endswith("/config.json") else path
+            self.model_combo.insertItem(index, key, key)
+            self.model_combo.setCurrentIndex(index)
+        self.settings.model = key
+        self.settings.save()
+        self.refresh_model_status()
+
+    def _on_backend_chosen(self, _index: int) -> None:
+        self.settings.backend = self.backend_combo.currentData()
+        self.settings.save()
+        self.refresh_model_status()
+
+    def refresh_model_status(self) -> None:
         try:
-            self.iface.currentLayerChanged.disconnect(self.set_layer)
-        except TypeError:
-            pass
+            status, sentence = model_status(self.model_combo.currentData() or "", self.settings)
+        except GeoChatError as exc:
+            status, sentence = NOT_FOUND, str(exc)
+        colour = "#b00020" if status in (MISSING, NEEDS_GPU, NOT_FOUND) else "#2e7d32"
+        self.status_label.setText(f'<span style="color:{colour}">{status}</span>: {sentence}'
+                                  + (" (download it with `python -m geochat_qgis models download "
+                                     f"{self.model_combo.currentData()}`)" if status == MISSING else ""))
+
+    # ------------------------------------------------------------------ area
+    def current_area(self) -> areas.Area:
+        choice = self.area_combo.currentData()
+        if choice == areas.CANVAS:
+            return areas.canvas_area(self.iface.mapCanvas())
+        if choice == areas.LAYER:
+            return areas.layer_area(self.layer)
+        if choice == areas.RECTANGLE:
+            return areas.rectangle_area(self.drawn_rectangle, self._canvas_crs(), "drawn rectangle")
+        return areas.selection_area(self.aoi_layer)
+
+    def _canvas_crs(self):
+        return self.iface.mapCanvas().mapSettings().destinationCrs()
+
+    def _on_rectangle(self, rect: QgsRectangle) -> None:
+        self.drawn_rectangle = QgsRectangle(rect)
+        self.area_combo.setCurrentIndex(self.area_combo.findData(areas.RECTANGLE))
+        self.iface.mapCanvas().unsetMapTool(self.rectangle_tool)
+
+    def _on_region(self, geometry: QgsGeometry) -> None:
+        self.region = QgsGeometry(geometry)
+        self.task_combo.setCurrentIndex(self.task_combo.findData("identify"))
+        self.chat.add("info", "Region drawn: ask about it (or press Send).")
+
+    # ------------------------------------------------------------------ preview
+    def tile_spec(self) -> TileSpec:
+        return TileSpec(tile_size=self.settings.tile_size, overlap=self.settings.overlap,
+                        gsd=self.settings.gsd or None)
+
+    def prompts(self) -> list[str]:
+        text = self.prompt_edit.text().strip()
+        if self.task_name == "refer":
+            return [p.strip() for p in text.split(";") if p.strip()]
+        return [text] if text else []
+
+    def show_preview(self) -> Optional[float]:
+        """Draw the tile grid; returns the estimated seconds (None when it cannot plan)."""
+        if self.layer is None:
+            return None
+        try:
+            area = self.current_area()
+            tiled = self.task_name in TILED
+            spec = self.tile_spec() if tiled else replace(self.tile_spec(), overlap=0.0)
+            plan = plan_tiles(self.layer.source(), spec, extent=area.extent,
+                              extent_crs=area.crs, aoi=area.aoi)
+        except GeoChatError as exc:
+            self.preview_label.setText(str(exc))
+            return None
+        tiles = len(plan) if tiled else 1
+        self.preview.show(plan if tiled else replace(plan, tiles=plan.tiles[:1]))
+        seconds = estimate_seconds(tiles, len(self.prompts()) if tiled else 1, self.settings.seconds_per_tile)
+        self.preview_label.setText(describe_estimate(tiles, seconds))
+        return seconds
+
+    # ------------------------------------------------------------------ run
+    def send(self) -> None:
+        """Start the chosen task on the current area (main thread; the work runs in a QgsTask)."""
+        if self.layer is None or self.runner.busy:
+            return
+        try:
+            seconds = self.show_preview() or 0.0
+            if seconds > self.settings.ask_above_seconds and not self._confirm_long(seconds):
+                return
+            spec = backend_spec(self.model_combo.currentData() or self.settings.model, self.settings,
+                                self._api_key())
+            task = self.task_name
+            if task in TILED:
+                self._start_detect(spec)
+            else:
+                self._start_chat(spec)
+        except GeoChatError as exc:
+            self.chat.add("error", str(exc))
+            return
+        self._update_enabled()
+
+    def _confirm_long(self, seconds: float) -> bool:
+        answer = QMessageBox.question(
+            self, "GeoChat", f"This run is estimated to take {human_duration(seconds)}. Start it?")
+        return answer == QMessageBox.Yes
+
+    def _api_key(self) -> Optional[str]:
+        if self.settings.backend != "openai" or not self.settings.auth_config_id:
+            return None
+        from ..toolbelt.auth import api_key_from_auth_manager
+
+        return api_key_from_auth_manager(self.settings.auth_config_id)
+
+    def _project_crs(self) -> str:
+        return areas.crs_wkt(QgsProject.instance().crs())
+
+    def _start_chat(self, spec) -> None:
+        question = self.prompt_edit.text().strip()
+        task = self.task_name
+        region = region_crs = None
+        if task == "identify":
+            if self.region is None:
+                raise GeoChatError("draw the region first: press Region, click its corners, right click")
+            region, region_crs = areas.qgs_to_shapely(self.region), areas.crs_wkt(self._canvas_crs())
+            area = None
+        else:
+            area = self.current_area()
+        classes = [c.strip() for c in self.classes_edit.text().split(",") if c.strip()]
+        request = ChatRequest(
+            self.layer.source(), question, task=task, family=spec.family,
+            extent=area.extent if area else None, extent_crs=area.crs if area else None,
+            history=model_history(self.chat.messages), region=region, region_crs=region_crs,
+            classes=classes, output_crs=self._project_crs(),
+            max_new_tokens=self.settings.max_new_tokens,
+            family_settings=self._family_settings(spec.family),
+        )
+        self.chat.add("user", question or f"[{task}]")
+        run = self.runner.start_chat(request, spec)
+        self._wire(run)
+        self.chat.begin_stream()
+
+    def _start_detect(self, spec) -> None:
+        prompts = self.prompts()
+        if not prompts and self.task_name != "grounding":
+            raise GeoChatError("type what to find (one phrase, or several separated by ';')")
+        area = self.current_area()
+        job = Job(
+            raster=self.layer.source(), task=self.task_name, prompts=prompts, family=spec.family,
+            extent=area.extent, extent_crs=area.crs, aoi=area.aoi, tile_spec=self.tile_spec(),
+            backend=spec, output_crs=self._project_crs(), max_new_tokens=self.settings.max_new_tokens,
+            grammar=self.settings.grammar and spec.kind == "llama.cpp" and self.task_name == "refer",
+            iou_threshold=self.settings.iou_threshold,
+            family_settings=self._family_settings(spec.family),
+        )
+        self.chat.add("user", f"[{self.task_name}] {'; '.join(prompts)} over the {area.description}")
+        run = self.runner.start_detect(job, spec)
+        self._wire(run)
+        self.progress.setValue(0)
+
+    def _family_settings(self, family: str) -> dict:
+        return {"angle_convention": self.settings.angle_convention} if family == "geochat" else {}
+
+    def _wire(self, run) -> None:
+        layer_id = self.layer.id()
+        run.tokenReceived.connect(self.chat.append_token)
+        run.tileProgress.connect(lambda done, total: self.progress.setValue(int(100 * done / max(1, total))))
+        run.resultReady.connect(lambda result: self._on_result(layer_id, result))
+        run.failed.connect(lambda message: self._on_failed(layer_id, message))
+        run.taskCompleted.connect(self._update_enabled)
+        run.taskTerminated.connect(self._update_enabled)
+
+    def _on_failed(self, layer_id: str, message: str) -> None:
+        self.chat.end_stream()
+        self.chat.add("error", message)
+        self.iface.messageBar().pushMessage("GeoChat", message, Qgis.Warning, 8)
+        log.warning("%s", message)
+        self._save(layer_id)
+        self._update_enabled()
+
+    def _on_result(self, layer_id: str, result: Any) -> None:
+        """Main thread: add the layer, write the answer, keep the history."""
+        self.chat.end_stream()
+        if isinstance(result, ChatReply):
+            self._show_reply(result)
+        elif isinstance(result, JobResult):
+            self._show_job(result)
+        self._save(layer_id)
+        self._update_enabled()
+
+    def _show_reply(self, reply: ChatReply) -> None:
+        layer = None
+        if reply.answer.detections:
+            layer = add_result_layer(reply.answer.detections, reply.crs, f"GeoChat {reply.user_text[:40]}")
+            self._watch(layer)
+        self.chat.add("assistant", reply.answer.text or reply.answer.raw, raw=reply.answer.raw,
+                      user_text=reply.user_text, layer_id=layer.id() if layer else None,
+                      counts=_counts(reply.answer.detections))
+        self.chat.add("info", f"(looked at {reply.how}; {reply.generated_tokens} tokens in {reply.seconds:.1f} s)")
+
+    def _show_job(self, result: JobResult) -> None:
+        prompts = sorted({d.attributes.get("prompt", "") for d in result.detections})
+        layer = add_result_layer(result.detections, result.crs,
+                                 f"GeoChat {self.task_name}: {', '.join(prompts)[:40]} ({result.run_id[:6]})")
+        self._watch(layer)
+        self.settings.seconds_per_tile = result.seconds / max(1, result.tiles_done) if result.tiles_done else self.settings.seconds_per_tile
+        self.settings.save()
+        status = "cancelled, results so far kept" if result.cancelled else (
+            f"stopped: {result.error}" if result.error else "done")
+        text = (f"Found {len(result.detections)} object(s) in {result.tiles_done} of "
+                f"{result.tiles_planned} tile(s) in {result.seconds:.1f} s ({status}).")
+        if result.failures:
+            text += f" {len(result.failures)} tile(s) failed: {result.failures[0].message}"
+        self.chat.add("assistant", text, layer_id=layer.id(), counts=_counts(result.detections))
+        self.progress.setValue(100)
+
+    def _save(self, layer_id: str) -> None:
+        if self.layer is not None and self.layer.id() == layer_id:
+            save_history(QgsProject.instance(), layer_id, self.chat.messages)
+
+    def _reload_history(self, *_args: Any) -> None:
+        self.set_layer(self.iface.activeLayer())
+
+    # ------------------------------------------------------------------ phrase <-> feature
+    def select_phrase(self, layer_id: str, label: str) -> None:
+        """Select the features of ``label`` in the result layer and zoom to them."""
+        layer = QgsProject.instance().mapLayer(layer_id)
+        if not isinstance(layer, QgsVectorLayer):
+            self.chat.add("info", "That result layer has been removed.")
+            return
+        expression = f'"label" = {_quote(label)}'
+        ids = [f.id() for f in layer.getFeatures(QgsFeatureRequest().setFilterExpression(expression))]
+        layer.selectByIds(ids)
+        if ids:
+            self.iface.mapCanvas().zoomToSelected(layer)
+            self.iface.mapCanvas().flashFeatureIds(layer, ids)
+
+    def _watch(self, layer: QgsVectorLayer) -> None:
+        if layer.id() in self._watched_layers:
+            return
+        self._watched_layers.add(layer.id())
+        layer.selectionChanged.connect(lambda *_: self._on_selection(layer))
+
+    def _on_selection(self, layer: QgsVectorLayer) -> None:
+        labels = {f["label"] for f in layer.getSelectedFeatures()}
+        self.chat.highlight(layer.id(), labels)
+
+    # ------------------------------------------------------------------ teardown
+    def cleanup(self) -> None:
+        """Stop work and disconnect from QGIS before the dock is deleted."""
+        self.runner.close()
+        self.preview.clear()
+        self.region_tool.clear()
+        canvas = self.iface.mapCanvas()
+        for tool in (self.rectangle_tool, self.region_tool):
+            if canvas.mapTool() is tool:
+                canvas.unsetMapTool(tool)
+        for signal, slot in ((self.iface.currentLayerChanged, self.set_layer),
+                             (QgsProject.instance().readProject, self._reload_history)):
+            try:
+                signal.disconnect(slot)
+            except TypeError:
+                pass
+
+
+def _counts(detections) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for detection in detections:
+        counts[detection.label] = counts.get(detection.label, 0) + 1
+    return counts
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"

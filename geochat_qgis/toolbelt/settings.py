@@ -32,6 +32,8 @@ class PluginSettings:
     cache_dir: str = ""  # model downloads; empty = default cache
     max_new_tokens: int = 256
     ask_above_seconds: float = 120.0  # runs estimated longer than this ask first
+    seconds_per_tile: float = 20.0  # measured after each run; drives the time estimate
+    grammar: bool = True  # llama.cpp: constrain find-objects answers to boxes (always parse)
 
     @classmethod
     def load(cls, settings: QgsSettings | None = None) -> "PluginSettings":

@@ -1,0 +1,63 @@
+"""Starts chat questions and detect runs as QgsTasks over one cached, loaded backend."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from qgis.core import QgsApplication
+
+from ..core.backends.factory import BackendCache, BackendSpec
+from ..core.chat import ChatRequest, ask
+from ..core.pipeline import Job, run_job
+from .run_task import GeoChatTask
+
+
+class Runner:
+    """One run at a time; the loaded model is kept for the next request (same spec)."""
+
+    def __init__(self, runtime: Callable[[], str]) -> None:
+        self._runtime = runtime  # "subprocess" | "inprocess", read at each load
+        self.cache = BackendCache(factory=self._open)
+        self.task: Optional[GeoChatTask] = None
+
+    def _open(self, spec: BackendSpec):
+        from ..core.runtime.backend import open_backend
+
+        return open_backend(spec, self._runtime())
+
+    @property
+    def busy(self) -> bool:
+        try:
+            return self.task is not None and self.task.status() in (
+                GeoChatTask.Queued, GeoChatTask.OnHold, GeoChatTask.Running)
+        except RuntimeError:  # the finished task's C++ object is gone
+            return False
+
+    def start_chat(self, request: ChatRequest, spec: BackendSpec) -> GeoChatTask:
+        def work(cancel, on_token, _on_progress):
+            return ask(request, self.cache.get(spec), on_token=on_token, cancel=cancel)
+
+        return self._start(f"GeoChat: {request.task}", work)
+
+    def start_detect(self, job: Job, spec: BackendSpec) -> GeoChatTask:
+        def work(cancel, on_token, on_progress):
+            backend = self.cache.get(spec)
+            return run_job(job, backend, cancel=cancel, on_token=on_token,
+                           on_progress=lambda p: on_progress(p.done, p.total))
+
+        return self._start(f"GeoChat: {job.task} over {job.raster}", work)
+
+    def _start(self, description: str, work) -> GeoChatTask:
+        self.task = GeoChatTask(description, work)
+        QgsApplication.taskManager().addTask(self.task)
+        return self.task
+
+    def cancel(self) -> None:
+        if self.busy:
+            self.task.cancel()
+
+    def close(self, wait_ms: int = 15000) -> None:
+        """Cancel what runs, wait for it to stop, and free the model (plugin unload)."""
+        if self.busy:
+            self.task.cancel()
+            self.task.waitForFinished(wait_ms)
+        self.cache.clear()

@@ -1,0 +1,59 @@
+"""The tiling preview on the canvas: the tile grid a run will use, its count and time estimate."""
+from __future__ import annotations
+
+from typing import Optional
+
+from qgis.core import QgsGeometry, QgsWkbTypes
+from qgis.gui import QgsMapCanvas, QgsRubberBand
+from qgis.PyQt.QtGui import QColor
+
+from ..core.tiling import TilePlan
+from ..toolbelt.detection_features import crs_from_text
+
+MAX_DRAWN = 5000  # beyond this the grid is summarised, not drawn tile by tile
+
+
+def estimate_seconds(tiles: int, prompts: int, seconds_per_tile: float) -> float:
+    return tiles * max(1, prompts) * seconds_per_tile
+
+
+def human_duration(seconds: float) -> str:
+    minutes = seconds / 60
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
+
+
+def describe_estimate(tiles: int, seconds: float) -> str:
+    return f"{tiles} tile(s), about {human_duration(seconds)}"
+
+
+class TilePreview:
+    """Draws a plan's tile footprints on the canvas (in the canvas CRS)."""
+
+    def __init__(self, canvas: QgsMapCanvas) -> None:
+        self.canvas = canvas
+        self.band: Optional[QgsRubberBand] = None
+
+    def show(self, plan: TilePlan) -> int:
+        """Draw ``plan``'s tiles; returns how many were drawn."""
+        self.clear()
+        band = QgsRubberBand(self.canvas, QgsWkbTypes.PolygonGeometry)
+        band.setColor(QColor(0, 120, 255, 25))
+        band.setStrokeColor(QColor(0, 120, 255, 200))
+        band.setWidth(1)
+        source = crs_from_text(plan.crs) if plan.crs else self.canvas.mapSettings().destinationCrs()
+        drawn = 0
+        for tile in plan.tiles[:MAX_DRAWN]:
+            # the rubber band reprojects from the raster CRS to the canvas CRS
+            band.addGeometry(QgsGeometry.fromWkt(tile.footprint.wkt), source, False)
+            drawn += 1
+        band.updatePosition()
+        band.update()
+        self.band = band
+        return drawn
+
+    def clear(self) -> None:
+        if self.band is not None:
+            self.canvas.scene().removeItem(self.band)
+            self.band = None

@@ -75,6 +75,7 @@ def short_crs(crs: Optional[str]) -> str:
     return f"{authority[0]}:{authority[1]}" if authority else parsed.name
 
 
+@lru_cache(maxsize=256)
 def same_crs(a: Optional[str], b: Optional[str]) -> bool:
     """True when both name the same CRS (or both are None)."""
     if a is None or b is None:

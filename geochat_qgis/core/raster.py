@@ -1,10 +1,11 @@
 """Open a raster, choose its bands and turn windows of it into 8-bit RGB plus a nodata mask.
 
 Bands: by default red, green and blue by colour interpretation, else bands 1-3, else band 1
-repeated as grey (or coloured through its colour table when it is paletted). Nodata comes from the band nodata value (all chosen bands equal to it), NaN,
-an alpha band (0 = transparent) or the dataset's internal mask (0 = masked). Rasters deeper than
-8 bits get one percentile stretch per channel (:class:`Stretch`), computed once per job from
-overviews or a sample, so every tile of a job has the same colours.
+repeated as grey (coloured through its colour table when it is paletted). Nodata comes from the
+band nodata value (all chosen bands equal to it), NaN, an alpha band (0 = transparent) or the
+dataset's internal mask (0 = masked). Rasters deeper than 8 bits get one percentile stretch per
+channel (:class:`Stretch`), computed once per job from overviews or a sample, so every tile of a
+job has the same colours.
 """
 from __future__ import annotations
 

@@ -95,6 +95,13 @@ def test_values_outside_0_100_are_clipped_and_flagged(geochat):
     assert any("clipped" in p for p in answer.problems)
 
 
+def test_box_wholly_outside_the_tile_is_dropped(geochat):
+    # padded 200 x 100 tile: y 0-20 % is pad above the image
+    answer = geochat.parse("<p>a</p>{<-10><20><-5><40>} <p>b</p>{<10><2><30><20>}", (200, 100))
+    assert answer.detections == [] and len(answer.problems) == 2
+    assert all("outside" in p for p in answer.problems)
+
+
 def test_output_cut_off_mid_box(geochat):
     cut = geochat.parse("A <p>car</p>{<10><20><3", 100)
     assert cut.detections == [] and cut.text == "A car"

@@ -58,6 +58,8 @@ def test_bad_boxes_and_clipping(qwen):
 def test_clipped_to_tile(qwen):
     (det,) = qwen.parse('{"bbox_2d": [-10, 5, 600, 50], "label": "road"}', 504).detections
     assert det.bbox == (0.0, 5.0, 504.0, 50.0) and "clipped" in det.flags
+    outside = qwen.parse('{"bbox_2d": [510, 5, 600, 50], "label": "road"}', 504)
+    assert outside.detections == [] and "outside" in outside.problems[0]
 
 
 def test_tile_not_multiple_of_28_is_scaled_back(qwen):

@@ -92,6 +92,7 @@ def clip_box(
 
     A side shorter than ``min_size`` (the model's coordinate step: a box that rounded to zero
     width) is widened to it about its centre, inside the tile, so every box is a valid polygon.
+    A box wholly outside the frame is flagged "outside" (parsers drop it).
     """
     x1, y1, x2, y2 = (float(v) for v in values)
     flags: list[str] = []
@@ -107,6 +108,8 @@ def clip_box(
     )
     if clipped != (x1, y1, x2, y2):
         flags.append("clipped")
+        if (clipped[0] == clipped[2] and x1 < x2) or (clipped[1] == clipped[3] and y1 < y2):
+            flags.append("outside")
     (x1, x2), widened_x = _widen(clipped[0], clipped[2], width, min_size)
     (y1, y2), widened_y = _widen(clipped[1], clipped[3], height, min_size)
     if widened_x or widened_y:

@@ -153,6 +153,9 @@ class GeoChatFamily(Family):
             det = self._detection(
                 numbers, phrase or default_label, phrase, match.span(), width, height
             )
+            if "outside" in det.flags:
+                answer.problems.append(f"box {match.group(0).strip()!r} lies outside the tile")
+                continue
             if flag:
                 det.flags.append(flag)
             if "clipped" in det.flags:

@@ -128,6 +128,9 @@ class QwenFamily(Family):
         box, flags = clip_box(corners, width, height, min_size=max(scale))
         name = " ".join(str(label).split()) if label not in (None, "") else ""
         name = name.encode("utf-8", "replace").decode("utf-8")  # JSON may escape lone surrogates
+        if "outside" in flags:
+            answer.problems.append(f"bbox_2d {list(bbox)} lies outside the {width}x{height} tile")
+            return
         if "clipped" in flags:
             answer.problems.append(f"bbox_2d {list(bbox)} outside the {width}x{height} tile: clipped")
         det = Detection(

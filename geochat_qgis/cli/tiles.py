@@ -39,9 +39,10 @@ def _numbers(count: int, kind: type):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("raster", help="raster file or GDAL source string")
     parser.add_argument("--extent", type=_numbers(4, float), metavar="XMIN,YMIN,XMAX,YMAX",
-                        help="area to tile (default: the whole raster)")
+                        help="area to tile (default: the whole raster); write "
+                        "--extent=-180,-90,180,90 when it starts with a minus")
     parser.add_argument("--extent-crs", metavar="CRS",
-                        help="CRS of --extent and of a geometry AOI (default: the raster's)")
+                        help="CRS of --extent, e.g. EPSG:4326 (default: the raster's)")
     parser.add_argument("--aoi", metavar="VECTOR_FILE",
                         help="polygons: tiles that do not touch them are skipped")
     parser.add_argument("--tile-size", type=int, default=504, metavar="N",

@@ -115,3 +115,11 @@ def test_aoi_file_limits_the_tiles(demo_raster, tmp_path, capsys):
     assert main(["tiles", str(demo_raster), "--aoi", str(aoi), "--tile-size", "256",
                  "--overlap", "0", "--out", str(out)]) == 0
     assert sorted(p.name for p in (out / "tiles").glob("*.png")) == ["r0_c0.png"]
+
+
+def test_negative_extent_in_another_crs(data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["tiles", str(data_dir / "goes.tif"), "--extent=-180,-90,180,90",
+                 "--extent-crs", "EPSG:4326", "--tile-size", "271", "--overlap", "0",
+                 "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith("4 tiles written")

@@ -81,11 +81,11 @@ class Tile:
     width: int
     height: int
     transform: Affine
-    crs: Optional[str]
-    gsd_m: float
-    nodata_frac: float
-    footprint: BaseGeometry
-    image: Optional[np.ndarray] = None
+    crs: Optional[str]  # WKT; None only in pixel-space mode
+    gsd_m: float  # ground metres per tile-image pixel at the tile's data centre
+    nodata_frac: float  # in a plan: the padding's share; once read: padding plus nodata
+    footprint: BaseGeometry  # the whole tile image in raster CRS coordinates
+    image: Optional[np.ndarray] = None  # (tile_size, tile_size, 3) uint8 once read
 
     @property
     def window(self):

@@ -6,4 +6,9 @@ from qgis.core import QgsProcessingAlgorithm
 
 def algorithms() -> list[QgsProcessingAlgorithm]:
     """New instances of every algorithm the provider offers."""
-    return []
+    from .describe_algorithm import DescribeAlgorithm
+    from .detect_algorithm import DetectAlgorithm
+    from .export_algorithm import ExportAlgorithm
+    from .segment_algorithm import SegmentAlgorithm
+
+    return [DetectAlgorithm(), SegmentAlgorithm(), DescribeAlgorithm(), ExportAlgorithm()]

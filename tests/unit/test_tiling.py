@@ -338,3 +338,20 @@ def test_gdal_source_strings_and_finer_gsd(data_dir, tmp_path):
     tile = next(iter_tiles(fine))
     assert tile.image.shape == (256, 256, 3)
     assert tile.gsd_m == pytest.approx(direct.tiles[0].gsd_m / 2, rel=0.01)
+
+
+def test_memory_stays_proportional_to_one_tile(tmp_path):
+    import tracemalloc
+
+    data = gradient(2048, 2048, 3, "uint16")  # 24 MiB of pixels, 81 tiles of 0.2 MiB
+    path = write_raster(tmp_path / "big.tif", data, tiled=True)
+    del data
+    plan = plan_tiles(path, TileSpec(tile_size=256, overlap=0.1))
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in iter_tiles(plan))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == len(plan) == 81
+    assert peak < 12 * 256 * 256 * 3 * 2  # a dozen tile buffers, not the raster

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from qgis.core import (
     Qgis,
@@ -42,6 +42,7 @@ from .layer_summary import describe_layer, raster_or_none
 from .map_tools import RegionMapTool
 from .model_choice import MISSING, NEEDS_GPU, NOT_FOUND, backend_spec, model_choices, model_status
 from .result_layers import add_result_layer
+from .results_bar import ResultsBar
 from .runner import Runner
 from .tile_preview import TilePreview, describe_estimate, estimate_seconds, human_duration
 
@@ -185,6 +186,8 @@ class GeoChatDock(QgsDockWidget):
         bottom_row.addWidget(self.preview_label, 1)
         bottom_row.addWidget(self.progress, 1)
         layout.addLayout(bottom_row)
+        self.results_bar = ResultsBar(self.iface, self.chat.add, self.open_settings, body)
+        layout.addWidget(self.results_bar)
         self.setWidget(body)
         self._on_task_changed()
         self.refresh_model_status()
@@ -242,6 +245,15 @@ class GeoChatDock(QgsDockWidget):
         self.settings.save()
         self.refresh_model_status()
 
+    def open_settings(self) -> None:
+        from .settings_dialog import SettingsDialog
+
+        dialog = SettingsDialog(self.settings, self)
+        if dialog.exec_():
+            self.backend_combo.setCurrentIndex(max(0, self.backend_combo.findData(self.settings.backend)))
+            self.runner.cache.clear()  # a changed runtime or device loads afresh
+            self.refresh_model_status()
+
     def refresh_model_status(self) -> None:
         try:
             status, sentence = model_status(self.model_combo.currentData() or "", self.settings)
@@ -287,44 +299,74 @@ class GeoChatDock(QgsDockWidget):
             return [p.strip() for p in text.split(";") if p.strip()]
         return [text] if text else []
 
-    def show_preview(self) -> Optional[float]:
-        """Draw the tile grid; returns the estimated seconds (None when it cannot plan)."""
-        if self.layer is None:
-            return None
-        try:
-            area = self.current_area()
-            tiled = self.task_name in TILED
-            spec = self.tile_spec() if tiled else replace(self.tile_spec(), overlap=0.0)
-            plan = plan_tiles(self.layer.source(), spec, extent=area.extent,
-                              extent_crs=area.crs, aoi=area.aoi)
-        except GeoChatError as exc:
-            self.preview_label.setText(str(exc))
-            return None
-        tiles = len(plan) if tiled else 1
-        self.preview.show(plan if tiled else replace(plan, tiles=plan.tiles[:1]))
-        seconds = estimate_seconds(tiles, len(self.prompts()) if tiled else 1, self.settings.seconds_per_tile)
-        self.preview_label.setText(describe_estimate(tiles, seconds))
-        return seconds
+    def show_preview(self) -> None:
+        """Plan the tiles in the background and draw the grid with a time estimate."""
+        self._plan(then=None)
 
-    # ------------------------------------------------------------------ run
     def send(self) -> None:
-        """Start the chosen task on the current area (main thread; the work runs in a QgsTask)."""
+        """Plan (worker), confirm long runs (main thread), then run (worker)."""
         if self.layer is None or self.runner.busy:
             return
+        self._plan(then=self._run_planned)
+
+    def _plan(self, then: Optional[Callable[[Optional[areas.Area], Any], None]]) -> None:
+        """Everything slow (reading the raster, reprojecting, resolving the model, building the
+        demo model) runs in a task; the main thread only gathers what the widgets say."""
+        if self.layer is None or self.runner.busy:
+            return
+        task_name = self.task_name
         try:
-            seconds = self.show_preview() or 0.0
-            if seconds > self.settings.ask_above_seconds and not self._confirm_long(seconds):
-                return
-            spec = backend_spec(self.model_combo.currentData() or self.settings.model, self.settings,
-                                self._api_key())
-            task = self.task_name
-            if task in TILED:
-                self._start_detect(spec)
+            area = None if task_name == "identify" else self.current_area()
+            api_key = self._api_key() if then else None
+        except GeoChatError as exc:
+            self._report_plan_problem(str(exc), then)
+            return
+        tiled = task_name in TILED
+        spec = self.tile_spec() if tiled else replace(self.tile_spec(), overlap=0.0)
+        raster, settings = self.layer.source(), replace(self.settings)
+        model_key = self.model_combo.currentData() or self.settings.model
+        prompts = len(self.prompts()) if tiled else 1
+
+        def work(_cancel, _on_token, _on_progress):
+            plan = None
+            if area is not None:
+                plan = plan_tiles(raster, spec, extent=area.extent, extent_crs=area.crs, aoi=area.aoi)
+                if not tiled:
+                    plan = replace(plan, tiles=plan.tiles[:1])
+            return plan, (backend_spec(model_key, settings, api_key) if then else None)
+
+        def planned(result) -> None:
+            plan, backend = result
+            seconds = 0.0
+            if plan is not None:
+                self.preview.show(plan)
+                seconds = estimate_seconds(len(plan), prompts, self.settings.seconds_per_tile)
+                self.preview_label.setText(describe_estimate(len(plan), seconds))
+            if then is not None:
+                if seconds > self.settings.ask_above_seconds and not self._confirm_long(seconds):
+                    return
+                then(area, backend)
+
+        task = self.runner.start("GeoChat: planning tiles", work)
+        task.resultReady.connect(planned)
+        task.failed.connect(lambda message: self._report_plan_problem(message, then))
+        task.taskCompleted.connect(self._update_enabled)
+        task.taskTerminated.connect(self._update_enabled)
+        self._update_enabled()
+
+    def _report_plan_problem(self, message: str, then) -> None:
+        self.preview_label.setText(message)
+        if then is not None:
+            self.chat.add("error", message)
+
+    def _run_planned(self, area: Optional[areas.Area], spec) -> None:
+        try:
+            if self.task_name in TILED:
+                self._start_detect(spec, area)
             else:
-                self._start_chat(spec)
+                self._start_chat(spec, area)
         except GeoChatError as exc:
             self.chat.add("error", str(exc))
-            return
         self._update_enabled()
 
     def _confirm_long(self, seconds: float) -> bool:
@@ -342,7 +384,7 @@ class GeoChatDock(QgsDockWidget):
     def _project_crs(self) -> str:
         return areas.crs_wkt(QgsProject.instance().crs())
 
-    def _start_chat(self, spec) -> None:
+    def _start_chat(self, spec, area: Optional[areas.Area]) -> None:
         question = self.prompt_edit.text().strip()
         task = self.task_name
         region = region_crs = None
@@ -350,9 +392,6 @@ class GeoChatDock(QgsDockWidget):
             if self.region is None:
                 raise GeoChatError("draw the region first: press Region, click its corners, right click")
             region, region_crs = areas.qgs_to_shapely(self.region), areas.crs_wkt(self._canvas_crs())
-            area = None
-        else:
-            area = self.current_area()
         classes = [c.strip() for c in self.classes_edit.text().split(",") if c.strip()]
         request = ChatRequest(
             self.layer.source(), question, task=task, family=spec.family,
@@ -367,11 +406,10 @@ class GeoChatDock(QgsDockWidget):
         self._wire(run)
         self.chat.begin_stream()
 
-    def _start_detect(self, spec) -> None:
+    def _start_detect(self, spec, area: areas.Area) -> None:
         prompts = self.prompts()
         if not prompts and self.task_name != "grounding":
             raise GeoChatError("type what to find (one phrase, or several separated by ';')")
-        area = self.current_area()
         job = Job(
             raster=self.layer.source(), task=self.task_name, prompts=prompts, family=spec.family,
             extent=area.extent, extent_crs=area.crs, aoi=area.aoi, tile_spec=self.tile_spec(),

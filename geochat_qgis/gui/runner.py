@@ -36,7 +36,7 @@ class Runner:
         def work(cancel, on_token, _on_progress):
             return ask(request, self.cache.get(spec), on_token=on_token, cancel=cancel)
 
-        return self._start(f"GeoChat: {request.task}", work)
+        return self.start(f"GeoChat: {request.task}", work)
 
     def start_detect(self, job: Job, spec: BackendSpec) -> GeoChatTask:
         def work(cancel, on_token, on_progress):
@@ -44,9 +44,10 @@ class Runner:
             return run_job(job, backend, cancel=cancel, on_token=on_token,
                            on_progress=lambda p: on_progress(p.done, p.total))
 
-        return self._start(f"GeoChat: {job.task} over {job.raster}", work)
+        return self.start(f"GeoChat: {job.task} over {job.raster}", work)
 
-    def _start(self, description: str, work) -> GeoChatTask:
+    def start(self, description: str, work) -> GeoChatTask:
+        """Run ``work(cancel, on_token, on_progress)`` as the current task."""
         self.task = GeoChatTask(description, work)
         QgsApplication.taskManager().addTask(self.task)
         return self.task

@@ -11,6 +11,7 @@ from qgis.core import (
     QgsCoordinateTransform,
     QgsProject,
     QgsRasterLayer,
+    QgsVectorLayer,
 )
 from qgis.PyQt.QtCore import QCoreApplication, QElapsedTimer, QTimer
 
@@ -60,12 +61,13 @@ def run_until_done(dock: GeoChatDock, timeout: float = 120.0) -> float:
     timer.timeout.connect(tick)
     timer.start()
     deadline = time.monotonic() + timeout
-    while dock.runner.busy or QgsApplication.taskManager().countActiveTasks():
+    idle_rounds = 0  # planning, then running: idle must last a while to count as done
+    while idle_rounds < 50:
         QCoreApplication.processEvents()
         time.sleep(0.002)
+        busy = dock.runner.busy or QgsApplication.taskManager().countActiveTasks()
+        idle_rounds = 0 if busy else idle_rounds + 1
         assert time.monotonic() < deadline, "the run did not finish"
-    for _ in range(20):  # let the finished() signals arrive
-        QCoreApplication.processEvents()
     timer.stop()
     print("longest main-thread gaps (ms):", sorted(gaps)[-5:])
     return max(gaps[1:] or [0])
@@ -103,9 +105,9 @@ def test_chat_streams_tokens_and_keeps_history_with_the_project(dock):
     dock.area_combo.setCurrentIndex(dock.area_combo.findData(areas.LAYER))
     dock.prompt_edit.setText("What is in this image?")
     streamed = []
-    dock.send()
-    assert dock.runner.task is not None, dock.chat.messages
-    dock.runner.task.tokenReceived.connect(streamed.append)
+    stream_to_view = dock.chat.append_token
+    dock.chat.append_token = lambda piece: (streamed.append(piece), stream_to_view(piece))
+    dock.send()  # plans in a task, then asks in another
     run_until_done(dock)
     roles = [m["role"] for m in dock.chat.messages]
     assert roles[:2] == ["user", "assistant"]
@@ -115,3 +117,38 @@ def test_chat_streams_tokens_and_keeps_history_with_the_project(dock):
     from geochat_qgis.gui.chat_history import load_history
 
     assert load_history(QgsProject.instance(), dock.layer.id()) == dock.chat.messages
+
+
+def test_export_detections_and_export_all(dock, tmp_path):
+    dock.task_combo.setCurrentIndex(dock.task_combo.findData("refer"))
+    dock.area_combo.setCurrentIndex(dock.area_combo.findData(areas.LAYER))
+    dock.prompt_edit.setText("car; tree")
+    dock.send()
+    run_until_done(dock)
+    layer = dock.results_bar.current_result_layer()
+    assert layer is not None, dock.chat.messages
+    shp = dock.results_bar.export_current(path=tmp_path / "cars.shp")
+    assert shp == tmp_path / "cars.shp"
+    for suffix in (".shp", ".shx", ".dbf", ".prj", ".cpg"):
+        assert (tmp_path / f"cars{suffix}").is_file()
+    reopened = QgsVectorLayer(str(shp), "reopened", "ogr")
+    assert reopened.isValid() and reopened.featureCount() == layer.featureCount()
+    assert reopened.crs().authid() == "EPSG:4326"
+    original = sorted((f["label"], round(f.geometry().area(), 12)) for f in layer.getFeatures())
+    again = sorted((f["label"], round(f.geometry().area(), 12)) for f in reopened.getFeatures())
+    assert original == again
+    gpkg = dock.results_bar.export_everything(path=tmp_path / "all.gpkg")
+    assert gpkg is not None and "Exported 1 result layer(s)" in dock.chat.messages[-1]["text"]
+
+
+def test_settings_dialog_round_trip(dock):
+    from geochat_qgis.gui.settings_dialog import SettingsDialog
+
+    dialog = SettingsDialog(dock.settings, dock)
+    dialog.tile_size.setValue(448)
+    dialog.angle.setCurrentText("ccw")
+    settings = dialog.apply()
+    assert settings.tile_size == 448 and settings.angle_convention == "ccw"
+    from geochat_qgis.toolbelt.settings import PluginSettings
+
+    assert PluginSettings.load().tile_size == 448

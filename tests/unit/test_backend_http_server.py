@@ -21,12 +21,14 @@ from geochat_qgis.core.backends.base import Conversation, GenerateOptions
 from geochat_qgis.core.backends.grammar import REFER_GRAMMAR
 from geochat_qgis.core.backends.llama_cpp import LlamaCppBackend
 from geochat_qgis.core.backends.openai_http import HttpSettings, OpenAIHttpBackend
+from geochat_qgis.core.errors import BackendError
 from geochat_qgis.core.families import get_family
 
 pytest.importorskip("llama_cpp.server")
 pytestmark = pytest.mark.slow
 
 REFER = "[refer] Give me the location of <p> car </p>"
+KEY = "test-key-5"
 
 
 def free_port() -> int:
@@ -38,19 +40,22 @@ def free_port() -> int:
 class LlamaServer:
     """``python -m llama_cpp.server`` for a GGUF folder, on a free local port."""
 
-    def __init__(self, folder: Path, log: Path) -> None:
+    def __init__(self, folder: Path, log: Path, api_key: str = "") -> None:
         self.port = free_port()
         self.log = open(log, "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(folder / "model.gguf"),
              "--clip_model_path", str(folder / "mmproj.gguf"), "--chat_format", "mtmd",
-             "--n_ctx", "2048", "--host", "127.0.0.1", "--port", str(self.port)],
+             "--n_ctx", "2048", "--host", "127.0.0.1", "--port", str(self.port),
+             *(["--api_key", api_key] if api_key else [])],
             stdout=self.log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 90
         while True:
             try:
-                with urllib.request.urlopen(f"{self.url}/models", timeout=2) as response:
+                request = urllib.request.Request(f"{self.url}/models",
+                                                 headers={"Authorization": f"Bearer {api_key}"})
+                with urllib.request.urlopen(request, timeout=2) as response:
                     self.models = json.load(response)
                 break
             except OSError:
@@ -79,7 +84,7 @@ def tiny_gguf(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_gguf, tmp_path_factory):
-    running = LlamaServer(tiny_gguf, tmp_path_factory.mktemp("server") / "server.log")
+    running = LlamaServer(tiny_gguf, tmp_path_factory.mktemp("server") / "server.log", KEY)
     yield running
     running.stop()
 
@@ -94,7 +99,8 @@ def test_http_answers_equal_in_process_llama_cpp(server, tiny_gguf, tiles):
     """Same prompt tokens, same greedy answers (llama-cpp-python's completion may run past
     max_tokens to finish a multi-byte character, so free text is compared as a prefix)."""
     model = server.models["data"][0]["id"]
-    http = OpenAIHttpBackend(model, settings=HttpSettings(base_url=server.url, max_in_flight=2))
+    http = OpenAIHttpBackend(model, settings=HttpSettings(base_url=server.url, api_key=KEY,
+                                                             max_in_flight=2))
     free = GenerateOptions(max_new_tokens=20)
     boxes = GenerateOptions(max_new_tokens=256, grammar=REFER_GRAMMAR)
     with http, LlamaCppBackend(tiny_gguf) as local:
@@ -113,9 +119,15 @@ def test_http_answers_equal_in_process_llama_cpp(server, tiny_gguf, tiles):
 
 def test_streaming_over_sse(server, tiles):
     pieces: list[str] = []
-    http = OpenAIHttpBackend("tiny", settings=HttpSettings(base_url=server.url))
+    http = OpenAIHttpBackend("tiny", settings=HttpSettings(base_url=server.url, api_key=KEY))
     streamed = http.generate(tiles[:1], Conversation.single(REFER), GenerateOptions(
         max_new_tokens=12, on_token=lambda index, piece: pieces.append(piece)))
     whole = http.generate(tiles[:1], Conversation.single(REFER), GenerateOptions(max_new_tokens=12))
     assert len(pieces) > 1
     assert "".join(pieces).strip() == streamed[0].text == whole[0].text
+
+
+def test_wrong_api_key_is_refused_before_any_tile(server):
+    http = OpenAIHttpBackend("tiny", settings=HttpSettings(base_url=server.url, api_key="wrong"))
+    with pytest.raises(BackendError, match="HTTP 401.*GEOCHAT_API_KEY"):
+        http.load()

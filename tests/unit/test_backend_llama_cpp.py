@@ -145,11 +145,11 @@ def test_mmproj_given_as_model(tiny_gguf):
         LlamaCppBackend(tiny_gguf / "mmproj.gguf").load()
 
 
-def test_mismatched_mmproj(tiny_gguf, tmp_path):
+def write_foreign_mmproj(path):
+    """A real mmproj GGUF header for a model with 4096-wide embeddings (a 7B's projector)."""
     import gguf
 
-    other = tmp_path / "mmproj-other.gguf"
-    writer = gguf.GGUFWriter(str(other), "clip")
+    writer = gguf.GGUFWriter(str(path), "clip")
     writer.add_uint32("clip.vision.image_size", 504)
     writer.add_uint32("clip.vision.projection_dim", 4096)
     writer.add_tensor("mm.2.weight", np.zeros((4096, 32), np.float32))
@@ -157,6 +157,11 @@ def test_mismatched_mmproj(tiny_gguf, tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
+
+
+def test_mismatched_mmproj(tiny_gguf, tmp_path):
+    other = write_foreign_mmproj(tmp_path / "mmproj-other.gguf")
     with pytest.raises(ModelError, match="does not belong.*4096.*64"):
         LlamaCppBackend(tiny_gguf / "model.gguf", other).load()
 

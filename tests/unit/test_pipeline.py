@@ -11,7 +11,7 @@ from geochat_qgis.core.backends.base import CancelToken
 from geochat_qgis.core.backends.factory import BackendSpec
 from geochat_qgis.core.backends.llama_cpp import LlamaCppBackend
 from geochat_qgis.core.backends.openai_http import HttpSettings, OpenAIHttpBackend
-from geochat_qgis.core.errors import ModelError, RasterError
+from geochat_qgis.core.errors import BackendError, ModelError, RasterError
 from geochat_qgis.core.pipeline import Job, run_job
 from geochat_qgis.core.tiling import TileSpec
 
@@ -107,12 +107,12 @@ def test_server_down_fails_fast_with_the_reason(demo_raster):
         port = sock.getsockname()[1]
     http = OpenAIHttpBackend("geochat", settings=HttpSettings(
         base_url=f"http://127.0.0.1:{port}/v1", retries=0, max_in_flight=1))
-    result = run_job(refer_job(demo_raster), http)
-    assert "connection refused" in result.error
-    assert result.tiles_done == 0 and len(result.failures) == 3  # stopped after 3 in a row
+    with pytest.raises(BackendError, match="connection refused"):  # checked before any tile
+        run_job(refer_job(demo_raster), http)
 
 
 def test_server_killed_mid_run_keeps_earlier_detections(tiny_gguf, demo_raster, tmp_path):
+    """Tiles after the kill fail; three batches in a row stop the run; tile 1 is kept."""
     from test_backend_http_server import LlamaServer
 
     server = LlamaServer(tiny_gguf, tmp_path / "server.log")

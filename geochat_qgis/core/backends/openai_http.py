@@ -75,8 +75,44 @@ class OpenAIHttpBackend(Backend):
         return f"{self.name}:{self.model}@{self.settings.base_url}"
 
     def load(self) -> None:
+        """Check that the server answers (GET /models), then open the request pool."""
         if self._pool is None:
+            self._check_server()
             self._pool = ThreadPoolExecutor(self.batch_size, thread_name_prefix="geochat-http")
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.settings.api_key:
+            headers["Authorization"] = f"Bearer {self.settings.api_key}"
+        return headers
+
+    def _check_server(self) -> None:
+        """Fail before any tile when the server is down, refuses the key or the URL is wrong.
+
+        A 5xx here is only logged: the model may still be loading, and requests are retried.
+        """
+        url = self.settings.base_url.rstrip("/") + "/models"
+        request = urllib.request.Request(url, headers=self._headers())
+        try:
+            with urllib.request.urlopen(request, timeout=min(self.settings.timeout, 30.0)) as answer:
+                listing = json.loads(answer.read().decode("utf-8") or "{}")
+        except urllib.error.HTTPError as exc:
+            failure = self._http_error(exc, url)
+            if isinstance(failure, _Retryable):
+                log.warning("%s", failure.error)
+                return
+            raise failure from None
+        except (TimeoutError, socket.timeout):
+            raise self._timeout_error() from None
+        except (urllib.error.URLError, ConnectionError) as exc:
+            failure = self._connection_error(getattr(exc, "reason", exc))
+            raise getattr(failure, "error", failure) from None
+        except ValueError:
+            return  # not JSON: the chat request will say what is wrong
+        names = [item.get("id") for item in (listing.get("data") or []) if isinstance(item, dict)]
+        if names and self.model not in names:
+            log.warning("the server at %s lists the models %s, not '%s'",
+                        self.settings.base_url, ", ".join(map(str, names)), self.model)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -130,10 +166,8 @@ class OpenAIHttpBackend(Backend):
 
     def _request(self, index: int, payload: bytes, options: GenerateOptions,
                  stream: bool) -> Generation:
-        headers = {"Content-Type": "application/json"}
-        if self.settings.api_key:
-            headers["Authorization"] = f"Bearer {self.settings.api_key}"
-        request = urllib.request.Request(self.url, data=payload, headers=headers, method="POST")
+        request = urllib.request.Request(self.url, data=payload, headers=self._headers(),
+                                         method="POST")
         start = time.perf_counter()
         try:
             with urllib.request.urlopen(request, timeout=self.settings.timeout) as response:
@@ -145,13 +179,9 @@ class OpenAIHttpBackend(Backend):
                     text = choice["message"].get("content") or ""
                     usage, finish = data.get("usage") or {}, choice.get("finish_reason")
         except urllib.error.HTTPError as exc:
-            raise self._http_error(exc) from None
+            raise self._http_error(exc, self.url) from None
         except (TimeoutError, socket.timeout):
-            raise BackendError(
-                f"The server at {self.settings.base_url} did not answer within "
-                f"{self.settings.timeout:g} s. It may be overloaded or loading the model: raise "
-                "the timeout or check the server."
-            ) from None
+            raise self._timeout_error() from None
         except urllib.error.URLError as exc:
             raise self._connection_error(exc.reason) from None
         except ConnectionError as exc:
@@ -191,7 +221,14 @@ class OpenAIHttpBackend(Backend):
 
     # -- messages ------------------------------------------------------------------------------
 
-    def _http_error(self, exc: urllib.error.HTTPError) -> Exception:
+    def _timeout_error(self) -> BackendError:
+        return BackendError(
+            f"The server at {self.settings.base_url} did not answer within "
+            f"{self.settings.timeout:g} s. It may be overloaded or loading the model: raise "
+            "the timeout or check the server."
+        )
+
+    def _http_error(self, exc: urllib.error.HTTPError, url: str) -> Exception:
         try:
             detail = exc.read().decode("utf-8", errors="replace").strip()[:300]
         except OSError:
@@ -205,7 +242,7 @@ class OpenAIHttpBackend(Backend):
             )
         if exc.code == 404:
             return BackendError(
-                f"Not found at {self.url} (HTTP 404{': ' + detail if detail else ''}). Check the "
+                f"Not found at {url} (HTTP 404{': ' + detail if detail else ''}). Check the "
                 f"server URL (it usually ends in /v1) and the model name '{self.model}' (the "
                 "server lists its models at /v1/models)."
             )

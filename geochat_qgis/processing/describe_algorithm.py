@@ -138,9 +138,11 @@ def footprint_fields() -> QgsFields:
 
 def footprint_feature(answer, footprint, fields: QgsFields) -> QgsFeature:
     """One tile's footprint (raster CRS) with what the model answered there."""
+    import shapely
+
     feature = QgsFeature(fields)
     geometry = QgsGeometry()
-    geometry.fromWkb(footprint.wkb)
+    geometry.fromWkb(shapely.to_wkb(footprint, output_dimension=2))  # see detection_feature
     feature.setGeometry(geometry)
     feature.setAttributes([answer.tile_id, answer.prompt, answer.text or answer.raw,
                            answer.generated_tokens, round(answer.seconds, 3)])

@@ -15,7 +15,6 @@ from qgis.core import (
     QgsWkbTypes,
 )
 
-from ..toolbelt.detection_features import detection_features, detection_fields
 from . import parameters as p
 from .base import GeoChatAlgorithm
 from .running import run_with_feedback
@@ -75,6 +74,7 @@ class DetectAlgorithm(GeoChatAlgorithm):
         from ..core.errors import GeoChatError
         from ..core.export import now_iso
         from ..core.pipeline import Job
+        from ..toolbelt.detection_features import detection_features, detection_fields
 
         area = p.read_area(self, parameters, context)
         try:

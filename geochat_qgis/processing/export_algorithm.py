@@ -17,7 +17,6 @@ from qgis.core import (
     QgsProcessingParameterVectorDestination,
 )
 
-from ..toolbelt.feature_detections import feature_detections
 from . import parameters as p
 from .base import GeoChatAlgorithm
 
@@ -53,6 +52,7 @@ class ExportAlgorithm(GeoChatAlgorithm):
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
         from ..core.errors import GeoChatError
         from ..core.export import export_detections
+        from ..toolbelt.feature_detections import feature_detections
 
         source = self.parameterAsSource(parameters, p.INPUT, context)
         if source is None:

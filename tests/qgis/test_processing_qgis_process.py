@@ -1,0 +1,83 @@
+"""``qgis_process run geochat:detect`` against the plugin installed from its zip.
+
+qgis_process reads the profiles under $QGIS_CUSTOM_CONFIG_PATH and loads the enabled plugins
+of the ``default`` profile that declare ``hasProcessingProvider=yes``. Debian's ``qgis_process``
+wrapper passes ``--noversioncheck`` from /etc/default/qgis, which qgis_process 3.22 refuses, so
+the binary behind it is run directly.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+
+import pytest
+
+qgis_core = pytest.importorskip("qgis.core")
+
+from qgis.core import QgsVectorLayer  # noqa: E402
+
+QGIS_PROCESS = shutil.which("qgis_process.bin") or shutil.which("qgis_process")
+# Known, outside the plugin's code: the venv's pyproj wheel bundles its own PROJ with the same
+# soname as QGIS's; inside a QGIS executable both libraries' C++ static objects end up at one
+# address and are destroyed twice when the process exits (after the results are written).
+EXIT_CRASH = {-signal.SIGABRT, -signal.SIGSEGV}
+
+pytestmark = pytest.mark.skipif(QGIS_PROCESS is None, reason="qgis_process is not installed")
+
+
+@pytest.fixture(scope="module")
+def qgis_process_env(build_module, plugin_zip, tmp_path_factory) -> dict[str, str]:
+    """The environment of a qgis_process that sees the plugin, installed as a user would."""
+    qgis_dir = tmp_path_factory.mktemp("qgis-process-settings")
+    build_module.install(plugin_zip, qgis_dir=qgis_dir, profile="default")
+    env = build_module.qgis_env(headless=True)
+    env.update(QT_QPA_PLATFORM="offscreen", QGIS_CUSTOM_CONFIG_PATH=str(qgis_dir))
+    return env
+
+
+def qgis_process(env: dict[str, str], *arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run([QGIS_PROCESS, *arguments], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_qgis_process_lists_the_algorithms(qgis_process_env):
+    listed = qgis_process(qgis_process_env, "list")
+    for algorithm in ("geochat:detect", "geochat:segment", "geochat:describe",
+                      "geochat:export"):
+        assert algorithm in listed.stdout, listed.stderr[-2000:]
+
+
+def written(path) -> tuple[bool, str, int, set[str]]:
+    """(valid, CRS, feature count, labels) of a vector file (no QGIS object outlives the call:
+    a layer kept alive by a test's traceback would be destroyed after QGIS has shut down)."""
+    layer = QgsVectorLayer(str(path), "written", "ogr")
+    return (layer.isValid(), layer.crs().authid(), layer.featureCount(),
+            {f["label"] for f in layer.getFeatures()})
+
+
+def test_qgis_process_runs_detect(qgis_process_env, tiny_gguf, demo_raster, tmp_path):
+    import rasterio
+
+    with rasterio.open(demo_raster) as raster:
+        xmin, ymax = raster.bounds.left, raster.bounds.top
+        size = 200 * raster.res[0]  # one tile
+    output = tmp_path / "detections.gpkg"
+    run = qgis_process(
+        qgis_process_env, "--json", "run", "geochat:detect", "--",
+        f"INPUT={demo_raster}", f"EXTENT={xmin},{xmin + size},{ymax - size},{ymax} [EPSG:3857]",
+        "PROMPT=car", f"MODEL={tiny_gguf}", "BACKEND=llama.cpp", "GRAMMAR=true",
+        "MAX_NEW_TOKENS=24", f"OUTPUT={output}")
+    assert run.stdout.strip(), run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    results = report["results"]
+    assert report["algorithm_details"]["id"] == "geochat:detect"
+    assert results["OUTPUT"] == str(output)
+    assert results["TILES_DONE"] == 1
+    assert written(output) == (True, "EPSG:3857", results["DETECTIONS"], {"car"})
+    assert results["DETECTIONS"] > 0
+    if run.returncode in EXIT_CRASH:
+        pytest.xfail(f"qgis_process wrote its results, then died at exit ({run.returncode}): "
+                     "duplicate PROJ from the pyproj wheel, see this module's EXIT_CRASH")
+    assert run.returncode == 0, run.stderr[-3000:]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Optional
 
+import shapely
 from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsFeature,
@@ -44,7 +45,9 @@ def detection_feature(
     """One feature: the detection's polygon (WKB, no reprojection) and its attributes."""
     feature = QgsFeature(fields)
     geometry = QgsGeometry()
-    geometry.fromWkb(polygonal(det.geometry).wkb)
+    # 2D WKB: inside QGIS processes shapely's GEOS calls can bind to QGIS's older GEOS, which
+    # refuses the 4-dimension WKB newer shapely asks for by default
+    geometry.fromWkb(shapely.to_wkb(polygonal(det.geometry), output_dimension=2))
     feature.setGeometry(geometry)
     for name, value in feature_values(det, provenance).items():
         feature[name] = value

@@ -76,6 +76,13 @@ def test_shape_that_contradicts_the_config_is_refused(ckpt: Path, tmp_path: Path
     _refused(ckpt, tmp_path / "out", "do not belong together")
 
 
+def test_tokenizer_smaller_than_the_embeddings_is_refused(ckpt: Path, tmp_path: Path) -> None:
+    _edit_shard(ckpt / SHARD_2, lambda s: s.update({"lm_head.weight": torch.zeros(612, 64)}))
+    _edit_shard(ckpt / "pytorch_model-00001-of-00002.bin", lambda s: s.update(
+        {"model.embed_tokens.weight": torch.zeros(612, 64)}))
+    _refused(ckpt, tmp_path / "out", "tokenizer files do not belong")
+
+
 @pytest.mark.parametrize("shard", [SHARD_2, "clip/model.safetensors"])
 def test_truncated_shard_is_refused(ckpt: Path, tmp_path: Path, shard: str) -> None:
     path = ckpt / shard

@@ -116,7 +116,7 @@ def _write_weights(folder: Path, plan: list[PlannedTensor], progress: Optional[P
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
 
 
-def _write_processor(folder: Path, src: Path, vocab: Vocabulary, patch_size: int) -> None:
+def _write_processor(folder: Path, vocab: Vocabulary, patch_size: int) -> None:
     from transformers import LlamaTokenizer, LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
@@ -169,5 +169,5 @@ def convert_geochat_to_hf(src: Path, out: Path, clip: Optional[Path] = None,
         (stage / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         generation = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": False}
         (stage / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
-        _write_processor(stage, Path(src), vocab, int(ckpt.clip.vision["patch_size"]))
+        _write_processor(stage, vocab, int(ckpt.clip.vision["patch_size"]))
     return Path(out)

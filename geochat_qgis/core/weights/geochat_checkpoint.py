@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -133,7 +133,6 @@ class GeoChatCheckpoint:
     config: dict[str, Any]
     metas: dict[str, TensorMeta]
     clip: ClipCheckpoint
-    shards: list[Path] = field(default_factory=list)
 
     @property
     def num_layers(self) -> int:
@@ -225,9 +224,8 @@ def open_geochat_checkpoint(src: Path, clip: Optional[Path] = None) -> GeoChatCh
             "pass its folder with --clip."
         )
     clip_ckpt = open_clip_checkpoint(clip_folder)
-    shards = weight_files(src)
-    metas = checkpoint_metadata(shards)
-    ckpt = GeoChatCheckpoint(src, config, metas, clip_ckpt, shards)
+    metas = checkpoint_metadata(weight_files(src))
+    ckpt = GeoChatCheckpoint(src, config, metas, clip_ckpt)
     _check_keys(f"GeoChat checkpoint {src}", set(metas), ckpt.expected_keys(), _IGNORED_GEOCHAT_KEYS)
     hidden, mm_hidden = ckpt.hidden_size, int(config["mm_hidden_size"])
     if int(clip_ckpt.vision["hidden_size"]) != mm_hidden:

@@ -59,13 +59,10 @@ def interpolate_position_table(table: "torch.Tensor", grid_to: int) -> "torch.Te
 
 
 def grow_rows(matrix: "torch.Tensor", rows: int) -> "torch.Tensor":
-    """``matrix`` with rows appended up to ``rows``, each the mean of the existing rows."""
+    """``matrix`` with rows appended up to ``rows`` (>= its own), each the mean of its rows."""
     import torch
 
     extra = rows - matrix.shape[0]
-    if extra < 0:
-        raise ModelError(f"The checkpoint has {matrix.shape[0]} vocabulary rows, more than its "
-                         f"tokenizer's {rows}; the tokenizer files do not belong to it.")
     if extra == 0:
         return matrix
     mean = matrix.float().mean(dim=0, keepdim=True).to(matrix.dtype)
@@ -86,6 +83,9 @@ def _rename_geochat(key: str) -> Optional[str]:
 def plan_tensors(ckpt: GeoChatCheckpoint, vocab_size: int, dtype: Optional[str] = None) -> list[PlannedTensor]:
     """Every output tensor, grouped by source shard (CLIP first), in a stable order."""
     dtype = dtype or ckpt.dtype
+    if vocab_size < ckpt.checkpoint_vocab:
+        raise ModelError(f"{ckpt.path} has {ckpt.checkpoint_vocab} vocabulary rows but its tokenizer "
+                         f"only {vocab_size} tokens: the tokenizer files do not belong to it.")
     clip = ckpt.clip
     plan: list[PlannedTensor] = []
     side = GEOCHAT_IMAGE_SIZE // int(clip.vision["patch_size"])

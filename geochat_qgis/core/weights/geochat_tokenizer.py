@@ -65,11 +65,6 @@ class Vocabulary:
     def image_token_id(self) -> int:
         return self.size - 1
 
-    def token_id(self, token: str) -> int:
-        if token in self.added:
-            return len(self.pieces) + self.added.index(token)
-        return self.pieces.index(token)
-
 
 def _saved_added_tokens(folder: Path, sp_size: int) -> list[str]:
     """Tokens a checkpoint's tokenizer files already add after the SentencePiece vocabulary."""

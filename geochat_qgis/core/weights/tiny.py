@@ -159,7 +159,8 @@ def _geochat_state(init: _Init) -> tuple[dict, dict]:
     return first, second
 
 
-def _geochat_config() -> dict:
+def geochat_config() -> dict:
+    """``config.json`` of the tiny GeoChat checkpoint, keys as GeoChat writes them."""
     return {
         "_name_or_path": "geochat-tiny", "architectures": ["GeoChatLlamaForCausalLM"],
         "model_type": "geochat", **TEXT, "vocab_size": SP_VOCAB, "max_position_embeddings": 2048,
@@ -191,7 +192,7 @@ def write_tiny_geochat_checkpoint(folder: Path, seed: int = 0) -> Path:
     total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-    (folder / "config.json").write_text(json.dumps(_geochat_config(), indent=2), encoding="utf-8")
+    (folder / "config.json").write_text(json.dumps(geochat_config(), indent=2), encoding="utf-8")
     (folder / "tokenizer.model").write_bytes(train_tokenizer())
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}
     tokenizer_config = {**special, "tokenizer_class": "LlamaTokenizer", "legacy": False,

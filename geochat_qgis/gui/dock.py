@@ -124,10 +124,16 @@ class GeoChatDock(QgsDockWidget):
         model_row.addWidget(self.model_combo, 1)
         model_row.addWidget(self.backend_combo)
         layout.addLayout(model_row)
+        status_row = QHBoxLayout()
         self.status_label = QLabel(body)
         self.status_label.setObjectName("GeoChatModelStatus")
         self.status_label.setWordWrap(True)
-        layout.addWidget(self.status_label)
+        self.download_button = QPushButton("Download", body)
+        self.download_button.setObjectName("GeoChatDownload")
+        self.download_button.clicked.connect(self.download_model)
+        status_row.addWidget(self.status_label, 1)
+        status_row.addWidget(self.download_button)
+        layout.addLayout(status_row)
 
         task_row = QHBoxLayout()
         self.task_combo = QComboBox(body)
@@ -260,9 +266,34 @@ class GeoChatDock(QgsDockWidget):
         except GeoChatError as exc:
             status, sentence = NOT_FOUND, str(exc)
         colour = "#b00020" if status in (MISSING, NEEDS_GPU, NOT_FOUND) else "#2e7d32"
-        self.status_label.setText(f'<span style="color:{colour}">{status}</span>: {sentence}'
-                                  + (" (download it with `python -m geochat_qgis models download "
-                                     f"{self.model_combo.currentData()}`)" if status == MISSING else ""))
+        self.status_label.setText(f'<span style="color:{colour}">{status}</span>: {sentence}')
+        self.download_button.setVisible(status == MISSING)
+
+    def download_model(self) -> None:
+        """Fetch the chosen catalog model in a task, with progress; the status follows."""
+        name = self.model_combo.currentData()
+        if not name or self.runner.busy:
+            return
+        cache = self.settings.cache_dir or None
+
+        def work(cancel, _on_token, on_progress):
+            from ..core.weights.catalog import load_catalog
+            from ..core.weights.store import download_model
+
+            entry = load_catalog().get(name)
+            # permille: byte counts overflow the signal's int past 2 GB
+            return download_model(entry, cache, cancel=cancel,
+                                  progress=lambda done, total: on_progress(
+                                      int(1000 * done / total) if total else 0, 1000))
+
+        task = self.runner.start(f"GeoChat: downloading {name}", work)
+        task.tileProgress.connect(lambda done, total: self.progress.setValue(done // 10))
+        task.resultReady.connect(lambda folder: self.chat.add("info", f"Downloaded {name} to {folder}"))
+        task.failed.connect(lambda message: self.chat.add("error", message))
+        task.taskCompleted.connect(self.refresh_model_status)
+        task.taskTerminated.connect(self.refresh_model_status)
+        self.progress.setValue(0)
+        self.chat.add("info", f"Downloading {name}...")
 
     # ------------------------------------------------------------------ area
     def current_area(self) -> areas.Area:
@@ -381,8 +412,10 @@ class GeoChatDock(QgsDockWidget):
 
         return api_key_from_auth_manager(self.settings.auth_config_id)
 
-    def _project_crs(self) -> str:
-        return areas.crs_wkt(QgsProject.instance().crs())
+    def _output_crs(self) -> str:
+        """Results go in the project CRS (the raster's while the project has none)."""
+        crs = QgsProject.instance().crs()
+        return areas.crs_wkt(crs if crs.isValid() else self.layer.crs())
 
     def _start_chat(self, spec, area: Optional[areas.Area]) -> None:
         question = self.prompt_edit.text().strip()
@@ -397,7 +430,7 @@ class GeoChatDock(QgsDockWidget):
             self.layer.source(), question, task=task, family=spec.family,
             extent=area.extent if area else None, extent_crs=area.crs if area else None,
             history=model_history(self.chat.messages), region=region, region_crs=region_crs,
-            classes=classes, output_crs=self._project_crs(),
+            classes=classes, output_crs=self._output_crs(),
             max_new_tokens=self.settings.max_new_tokens,
             family_settings=self._family_settings(spec.family),
         )
@@ -413,7 +446,7 @@ class GeoChatDock(QgsDockWidget):
         job = Job(
             raster=self.layer.source(), task=self.task_name, prompts=prompts, family=spec.family,
             extent=area.extent, extent_crs=area.crs, aoi=area.aoi, tile_spec=self.tile_spec(),
-            backend=spec, output_crs=self._project_crs(), max_new_tokens=self.settings.max_new_tokens,
+            backend=spec, output_crs=self._output_crs(), max_new_tokens=self.settings.max_new_tokens,
             grammar=self.settings.grammar and spec.kind == "llama.cpp" and self.task_name == "refer",
             iou_threshold=self.settings.iou_threshold,
             family_settings=self._family_settings(spec.family),

@@ -1,6 +1,7 @@
 """The analyst's flow in the dock, in real QGIS offscreen, with the tiny GGUF through llama.cpp."""
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
@@ -152,3 +153,50 @@ def test_settings_dialog_round_trip(dock):
     from geochat_qgis.toolbelt.settings import PluginSettings
 
     assert PluginSettings.load().tile_size == 448
+
+
+def test_download_button_fetches_a_catalog_model_then_runs_it(
+        qgis_iface, qgis_new_project, demo_raster, tiny_gguf, hub, tmp_path, monkeypatch):
+    """A user catalog entry served by a hub on 127.0.0.1: status, download with progress, run."""
+    for name in ("model.gguf", "mmproj.gguf"):
+        hub.files[f"/team/tiny-geochat/resolve/main/{name}"] = (tiny_gguf / name).read_bytes()
+    catalog = tmp_path / "user_catalog.json"
+    catalog.write_text(json.dumps({"models": [{
+        "name": "team-tiny", "title": "Team tiny GeoChat", "family": "geochat",
+        "format": "gguf", "repo": "team/tiny-geochat", "backends": ["llama.cpp"],
+        "files": [{"path": "model.gguf", "role": "model"}, {"path": "mmproj.gguf", "role": "mmproj"}],
+    }]}))
+    monkeypatch.setenv("GEOCHAT_USER_CATALOG", str(catalog))
+    monkeypatch.setenv("GEOCHAT_HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("GEOCHAT_CACHE", str(tmp_path / "cache"))
+    raster = QgsRasterLayer(str(demo_raster), "cogeo")
+    QgsProject.instance().addMapLayer(raster)
+    qgis_iface.setActiveLayer(raster)
+    widget = GeoChatDock(qgis_iface)
+    try:
+        widget.settings.runtime, widget.settings.backend = "inprocess", "llama.cpp"
+        widget.settings.cache_dir, widget.settings.ask_above_seconds = "", 1e9
+        widget.settings.max_new_tokens = 16
+        widget.model_combo.setCurrentIndex(widget.model_combo.findData("team-tiny"))
+        widget.refresh_model_status()
+        assert widget.status_label.text().find("not downloaded") >= 0
+        assert not widget.download_button.isHidden()
+        widget.download_model()
+        run_until_done(widget)
+        assert "ready" in widget.status_label.text(), widget.chat.messages
+        assert widget.download_button.isHidden() and widget.progress.value() == 100
+        assert (tmp_path / "cache" / "models" / "team-tiny" / "model.gguf").is_file()
+        widget.task_combo.setCurrentIndex(widget.task_combo.findData("refer"))
+        widget.area_combo.setCurrentIndex(widget.area_combo.findData(areas.LAYER))
+        widget.prompt_edit.setText("road")
+        widget.send()
+        run_until_done(widget)
+        answer = widget.chat.messages[-1]
+        assert answer["role"] == "assistant" and answer["text"].startswith("Found"), widget.chat.messages
+        layer = QgsProject.instance().mapLayer(answer["layer_id"])
+        assert layer.crs() == raster.crs()  # the new project has no CRS: the raster's is used
+        models = {f["model"] for f in layer.getFeatures()}
+        assert models and all("team-tiny" in m or "model.gguf" in m for m in models), models
+    finally:
+        widget.cleanup()
+        QgsProject.instance().removeAllMapLayers()

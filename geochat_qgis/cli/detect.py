@@ -208,7 +208,10 @@ def run(args: argparse.Namespace) -> int:
     if result.error:
         print(f"error: {result.error}", file=sys.stderr)
         return 1
-    if not result.tiles_done and result.tiles_planned:
+    if not result.tiles_done and result.failures:
         print("error: no tile could be processed", file=sys.stderr)
         return 1
+    if result.tiles_planned and result.tiles_skipped == result.tiles_planned:
+        print("note: every tile of the area is nodata: the output has no features",
+              file=sys.stderr)
     return 0

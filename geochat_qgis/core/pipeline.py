@@ -161,7 +161,7 @@ def run_job(job: Job, backend: Optional[Backend] = None,
     found: list[Detection] = []
     attributes = {"task": job.task, "model": backend.describe(), "raster": str(job.raster),
                   "run_id": job.run_id}
-    failed_in_a_row = 0
+    failed_in_a_row = finished = reported = 0
     try:
         for batch in _batches(_prefetch(iter_tiles(plan, on_event), 2 * backend.batch_size),
                               backend.batch_size):
@@ -171,8 +171,10 @@ def run_job(job: Job, backend: Optional[Backend] = None,
                             found)
             failed_in_a_row = 0 if ok else failed_in_a_row + 1
             if on_progress is not None:
-                on_progress(Progress(result.tiles_done + len({f.tile_id for f in result.failures}),
-                                     len(plan), [t.tile_id for t in batch], len(found)))
+                finished += len(batch)
+                counts = plan.counts  # tiles the reader skipped (nodata) or could not read
+                reported = min(len(plan), finished + counts.skipped_nodata + counts.failed)
+                on_progress(Progress(reported, len(plan), [t.tile_id for t in batch], len(found)))
             if failed_in_a_row >= job.max_consecutive_failures:
                 result.error = result.failures[-1].message
                 break
@@ -180,6 +182,8 @@ def run_job(job: Job, backend: Optional[Backend] = None,
         result.cancelled = True
     except GeoChatError as exc:  # a fatal error mid-run: keep what is done
         result.error = str(exc)
+    if on_progress is not None and result.complete and reported < len(plan):
+        on_progress(Progress(len(plan), len(plan), [], len(found)))  # trailing skipped tiles
     result.tiles_skipped = plan.counts.skipped_nodata
     result.detections = merge_detections(found, job.iou_threshold) if found else []
     result.seconds = time.perf_counter() - start

@@ -161,3 +161,12 @@ def test_geopixel_without_cuda(demo_raster, tmp_path, capsys):
     _fails(["detect", str(demo_raster), "--model", str(tmp_path / "weights"), "--backend",
             "geopixel", "--task", "grounding", "--prompt", "describe", "-o", str(out)],
            capsys, "GeoPixel needs an NVIDIA GPU", out)
+
+
+def test_all_nodata_is_said_and_writes_an_empty_layer(tiny_gguf, data_dir, tmp_path, capsys):
+    out = tmp_path / "none.gpkg"
+    assert main(detect_args(data_dir / "all-nodata.tif", tiny_gguf, out)) == 0
+    captured = capsys.readouterr()
+    assert "0 done, 6 skipped (nodata)" in captured.out
+    assert "every tile of the area is nodata" in captured.err
+    assert len(pyogrio.read_dataframe(out)) == 0

@@ -127,3 +127,12 @@ def test_server_killed_mid_run_keeps_earlier_detections(tiny_gguf, demo_raster, 
     assert "Cannot connect" in result.error or "Cannot reach" in result.error
     assert len(result.failures) == 3
     assert np.all([d.tile_id == result.answers[0].tile_id for d in result.detections])
+
+
+def test_all_nodata_raster_skips_every_tile(backend, data_dir):
+    progress = []
+    result = run_job(refer_job(data_dir / "all-nodata.tif"), backend, on_progress=progress.append)
+    assert result.complete and result.tiles_planned > 0
+    assert result.tiles_skipped == result.tiles_planned and result.tiles_done == 0
+    assert not result.answers and not result.detections
+    assert progress[-1].done == progress[-1].total == result.tiles_planned

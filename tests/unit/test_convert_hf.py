@@ -69,6 +69,8 @@ def test_config_has_geochat_settings(hf_dir: Path) -> None:
     assert (text["eos_token_id"], text["pad_token_id"], text["bos_token_id"]) == (2, 0, 1)
     # 512 SentencePiece pieces + GeoChat's <im_patch> (mm_use_im_patch_token) + <image>
     assert text["vocab_size"] == 514 and config["image_token_id"] == 513
+    legacy = json.loads((hf_dir / "preprocessor_config.json").read_text())  # transformers 4, vLLM
+    assert legacy["do_pad"] and legacy["size"] == {"shortest_edge": 504} and legacy["resample"] == 3
 
 
 def test_position_table_is_geochats_bicubic_interpolation(model, ckpt: Path) -> None:

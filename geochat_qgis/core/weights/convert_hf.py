@@ -142,6 +142,10 @@ def _write_processor(folder: Path, vocab: Vocabulary, patch_size: int) -> None:
         image_token=IMAGE_TOKEN, chat_template=LLAVA_V1_CHAT_TEMPLATE,
     )
     processor.save_pretrained(folder)
+    # transformers 4 and vLLM read the image processor from preprocessor_config.json
+    nested = json.loads((folder / "processor_config.json").read_text(encoding="utf-8"))["image_processor"]
+    legacy = {**nested, "processor_class": "LlavaProcessor"}
+    (folder / "preprocessor_config.json").write_text(json.dumps(legacy, indent=2), encoding="utf-8")
     # transformers drops ``legacy`` when saving; without it the "▁" after <image> disappears.
     config_path = folder / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))

@@ -14,10 +14,11 @@ from qgis.core import (
     QgsRasterLayer,
     QgsVectorLayer,
 )
-from qgis.PyQt.QtCore import QCoreApplication, QElapsedTimer, QTimer
+from qgis.PyQt.QtCore import QCoreApplication, QElapsedTimer, QTimer, QUrl
 
 from geochat_qgis.core.export import FIELDS
 from geochat_qgis.gui import area as areas
+from geochat_qgis.gui.chat_view import HIGHLIGHT, phrase_href
 from geochat_qgis.gui.dock import GeoChatDock
 from geochat_qgis.gui.result_layers import GROUP_NAME
 
@@ -200,3 +201,87 @@ def test_download_button_fetches_a_catalog_model_then_runs_it(
     finally:
         widget.cleanup()
         QgsProject.instance().removeAllMapLayers()
+
+
+def test_cancel_mid_run_ends_within_a_tile_and_keeps_finished_tiles(dock):
+    dock.settings.overlap = 0.5  # 16 tiles over the 1024 px demo raster
+    dock.task_combo.setCurrentIndex(dock.task_combo.findData("refer"))
+    dock.area_combo.setCurrentIndex(dock.area_combo.findData(areas.LAYER))
+    dock.prompt_edit.setText("house")
+    marks: dict[str, float] = {}
+
+    def on_progress(done: int, total: int) -> None:
+        marks.setdefault("first_tile", time.monotonic() - marks["start"])
+        if done >= 2 and "cancel" not in marks:
+            marks["cancel"] = time.monotonic()
+            dock.runner.cancel()
+
+    original_wire = dock._wire
+
+    def wire(run):
+        original_wire(run)
+        marks["start"] = time.monotonic()
+        run.tileProgress.connect(on_progress)
+        run.resultReady.connect(lambda _result: marks.setdefault("end", time.monotonic()))
+
+    dock._wire = wire
+    dock.send()
+    run_until_done(dock)
+    answer = dock.chat.messages[-1]
+    assert "cancelled, results so far kept" in answer["text"], dock.chat.messages
+    layer = QgsProject.instance().mapLayer(answer["layer_id"])
+    tiles = {f["tile_id"] for f in layer.getFeatures()}
+    assert 2 <= len(tiles) < 16  # finished tiles' features are kept, the rest never ran
+    # it stopped within about one tile's time of the cancel
+    per_tile = marks["first_tile"]
+    assert marks["end"] - marks["cancel"] < max(2 * per_tile, 1.0), marks
+
+
+def test_phrase_click_selects_features_and_selection_highlights_the_phrase(dock):
+    dock.task_combo.setCurrentIndex(dock.task_combo.findData("refer"))
+    dock.area_combo.setCurrentIndex(dock.area_combo.findData(areas.LAYER))
+    dock.prompt_edit.setText("car; tree")
+    dock.send()
+    run_until_done(dock)
+    answer = dock.chat.messages[-1]
+    layer = QgsProject.instance().mapLayer(answer["layer_id"])
+    html = dock.chat.toHtml()
+    assert "geochat:" in html  # the labels are links
+    dock.chat.anchorClicked.emit(QUrl(phrase_href(layer.id(), "tree")))
+    selected = {f["label"] for f in layer.getSelectedFeatures()}
+    assert selected == {"tree"}
+    assert layer.selectedFeatureCount() == answer["counts"]["tree"]
+    # selecting features on the map marks their phrase in the chat
+    layer.selectByIds([f.id() for f in layer.getFeatures() if f["label"] == "car"])
+    assert dock.chat.highlighted[layer.id()] == {"car"}
+    assert HIGHLIGHT in dock.chat.toHtml().lower()
+
+
+def test_identify_a_drawn_region(dock, qgis_iface):
+    from qgis.PyQt.QtCore import QEvent, QPoint, Qt
+    from qgis.gui import QgsMapMouseEvent
+
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(dock.layer.crs())
+    canvas.setExtent(dock.layer.extent())
+    canvas.refresh()
+    canvas.setMapTool(dock.region_tool)
+    extent = dock.layer.extent()
+    to_pixels = canvas.getCoordinateTransform()
+    for fx, fy, button in ((0.3, 0.3, Qt.LeftButton), (0.45, 0.3, Qt.LeftButton),
+                           (0.45, 0.5, Qt.LeftButton), (0.5, 0.5, Qt.RightButton)):
+        x = extent.xMinimum() + fx * extent.width()
+        y = extent.yMaximum() - fy * extent.height()
+        pixel = to_pixels.transform(x, y)
+        point = QPoint(round(pixel.x()), round(pixel.y()))
+        event = QgsMapMouseEvent(canvas, QEvent.MouseButtonRelease, point, button)
+        dock.region_tool.canvasReleaseEvent(event)
+    assert dock.region is not None and dock.region.area() > 0
+    assert dock.task_name == "identify"
+    dock.prompt_edit.setText("")
+    dock.send()
+    run_until_done(dock)
+    answers = [m for m in dock.chat.messages if m["role"] == "assistant"]
+    assert answers, dock.chat.messages
+    answer = answers[-1]
+    assert answer["user_text"].startswith("[identify] What is the object present at {<")

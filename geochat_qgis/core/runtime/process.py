@@ -75,8 +75,9 @@ class RuntimeProcess:
 
     def start(self) -> None:
         """Start the child and wait for its ``ready`` line; BackendError when it cannot start."""
-        env = dict(os.environ, PYTHONPATH=str(PACKAGE_PARENT), PYTHONIOENCODING="utf-8",
-                   PYTHONUNBUFFERED="1")
+        # the plugin's own package first, then whatever made its dependencies importable here
+        path = os.pathsep.join(p for p in (str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")) if p)
+        env = dict(os.environ, PYTHONPATH=path, PYTHONIOENCODING="utf-8", PYTHONUNBUFFERED="1")
         env.pop("PYTHONHOME", None)
         command = [self.python, "-m", "geochat_qgis", "runtime", "serve",
                    "--heartbeat", str(self.heartbeat_interval)]

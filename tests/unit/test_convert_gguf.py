@@ -140,3 +140,14 @@ def test_quantised_text_model_loads_and_generates(ckpt: Path, tmp_path: Path, qu
         assert text["usage"]["completion_tokens"] >= 1
     finally:
         llm.close()
+
+
+def test_quantising_a_corrupt_gguf_fails_cleanly(tmp_path: Path) -> None:
+    from geochat_qgis.core.errors import ModelError
+    from geochat_qgis.core.weights.quantize import quantize_gguf
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(100))
+    with pytest.raises(ModelError, match="could not quantise bad.gguf.*failed to read header"):
+        quantize_gguf(bad, tmp_path / "out.gguf", "q8_0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 from pathlib import Path
 
 from ..errors import ModelError
@@ -22,7 +24,8 @@ def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 0) -> Path:
     """Write ``dst``, a ``quant`` copy of the float GGUF ``src``; returns ``dst``.
 
     Tensors whose rows do not fit a k-quant block fall back to another type (llama.cpp's rule);
-    1-D tensors stay float. ``threads`` 0: llama.cpp's default.
+    1-D tensors stay float. ``threads`` 0: llama.cpp's default. llama.cpp's per-tensor log goes
+    to a temporary file; its last lines are in the error message when quantisation fails.
     """
     ftype = check_quant(quant)
     try:
@@ -33,10 +36,20 @@ def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 0) -> Path:
     params.ftype = ftype
     params.nthread = threads
     tmp = dst.with_name(dst.name + ".partial")
-    status = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(tmp), params)
+    with tempfile.TemporaryFile() as log:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            status = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(tmp), params)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        log.seek(0)
+        tail = " | ".join(log.read().decode("utf-8", "replace").strip().splitlines()[-3:])
     if status != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
-        raise ModelError(f"llama.cpp could not quantise {src} to {quant} (status {status}); "
+        raise ModelError(f"llama.cpp could not quantise {src.name} to {quant} (status {status}: {tail}); "
                          "check that it is a valid text GGUF and that the disk has space.")
     os.replace(tmp, dst)
     return dst

@@ -1,8 +1,9 @@
 """Quantise a text GGUF through llama.cpp's own ``llama_model_quantize`` (via llama-cpp-python)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -36,17 +37,19 @@ def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 0) -> Path:
     params.ftype = ftype
     params.nthread = threads
     tmp = dst.with_name(dst.name + ".partial")
-    with tempfile.TemporaryFile() as log:
-        sys.stderr.flush()
+    # llama.cpp logs through llama-cpp-python's callback (sys.stderr) or straight to fd 2
+    python_log = io.StringIO()
+    with tempfile.TemporaryFile() as native_log, contextlib.redirect_stderr(python_log):
         saved = os.dup(2)
-        os.dup2(log.fileno(), 2)
+        os.dup2(native_log.fileno(), 2)
         try:
             status = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(tmp), params)
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-        log.seek(0)
-        tail = " | ".join(log.read().decode("utf-8", "replace").strip().splitlines()[-3:])
+        native_log.seek(0)
+        lines = (native_log.read().decode("utf-8", "replace") + python_log.getvalue()).strip().splitlines()
+    tail = " | ".join(lines[-3:])
     if status != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         raise ModelError(f"llama.cpp could not quantise {src.name} to {quant} (status {status}: {tail}); "

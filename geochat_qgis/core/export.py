@@ -20,7 +20,7 @@ import numpy as np
 import shapely
 
 from .errors import Cancelled, ExportError, GeoChatError
-from .results import Detection, polygonal
+from .results import Detection, geometry_array, polygonal
 
 
 @dataclass(frozen=True)
@@ -259,7 +259,7 @@ def _geometries(
                 f"unknown output CRS {str(out_crs)[:60]!r}: give one like 'EPSG:4326' or WKT"
             ) from exc
     foreign = {c for c in own if c is not None and not same_crs(c, out_crs)}
-    geoms = np.array(list(map(attrgetter("geometry"), detections)), dtype=object)
+    geoms = geometry_array(detections)
     if foreign:
         for i, det in enumerate(detections):
             if det.crs in foreign:

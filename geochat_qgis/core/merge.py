@@ -22,9 +22,10 @@ import numpy as np
 import shapely
 
 from .errors import GeoChatError
-from .results import Detection
+from .results import Detection, geometry_array
 
 DEFAULT_IOU = 0.5
+IOU_EPS = 1e-9
 # masks closer than this fraction of their largest coordinate meet (float noise between tiles)
 RELATIVE_TOUCH = 1e-9
 
@@ -50,7 +51,7 @@ def merge_detections(
 
 def rank(detections: Sequence[Detection]) -> list[int]:
     """Indices of ``detections`` best first (see the module docstring)."""
-    areas = shapely.area(np.array([d.geometry for d in detections], dtype=object))
+    areas = shapely.area(geometry_array(detections))
 
     def key(i: int) -> tuple:
         det = detections[i]
@@ -73,7 +74,7 @@ def suppress_boxes(detections: Sequence[Detection], iou_threshold: float) -> lis
     order = rank(detections)
     position = np.empty(len(order), dtype=np.int64)
     position[order] = np.arange(len(order))
-    geoms = np.array([d.geometry for d in detections], dtype=object)
+    geoms = geometry_array(detections)
     codes = _label_codes(detections)
     # envelope overlaps only: pairs of other labels are dropped before any exact geometry work
     left, right = shapely.STRtree(geoms).query(geoms)
@@ -87,14 +88,15 @@ def suppress_boxes(detections: Sequence[Detection], iou_threshold: float) -> lis
     hi = np.minimum(bounds[better, 2:], bounds[worse, 2:])
     bound = np.minimum(np.prod(np.clip(hi - lo, 0, None), axis=1),
                        np.minimum(areas[better], areas[worse]))
-    maybe = _iou(bound, areas[better], areas[worse]) >= iou_threshold
+    maybe = _iou(bound, areas[better], areas[worse]) >= iou_threshold - IOU_EPS
     maybe |= areas[better] + areas[worse] <= 0  # zero-area boxes: duplicates only when equal
     better, worse = better[maybe], worse[maybe]
     inter = shapely.area(shapely.intersection(geoms[better], geoms[worse]))
     iou = _iou(inter, areas[better], areas[worse])
     degenerate = areas[better] + areas[worse] - inter <= 0
     iou[degenerate] = shapely.equals(geoms[better[degenerate]], geoms[worse[degenerate]])
-    hit = iou > iou_threshold if iou_threshold < 1.0 else iou >= 1.0
+    # threshold 1: only exact duplicates, which float areas put within IOU_EPS of 1
+    hit = iou > iou_threshold if iou_threshold < 1.0 else iou >= 1.0 - IOU_EPS
     better, worse = better[hit], worse[hit]
     suppressed = np.zeros(len(detections), dtype=bool)
     # a pair's better one is decided before it acts: pairs run in the order of their better one
@@ -117,7 +119,7 @@ def stitch_masks(
         return []
     order = rank(detections)
     detections = [detections[i] for i in order]  # best first: each group's root is its best
-    geoms = np.array([d.geometry for d in detections], dtype=object)
+    geoms = geometry_array(detections)
     if touch_distance is None:
         extent = np.abs(shapely.bounds(geoms)).max()
         touch_distance = RELATIVE_TOUCH * max(1.0, float(np.nan_to_num(extent)))

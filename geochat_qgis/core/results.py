@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+import numpy as np
 import shapely
 from shapely.geometry import GeometryCollection
 from shapely.geometry.base import BaseGeometry
@@ -12,9 +14,9 @@ if TYPE_CHECKING:
     from .tiling import Tile
 
 
-@dataclass
+@dataclass(slots=True)
 class Detection:
-    """One object a model found.
+    """One object a model found (slots: a run holds ~100k of them; memory and speed).
 
     ``geometry`` is in the frame named by ``frame``: ``"tile"`` pixels (x right, y down) straight
     from a parser, then ``"raster"`` map coordinates or a target CRS after georeferencing.
@@ -46,6 +48,15 @@ class Answer:
     detections: list[Detection] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     raw: str = ""
+
+
+def geometry_array(detections: Sequence[Detection]) -> np.ndarray:
+    """The detections' geometries as a numpy object array, for shapely's vectorised functions.
+
+    (``np.fromiter``: ``np.array`` inspects every geometry and is ~50x slower at 100k.)
+    """
+    return np.fromiter(map(attrgetter("geometry"), detections), dtype=object,
+                       count=len(detections))
 
 
 def polygonal(geom: BaseGeometry) -> BaseGeometry:

@@ -120,7 +120,7 @@ def test_nms_equals_brute_force_greedy(boxes, threshold):
             b = dets[k].geometry
             union = a.union(b).area
             iou = a.intersection(b).area / union if union > 0 else float(a.equals(b))
-            if (iou > threshold) if threshold < 1.0 else (iou >= 1.0 - 1e-12):
+            if (iou > threshold) if threshold < 1.0 else (iou >= 1.0 - 1e-9):
                 duplicate = True
                 break
         if not duplicate:

@@ -24,6 +24,7 @@ TEXT = st.one_of(st.text(max_size=300), st.lists(PIECES, max_size=60).map("".joi
 SIZES = st.one_of(
     st.integers(min_value=-5, max_value=2000),
     st.tuples(st.integers(-5, 600), st.integers(-5, 600)),
+    st.sampled_from([None, "504", 504.0, True, (1, 2, 3), ("a", 3), [64, 32]]),
 )
 
 
@@ -34,7 +35,7 @@ def _check(family_name: str, raw: str, tile_size, masks=None) -> None:
     except ParseError:
         return
     assert isinstance(answer, Answer) and isinstance(answer.text, str)
-    width, height = (tile_size, tile_size) if isinstance(tile_size, int) else tile_size
+    width, height = tile_size if isinstance(tile_size, (tuple, list)) else (tile_size, tile_size)
     for det in answer.detections:
         x1, y1, x2, y2 = det.bbox
         assert 0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height

@@ -66,12 +66,12 @@ class Preprocess:
 
 def tile_dims(tile_size: TileSize) -> tuple[int, int]:
     """(width, height) of a tile given as one side or as (width, height); ParseError if not > 0."""
-    if isinstance(tile_size, (tuple, list)) and len(tile_size) == 2:
-        width, height = int(tile_size[0]), int(tile_size[1])
-    elif isinstance(tile_size, (int, np.integer)) and not isinstance(tile_size, bool):
-        width = height = int(tile_size)
-    else:
+    sides = tile_size if isinstance(tile_size, (tuple, list)) else (tile_size, tile_size)
+    if len(sides) != 2 or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in sides
+    ):
         raise ParseError(f"tile size {tile_size!r} is not a number of pixels or (width, height)")
+    width, height = int(sides[0]), int(sides[1])
     if width <= 0 or height <= 0:
         raise ParseError(f"tile size {tile_size!r} must be positive: pass the tile's pixel size")
     return width, height

@@ -19,7 +19,9 @@ class Detection:
     """One object a model found (slots: a run holds ~100k of them; memory and speed).
 
     ``geometry`` is in the frame named by ``frame``: ``"tile"`` pixels (x right, y down) straight
-    from a parser, then ``"raster"`` map coordinates or a target CRS after georeferencing.
+    from a parser, then after :func:`georeference` ``"raster"`` (the raster's CRS) or ``"crs"``
+    (a requested CRS), named by ``crs``. ``bbox``, ``span`` and ``margin`` stay in the tile
+    frame of the model's answer.
     """
 
     label: str

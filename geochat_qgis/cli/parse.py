@@ -17,8 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--family", required=True, choices=sorted(FAMILIES), help="model family")
     parser.add_argument(
-        "--tile-size", type=_positive, default=504, metavar="N",
-        help="side of the square tile the model saw, in pixels (default 504)",
+        "--tile-size", type=_positive, metavar="N",
+        help="side of the square tile the model saw, in pixels (default: the family's tile "
+        "size, GeoChat 504, Qwen2.5-VL 896, GeoPixel 1680)",
     )
     parser.add_argument(
         "--masks", metavar="FILE.npy",
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
             ) from exc
     settings = {"angle_convention": args.angle_convention} if args.family == "geochat" else {}
     family = get_family(args.family, **settings)
-    answer = family.parse(raw, args.tile_size, masks, default_label=args.label)
+    tile_size = args.tile_size or family.preprocess.size
+    answer = family.parse(raw, tile_size, masks, default_label=args.label)
     problems = list(answer.problems)
     if "\ufffd" in raw and b"\xef\xbf\xbd" not in data:
         problems.insert(0, "the input is not valid UTF-8: undecodable bytes were replaced")

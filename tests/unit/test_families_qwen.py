@@ -77,3 +77,4 @@ def test_prompts(qwen):
         "What is the object in the region [10, 20, 30, 40]? Answer briefly."
     )
     assert qwen.preprocess.multiple_of == 28 and qwen.preprocess.pad_rgb is None
+    assert (qwen.preprocess.size // 28) ** 2 >= 1024  # enough image tokens for grounding

@@ -52,9 +52,9 @@ class Task(str, enum.Enum):
 class Preprocess:
     """How a family expects its image: square side, pad colour, normalisation.
 
-    ``size`` is the side the model sees (None: any size); ``pad_rgb`` the fill when padding a
-    tile to square (None: no padding, any aspect ratio); ``multiple_of`` the step of sizes the
-    model resizes to itself (Qwen2.5-VL: 28).
+    ``size`` is the tile side to feed it (what tiling uses by default; None: any size);
+    ``pad_rgb`` the fill when padding a tile to square (None: no padding, any aspect ratio);
+    ``multiple_of`` the step of sizes the model resizes to itself (Qwen2.5-VL: 28).
     """
 
     size: Optional[int]

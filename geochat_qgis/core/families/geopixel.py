@@ -31,10 +31,10 @@ class GeoPixelFamily(Family):
 
     name = "geopixel"
     tasks = frozenset({Task.CHAT, Task.CAPTION, Task.GROUNDING, Task.SEGMENT})
-    # IXC-2.5 cuts the image into 560 px sub-images itself (white padding, CLIP normalisation);
-    # the backend hands it the tile as a file, so any tile size works.
+    # IXC-2.5 cuts the image into 560 px sub-images itself (white padding, CLIP normalisation)
+    # and upscales a square under 1680 px to 1680 (3 x 3): 1680 px tiles are its native input
     preprocess = Preprocess(
-        size=None, pad_rgb=(255, 255, 255), mean=CLIP_MEAN, std=CLIP_STD, multiple_of=560
+        size=3 * 560, pad_rgb=(255, 255, 255), mean=CLIP_MEAN, std=CLIP_STD, multiple_of=560
     )
     template = None  # the model's own chat template, applied by its backend
 

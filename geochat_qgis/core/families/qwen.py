@@ -37,8 +37,9 @@ class QwenFamily(Family):
 
     name = "qwen2.5-vl"
     tasks = frozenset(Task) - {Task.SEGMENT}
+    # grounding needs >= 1024 image tokens (models.md): 32 x 32 patches of 28 px = 896 px tiles
     preprocess = Preprocess(
-        size=None, pad_rgb=None, mean=CLIP_MEAN, std=CLIP_STD, multiple_of=PATCH
+        size=32 * PATCH, pad_rgb=None, mean=CLIP_MEAN, std=CLIP_STD, multiple_of=PATCH
     )
     template = None  # the model's own chat template, applied by its backend
 

@@ -81,15 +81,15 @@ def attribute_columns(
     }
     columns["flags"] = [",".join(flags) for flags in column("flags")]
     attributes = column("attributes")
-    for name in PROVENANCE:
+    for name in PROVENANCE:  # free-form values: text them
         default = provenance.get(name)
         if any(attributes):
-            columns[name] = [a.get(name, default) if a else default for a in attributes]
+            values = [a.get(name, default) if a else default for a in attributes]
         else:
-            columns[name] = [default] * len(detections)
-    for f in FIELDS:
-        if f.type == "str" and not set(map(type, columns[f.name])) <= {str, type(None)}:
-            columns[f.name] = [None if v is None else str(v) for v in columns[f.name]]
+            values = [default] * len(detections)
+        if not set(map(type, values)) <= {str, type(None)}:
+            values = [None if v is None else str(v) for v in values]
+        columns[name] = values
     for name in ("phrase", "flags", "tile_id"):
         columns[name] = [v or None for v in columns[name]]
     return {f.name: columns[f.name] for f in FIELDS}

@@ -1,6 +1,8 @@
 """Export round trips (Shapefile, GeoPackage, GeoJSON) and atomic writes."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyogrio
 import pytest
@@ -179,3 +181,15 @@ def test_no_detections_write_an_empty_layer(tmp_path, suffix):
     assert info["features"] == 0 and info["crs"] == "EPSG:4326"
     if suffix != ".geojson":  # GeoJSON keeps no schema without features
         assert list(info["fields"]) == [f.shp_name if suffix == ".shp" else f.name for f in FIELDS]
+
+
+def test_non_text_provenance_is_written_as_text(tmp_path):
+    dets = _dets()[:2]
+    dets[0].attributes["run_id"] = 7
+    path = export_detections(dets, tmp_path / "p.gpkg", provenance={"model": Path("m.gguf")})
+    _, _, _, columns = pyogrio.raw.read(path)
+    fields = dict(zip(pyogrio.read_info(path)["fields"], columns))
+    assert list(fields["run_id"]) == ["7", None]
+    assert list(fields["model"]) == ["geochat-7b-q4", "geochat-7b-q4"]  # their own attribute
+    path = export_detections(_dets()[2:], tmp_path / "q.gpkg", provenance={"model": Path("m.gguf")})
+    assert list(pyogrio.raw.read(path, columns=["model"])[3][0]) == ["m.gguf"]

@@ -4,7 +4,9 @@ Boxes are integers 0-100 relative to the square (padded) input image. The angle 
 (models.md): ``angle_convention`` says how to read it. ``"none"`` (default) keeps the axis-aligned
 box as the geometry and records θ as an attribute; ``"ccw"`` / ``"cw"`` rotate the box about its
 centre by θ degrees counter-clockwise / clockwise as seen on screen (y down), giving an oriented
-box polygon. The axis-aligned box is always in ``Detection.bbox``.
+box polygon; ``"ccw"`` is how GeoChat's demo draws boxes (``cv2.getRotationMatrix2D(centre, θ)``),
+``"cw"`` how TEOChat's converter reads them. The axis-aligned box is always in
+``Detection.bbox``.
 """
 from __future__ import annotations
 

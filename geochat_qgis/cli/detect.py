@@ -199,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
     failed = len({f.tile_id for f in result.failures})
     print(f"tiles: {result.tiles_done} done, {result.tiles_skipped} skipped (nodata), "
           f"{failed} failed of {result.tiles_planned}; detections: {len(result.detections)}; "
-          f"seconds: {result.seconds:.1f}; output: {written or 'none'}")
+          f"tokens generated: {result.generated_tokens}; seconds: {result.seconds:.1f}; "
+          f"output: {written or 'none'}")
     for failure in result.failures[:5]:
         print(f"  tile {failure.tile_id}: {failure.message}", file=sys.stderr)
     if result.cancelled:

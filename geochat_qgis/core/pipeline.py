@@ -134,17 +134,24 @@ def run_job(job: Job, backend: Optional[Backend] = None,
     """Run ``job`` on ``backend`` (or one built from ``job.backend``) and merge the detections.
 
     Raises GeoChatError before any tile runs (bad raster, extent, model); after that, returns a
-    JobResult whose ``cancelled`` / ``error`` say whether it stopped early.
+    JobResult whose ``cancelled`` / ``error`` say whether it stopped early. A backend given is
+    left loaded for the next job; one built here is closed at the end.
     """
+    if backend is not None:
+        return _run(job, backend, on_progress, cancel, on_token)
+    if job.backend is None:
+        raise BackendError("The job names no backend and none was given.")
+    with create_backend(job.backend) as owned:
+        return _run(job, owned, on_progress, cancel, on_token)
+
+
+def _run(job: Job, backend: Backend, on_progress: Optional[ProgressCallback],
+         cancel: Optional[CancelToken], on_token: Optional[TokenCallback]) -> JobResult:
     start = time.perf_counter()
     family = get_family(job.family, **job.family_settings)
     prompts = job_prompts(job, family)
     spec = default_tile_spec(job, family)
     plan = plan_tiles(job.raster, spec, extent=job.extent, extent_crs=job.extent_crs, aoi=job.aoi)
-    if backend is None:
-        if job.backend is None:
-            raise BackendError("The job names no backend and none was given.")
-        backend = create_backend(job.backend)
     backend.load()
     options = GenerateOptions(
         max_new_tokens=job.max_new_tokens, temperature=job.temperature,

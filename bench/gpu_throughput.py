@@ -25,13 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 GEOCHAT_7B_TEXT = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                   "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32004,
+                   "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128,
+                   "vocab_size": 32004,
                    "max_position_embeddings": 2048, "rms_norm_eps": 1e-5}
 GEOCHAT_7B_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
                      "num_attention_heads": 16, "image_size": 504, "patch_size": 14,
                      "projection_dim": 768}
 SMOKE_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 4}
+              "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 16}
 SMOKE_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                 "num_attention_heads": 2}
 
@@ -135,9 +136,11 @@ def main() -> int:
     single_rate = args.single_tiles / single_s * 60
     batched_rate = args.tiles / batched_s * 60
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)"
-    print(f"device: {name}; dtype: {str(dtype).replace('torch.', '')}; "
-          f"model: LLaVA text {text['hidden_size']}x{text['num_hidden_layers']}, vision "
-          f"{vision['hidden_size']}x{vision['num_hidden_layers']}, random weights")
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"device: {name}; dtype: {str(dtype).replace('torch.', '')}; model: LLaVA "
+          f"{parameters / 1e9:.2f} B parameters (text {text['hidden_size']} x "
+          f"{text['num_hidden_layers']}, vision {vision['hidden_size']} x "
+          f"{vision['num_hidden_layers']} at {vision.get('image_size', 504)} px), random weights")
     print(f"batch-1 generate: {args.single_tiles} tiles, {single_tokens} new tokens, "
           f"{single_s:.1f} s -> {single_rate:.1f} tiles/min")
     print(f"batched backend (batch {args.batch_size}): {args.tiles} tiles, "

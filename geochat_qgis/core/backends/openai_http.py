@@ -140,6 +140,8 @@ class OpenAIHttpBackend(Backend):
             "seed": options.seed,
             "stream": stream,
         }
+        if stream:  # servers that support it end the stream with the token counts
+            body["stream_options"] = {"include_usage": True}
         if options.stop:
             body["stop"] = list(options.stop)
         if options.grammar and self.settings.grammar_field:

@@ -9,7 +9,7 @@ from typing import Optional
 
 HELP = "find objects in a raster with a vision-language model and write them as vector features"
 
-TASKS = ("refer", "grounding")
+TASKS = ("refer", "grounding", "segment")  # segment: GeoPixel referring masks
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -28,6 +28,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QVariant
 
+from ..toolbelt.python_thread import in_python_thread
 from . import parameters as p
 from .base import GeoChatAlgorithm
 from .running import run_with_feedback
@@ -84,7 +85,7 @@ class DescribeAlgorithm(GeoChatAlgorithm):
             spec = p.read_backend(self, parameters, context)
             tiles = p.read_tile_spec(self, parameters, context, area.raster, spec.family)
             if self.parameterAsBoolean(parameters, OVERVIEW, context):
-                tiles, how = overview(area, tiles, spec.family)
+                tiles, how = in_python_thread(overview, area, tiles, spec.family)
                 feedback.pushInfo(f"Looking at {how}")
             job = Job(
                 raster=area.raster, task=self.parameterAsEnumString(parameters, p.TASK, context),
@@ -93,8 +94,8 @@ class DescribeAlgorithm(GeoChatAlgorithm):
                 classes=[c.strip() for c in classes.split(",") if c.strip()], backend=spec,
                 max_new_tokens=self.parameterAsInt(parameters, p.MAX_NEW_TOKENS, context),
             )
-            plan = plan_tiles(area.raster, tiles, extent=area.extent,
-                              extent_crs=area.extent_crs, aoi=area.aoi)
+            plan = in_python_thread(plan_tiles, area.raster, tiles, extent=area.extent,
+                                    extent_crs=area.extent_crs, aoi=area.aoi)
         except GeoChatError as exc:
             raise QgsProcessingException(str(exc)) from exc
         result = run_with_feedback(job, p.read_runtime(self, parameters, context), feedback)

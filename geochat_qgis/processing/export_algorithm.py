@@ -17,6 +17,7 @@ from qgis.core import (
     QgsProcessingParameterVectorDestination,
 )
 
+from ..toolbelt.python_thread import in_python_thread
 from . import parameters as p
 from .base import GeoChatAlgorithm
 
@@ -68,7 +69,8 @@ class ExportAlgorithm(GeoChatAlgorithm):
         if feedback.isCanceled():
             return {}
         try:
-            written = export_detections(detections, path, p.crs_text(crs), layer)
+            written = in_python_thread(export_detections, detections, path, p.crs_text(crs),
+                                       layer)  # pyproj: see toolbelt.python_thread
         except GeoChatError as exc:
             raise QgsProcessingException(str(exc)) from exc
         feedback.pushInfo(f"Wrote {len(detections)} detections to {written}")

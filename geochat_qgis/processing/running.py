@@ -6,11 +6,16 @@ from typing import Optional
 from qgis.core import QgsProcessingException, QgsProcessingFeedback
 from qgis.PyQt.QtCore import Qt
 
+from ..toolbelt.python_thread import CallerThread, in_python_thread
+
 MAX_REPORTED_FAILURES = 5
 
 
 def run_with_feedback(job, runtime: str, feedback: Optional[QgsProcessingFeedback]):
     """``run_job(job)`` with its backend opened in ``runtime``; returns the JobResult.
+
+    The job runs on a Python thread (see toolbelt.python_thread: pyproj on QGIS's pooled
+    worker threads crashes the second run).
 
     Cancelling ``feedback`` cancels the core's CancelToken at once (the backend stops between
     tokens, the pipeline before the next tile); the result then holds the finished tiles.
@@ -35,13 +40,18 @@ def run_with_feedback(job, runtime: str, feedback: Optional[QgsProcessingFeedbac
         feedback.setProgressText(
             f"{progress.done}/{progress.total} tiles, {progress.detections} found")
 
-    try:
+    caller = CallerThread()
+
+    def run():
         backend = open_backend(job.backend, runtime)
         try:
-            feedback.pushInfo(f"Model: {job.backend.kind} {job.backend.model}")
-            result = run_job(job, backend, on_progress=on_progress, cancel=cancel)
+            return run_job(job, backend, on_progress=caller.wrap(on_progress), cancel=cancel)
         finally:
             backend.close()
+
+    feedback.pushInfo(f"Model: {job.backend.kind} {job.backend.model}")
+    try:
+        result = in_python_thread(run, caller=caller)
     except GeoChatError as exc:
         raise QgsProcessingException(str(exc)) from exc
     finally:

@@ -15,6 +15,10 @@ qgis_core = pytest.importorskip("qgis.core")
 
 from qgis.core import (  # noqa: E402
     QgsApplication,
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsFeature,
+    QgsGeometry,
     QgsProcessingAlgRunnerTask,
     QgsProcessingContext,
     QgsProcessingException,
@@ -28,6 +32,7 @@ from qgis.core import (  # noqa: E402
     QgsProcessingParameterRasterLayer,
     QgsProject,
     QgsRasterLayer,
+    QgsRectangle,
     QgsVectorLayer,
 )
 
@@ -123,6 +128,34 @@ def test_detect_writes_the_job_results_in_the_raster_crs(detect_run, tiny_gguf, 
     assert first["model"].startswith("llama.cpp") and first["created"]
 
 
+def test_detect_runs_only_the_tiles_touching_the_aoi(provider, tiny_gguf, demo_raster):
+    """Two small squares (drawn in EPSG:4326) near opposite corners of the 1024 px raster: the
+    2 x 2 tiles over their bounds are planned, only the two corner tiles touching them run."""
+    import processing
+
+    raster = QgsRasterLayer(str(demo_raster), "r")
+    to_wgs84 = QgsCoordinateTransform(raster.crs(), QgsCoordinateReferenceSystem("EPSG:4326"),
+                                      QgsProject.instance())
+    extent, step = raster.extent(), 60 * raster.rasterUnitsPerPixelX()
+    aoi = QgsVectorLayer("Polygon?crs=EPSG:4326", "aoi", "memory")
+    squares = []
+    for x, y in ((extent.xMinimum() + step, extent.yMaximum() - 2 * step),
+                 (extent.xMaximum() - 2 * step, extent.yMinimum() + step)):
+        square = QgsGeometry.fromRect(QgsRectangle(x, y, x + step, y + step))
+        square.transform(to_wgs84)
+        feature = QgsFeature()
+        feature.setGeometry(square)
+        squares.append(feature)
+    assert aoi.dataProvider().addFeatures(squares)[0]
+
+    parameters = detect_parameters(tiny_gguf, demo_raster, "car", "memory:", "")
+    parameters["AOI"] = aoi
+    del parameters["EXTENT"]
+    results = processing.run("geochat:detect", parameters)
+    assert results["TILES_DONE"] == 2
+    assert {f["tile_id"] for f in results["OUTPUT"].getFeatures()} <= {"r0_c0", "r1_c1"}
+
+
 def test_batch_over_two_rasters_and_two_prompts(provider, tiny_gguf, data_dir, tmp_path):
     """Batch rows run one after another, as the batch dialog runs them; the last row goes
     through QgsProcessingAlgRunnerTask on the task manager (a worker thread, as in QGIS)."""
@@ -140,21 +173,11 @@ def test_batch_over_two_rasters_and_two_prompts(provider, tiny_gguf, data_dir, t
 
     raster, prompt = rows[-1]
     output = tmp_path / "row3.gpkg"
-    algorithm = QgsApplication.processingRegistry().createAlgorithmById("geochat:detect")
-    context, feedback = QgsProcessingContext(), QgsProcessingFeedback()
-    context.setProject(QgsProject.instance())
-    task = QgsProcessingAlgRunnerTask(algorithm, detect_parameters(
+    ok, results = run_task("geochat:detect", detect_parameters(
         tiny_gguf, raster, prompt, str(output), corner_extent(raster, 200, 200)),
-        context, feedback)
-    done: list[tuple[bool, dict]] = []
-    task.executed.connect(lambda ok, results: done.append((ok, results)))
-    QgsApplication.taskManager().addTask(task)
-    deadline = time.monotonic() + 120
-    while not done and time.monotonic() < deadline:
-        QgsApplication.processEvents()
-        time.sleep(0.02)
-    assert done and done[0][0], "the task did not finish successfully"
-    outputs.append((done[0][1], output, prompt))
+        QgsProcessingFeedback())
+    assert ok
+    outputs.append((results, output, prompt))
 
     for results, output, prompt in outputs:
         layer = QgsVectorLayer(str(output), "row", "ogr")
@@ -320,6 +343,78 @@ def test_cancel_from_the_progress_callback_stops_within_one_tile(provider, tiny_
     layer = results["OUTPUT"]
     assert layer.featureCount() == results["DETECTIONS"]
     assert {f["tile_id"] for f in layer.getFeatures()} <= {"r0_c0"}
+
+
+# The task keeps references to its context and feedback and the task manager deletes it later,
+# as QGIS's dialog keeps them: they must outlive it (here: the session).
+_TASK_OBJECTS: list = []
+
+
+def run_task(algorithm_id: str, parameters: dict, feedback: QgsProcessingFeedback,
+             timeout: float = 120) -> tuple[bool, dict]:
+    """Run an algorithm as the Processing dialog does: a QgsProcessingAlgRunnerTask on the task
+    manager (a worker thread), the event loop turning here; (ok, results)."""
+    algorithm = QgsApplication.processingRegistry().createAlgorithmById(algorithm_id)
+    context = QgsProcessingContext()
+    context.setProject(QgsProject.instance())
+    _TASK_OBJECTS.append((algorithm, context, feedback))
+    task = QgsProcessingAlgRunnerTask(algorithm, parameters, context, feedback)
+    done: list[tuple[bool, dict]] = []
+    task.executed.connect(lambda ok, results: done.append((ok, results)))
+    QgsApplication.taskManager().addTask(task)
+    deadline = time.monotonic() + timeout
+    while not done and time.monotonic() < deadline:
+        QgsApplication.processEvents()
+        time.sleep(0.01)
+    assert done, f"{algorithm_id} did not finish within {timeout} s"
+    return done[0]
+
+
+def test_cancel_from_the_gui_thread_stops_the_worker_within_a_tile(provider, tiny_gguf,
+                                                                   demo_raster, tmp_path):
+    """The dialog's Cancel: feedback.cancel() on the main thread while the algorithm runs on
+    the task manager's thread. The first tile's progress cancels; the second tile is stopped
+    between tokens, the third never starts; the finished tile's detections are written."""
+    feedback = QgsProcessingFeedback()
+    seen: list[float] = []
+
+    def on_progress(value: float) -> None:  # queued to this (the main) thread
+        seen.append(value)
+        feedback.cancel()
+
+    feedback.progressChanged.connect(on_progress)
+    output = tmp_path / "cancelled.gpkg"
+    ok, results = run_task("geochat:detect", detect_parameters(
+        tiny_gguf, demo_raster, "car", str(output), corner_extent(demo_raster, 1024, 300)),
+        feedback)
+    assert seen and seen[0] == pytest.approx(100 / 3) and max(seen) < 100
+    assert feedback.isCanceled()
+    assert results["TILES_DONE"] == 1
+    layer = QgsVectorLayer(str(output), "cancelled", "ogr")
+    assert layer.featureCount() == results["DETECTIONS"]
+    assert {f["tile_id"] for f in layer.getFeatures()} <= {"r0_c0"}
+
+
+def test_repeated_exports_on_the_task_manager(provider, tmp_path):
+    """Each export reprojects with pyproj on one of the task manager's pooled threads. pyproj
+    frees a pooled thread's PROJ context when the thread leaves Python yet uses it again on the
+    thread's next visit: without toolbelt.python_thread the second run crashed (proj_as_wkt)."""
+    from shapely.geometry import box
+
+    from geochat_qgis.core.results import Detection
+    from geochat_qgis.toolbelt.detection_features import detection_features, memory_layer
+
+    layer = memory_layer("detections", QgsCoordinateReferenceSystem("EPSG:3857"))
+    detections = [Detection("car", box(0, 0, 10, 10), frame="crs", crs="EPSG:3857")]
+    layer.dataProvider().addFeatures(detection_features(detections, layer.fields()))
+    for run in range(4):
+        output = tmp_path / f"run{run}.geojson"
+        ok, results = run_task("geochat:export", {"INPUT": layer, "CRS": "EPSG:4326",
+                                                  "OUTPUT": str(output)},
+                               QgsProcessingFeedback(), timeout=60)
+        assert ok and results["EXPORTED"] == 1
+        written = QgsVectorLayer(str(output), "written", "ogr")
+        assert written.featureCount() == 1 and written.crs().authid() == "EPSG:4326"
 
 
 def test_model_errors_are_processing_exceptions(provider, demo_raster):

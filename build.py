@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import textwrap
 import time
@@ -107,8 +108,48 @@ def install_debian_packages() -> None:
         raise BuildError(f"QGIS installed but `{SYSTEM_PYTHON} -c 'import qgis.core'` fails.")
 
 
+# llama-cpp-python ships only as an sdist that compiles llama.cpp. Its LLaVA vision graph puts
+# CLIP's CLS embedding after the patches while the rest of the code expects it first: every
+# patch gets its neighbour's position embedding, the first patch is dropped and CLS reaches the
+# language model. GeoChat (LLaVA-1.5) GGUF answers then differ from the original model. We build
+# it with CLS first, as CLIP and transformers do (checked by tests/unit/test_convert_parity.py).
+LLAMA_CPP = "llama-cpp-python==0.3.36"
+LLAMA_CPP_PATCHES = [
+    (
+        "vendor/llama.cpp/tools/mtmd/models/llava.cpp",
+        "inp = ggml_concat(ctx0, inp, model.class_embedding, 1);",
+        "inp = ggml_concat(ctx0, model.class_embedding, inp, 1);  // CLS first (GeoChat for QGIS)",
+    ),
+]
+
+
 def requirements_digest() -> str:
-    return hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()
+    text = REQUIREMENTS.read_bytes() + repr((LLAMA_CPP, LLAMA_CPP_PATCHES)).encode()
+    return hashlib.sha256(text).hexdigest()
+
+
+def install_patched_llama_cpp(pip: list[str], env: dict[str, str]) -> None:
+    """Download the llama-cpp-python sdist, apply LLAMA_CPP_PATCHES, build and install it."""
+    with tempfile.TemporaryDirectory(prefix="geochat-llama-") as tmp:
+        subprocess.run([str(VENV_PYTHON), "-m", "pip", "download", "--disable-pip-version-check",
+                        "--no-deps", "--no-binary", ":all:", LLAMA_CPP, "-d", tmp], check=True)
+        archive = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        with tarfile.open(archive) as tar:
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4: refuse unsafe members
+                tar.extractall(tmp, filter="data")
+            else:
+                tar.extractall(tmp)
+        source = next(p for p in Path(tmp).iterdir() if p.is_dir())
+        for relative, old, new in LLAMA_CPP_PATCHES:
+            path = source / relative
+            text = path.read_text(encoding="utf-8")
+            if text.count(old) != 1:
+                raise BuildError(f"cannot patch {relative} of {LLAMA_CPP}: the line to fix is not "
+                                 "there once; update LLAMA_CPP_PATCHES in build.py")
+            path.write_text(text.replace(old, new), encoding="utf-8")
+        say(f"building {LLAMA_CPP} with the LLaVA CLS-order fix (~6 min on 2 cores)")
+        # its dependencies and server extras come from requirements.txt
+        subprocess.run(pip + ["--force-reinstall", "--no-deps", str(source)], check=True, env=env)
 
 
 def ensure_venv() -> None:
@@ -124,6 +165,7 @@ def ensure_venv() -> None:
     env.setdefault("CMAKE_ARGS", "-DGGML_NATIVE=OFF")
     pip = [str(VENV_PYTHON), "-m", "pip", "install", "--disable-pip-version-check"]
     subprocess.run(pip + ["-r", str(REQUIREMENTS)], check=True, env=env)
+    install_patched_llama_cpp(pip, env)
     STAMP.write_text(digest + "\n")
 
 
@@ -300,16 +342,17 @@ def qgis_env(headless: bool) -> dict[str, str]:
     return env
 
 
-def startup_script(body: str, headless: bool, settle_ms: int = 3000) -> str:
+def startup_script(body: str, headless: bool, settle_ms: int = 3000, timeout_s: int = 240) -> str:
     """Python QGIS runs once started (``--code``).
 
-    ``body`` defines ``main(iface)``, run after the window has settled. Headless, QGIS then quits;
-    an exception is printed (a Python error dialog would block a virtual display forever) and
-    QGIS exits with status 1.
+    ``body`` defines ``main(iface)``, run after the window has settled; it may return a
+    ``step()`` callable, polled until it returns True. Headless, QGIS then quits; an exception
+    is printed (a Python error dialog would block a virtual display forever) and QGIS exits
+    with status 1.
     """
     return textwrap.dedent(
         """
-        import os, sys, traceback
+        import os, sys, time, traceback
         from qgis.core import QgsProject
         from qgis.PyQt.QtCore import QTimer
         from qgis.utils import iface
@@ -317,43 +360,53 @@ def startup_script(body: str, headless: bool, settle_ms: int = 3000) -> str:
     ) + textwrap.dedent(body) + textwrap.dedent(
         f"""
 
-        def _geochat_run():
-            try:
-                main(iface)
-            except Exception:
-                print("GEOCHAT-RUN-ERROR", traceback.format_exc(), flush=True)
-                if {headless!r}:
-                    os._exit(1)
+        def _geochat_fail():
+            print("GEOCHAT-RUN-ERROR", traceback.format_exc(), flush=True)
+            if {headless!r}:
+                os._exit(1)
+
+        def _geochat_done():
             if {headless!r}:
                 QgsProject.instance().setDirty(False)
                 iface.mainWindow().close()
+
+        def _geochat_poll(step, deadline):
+            try:
+                finished = step()
+            except Exception:
+                return _geochat_fail()
+            if finished:
+                return _geochat_done()
+            if time.monotonic() > deadline:
+                print("GEOCHAT-RUN-ERROR the run did not finish in {timeout_s} s", flush=True)
+                if {headless!r}:
+                    os._exit(1)
+                return
+            QTimer.singleShot(250, lambda: _geochat_poll(step, deadline))
+
+        def _geochat_run():
+            try:
+                step = main(iface)
+            except Exception:
+                return _geochat_fail()
+            if step is None:
+                return _geochat_done()
+            _geochat_poll(step, time.monotonic() + {timeout_s})
 
         QTimer.singleShot({settle_ms}, _geochat_run)
         """
     )
 
 
-def demo_body(raster: Path, screenshot: Path) -> str:
-    """Load the raster, open the chat dock on it, save a screenshot of the main window."""
+def demo_body(raster: Path, out: Path) -> str:
+    """Load the raster, open the dock, find objects with the demo model, save what it shows."""
     return f"""
         def main(iface):
-            from qgis.core import QgsRasterLayer
+            from pathlib import Path
             from qgis.utils import plugins
+            from {PACKAGE}.gui.demo import start_demo
 
-            layer = QgsRasterLayer({str(raster)!r}, {raster.stem!r})
-            if not layer.isValid():
-                raise RuntimeError("the demo raster did not load: " + {str(raster)!r})
-            QgsProject.instance().addMapLayer(layer)
-            iface.setActiveLayer(layer)
-            iface.mapCanvas().setExtent(layer.extent())
-            plugin = plugins[{PACKAGE!r}]
-            plugin.show_dock()
-            print("GEOCHAT-RUN: raster loaded:", layer.name(), layer.crs().authid(), flush=True)
-            print("GEOCHAT-RUN: dock shows:", plugin.dock.layer_summary(), flush=True)
-            iface.mapCanvas().refreshAllLayers()
-            iface.mapCanvas().waitWhileRendering()
-            iface.mainWindow().grab().save({str(screenshot)!r})
-            print("GEOCHAT-RUN: screenshot saved", flush=True)
+            return start_demo(iface, plugins[{PACKAGE!r}], Path({str(raster)!r}), Path({str(out)!r}))
         """
 
 
@@ -368,7 +421,7 @@ def run_qgis(
     script_path = OUT / f"qgis_startup_{os.getpid()}.py"
     script_path.write_text(script, encoding="utf-8")
     command = [
-        "qgis", "--nologo", "--noversioncheck", "--skipbadlayers",
+        "qgis", "--nologo", "--noversioncheck",
         "--profiles-path", str(qgis_dir), "--profile", profile, "--code", str(script_path),
     ]
     if headless:
@@ -391,15 +444,17 @@ def run(qgis_dir: Path, profile: str) -> int:
     headless = not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY")
     screenshot = OUT / "qgis_main_window.png"
     screenshot.unlink(missing_ok=True)
-    result = run_qgis(qgis_dir, profile, startup_script(demo_body(DEMO_RASTER, screenshot), headless), headless)
+    result = run_qgis(qgis_dir, profile, startup_script(demo_body(DEMO_RASTER, OUT), headless), headless)
     if headless:
-        for line in (result.stdout + result.stderr).splitlines():
-            if line.startswith("GEOCHAT-RUN") or "Error" in line:
+        output = result.stdout + result.stderr
+        failed = result.returncode != 0 or not screenshot.exists() or "GEOCHAT-RUN-ERROR" in output
+        for line in output.splitlines():
+            if failed or line.startswith("GEOCHAT-RUN"):
                 print(line)
-        if not screenshot.exists():
-            raise BuildError("QGIS exited without writing the screenshot: see the output above")
+        if failed:
+            raise BuildError("the QGIS run failed: see its output above")
         say(f"no display: ran QGIS on a virtual display, loaded {DEMO_RASTER.name}, opened the "
-            f"GeoChat dock and saved {shown(screenshot)}")
+            f"GeoChat dock, ran a detection and saved {shown(screenshot)} and the result layer")
     return result.returncode
 
 

@@ -112,7 +112,8 @@ class GeoChatDock(QgsDockWidget):
         self.model_combo.addItem("Model file or folder...", "")
         if self.settings.model and self.model_combo.findData(self.settings.model) < 0:
             self.model_combo.insertItem(self.model_combo.count() - 1, self.settings.model, self.settings.model)
-        self.model_combo.setCurrentIndex(max(0, self.model_combo.findData(self.settings.model)))
+        if self.settings.model:
+            self.model_combo.setCurrentIndex(max(0, self.model_combo.findData(self.settings.model)))
         self.model_combo.activated.connect(self._on_model_chosen)
         self.backend_combo = QComboBox(body)
         self.backend_combo.setObjectName("GeoChatBackend")

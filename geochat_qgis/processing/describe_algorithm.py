@@ -28,7 +28,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QVariant
 
-from ..toolbelt.python_thread import in_python_thread
+from ..core.threads import in_python_thread
 from . import parameters as p
 from .base import GeoChatAlgorithm
 from .running import run_with_feedback

@@ -17,7 +17,7 @@ from qgis.core import (
     QgsProcessingParameterVectorDestination,
 )
 
-from ..toolbelt.python_thread import in_python_thread
+from ..core.threads import in_python_thread
 from . import parameters as p
 from .base import GeoChatAlgorithm
 
@@ -70,7 +70,7 @@ class ExportAlgorithm(GeoChatAlgorithm):
             return {}
         try:
             written = in_python_thread(export_detections, detections, path, p.crs_text(crs),
-                                       layer)  # pyproj: see toolbelt.python_thread
+                                       layer)  # pyproj: see core.threads
         except GeoChatError as exc:
             raise QgsProcessingException(str(exc)) from exc
         feedback.pushInfo(f"Wrote {len(detections)} detections to {written}")

@@ -6,7 +6,7 @@ from typing import Optional
 from qgis.core import QgsProcessingException, QgsProcessingFeedback
 from qgis.PyQt.QtCore import Qt
 
-from ..toolbelt.python_thread import CallerThread, in_python_thread
+from ..core.threads import CallerThread, in_python_thread
 
 MAX_REPORTED_FAILURES = 5
 
@@ -14,7 +14,7 @@ MAX_REPORTED_FAILURES = 5
 def run_with_feedback(job, runtime: str, feedback: Optional[QgsProcessingFeedback]):
     """``run_job(job)`` with its backend opened in ``runtime``; returns the JobResult.
 
-    The job runs on a Python thread (see toolbelt.python_thread: pyproj on QGIS's pooled
+    The job runs on a Python thread (see core.threads: pyproj on QGIS's pooled
     worker threads crashes the second run).
 
     Cancelling ``feedback`` cancels the core's CancelToken at once (the backend stops between

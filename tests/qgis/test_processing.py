@@ -156,6 +156,41 @@ def test_detect_runs_only_the_tiles_touching_the_aoi(provider, tiny_gguf, demo_r
     assert {f["tile_id"] for f in results["OUTPUT"].getFeatures()} <= {"r0_c0", "r1_c1"}
 
 
+def llama_server_class():
+    """The tests' ``python -m llama_cpp.server`` runner (tests/unit/test_backend_http_server)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "unit" / "test_backend_http_server.py"
+    spec = importlib.util.spec_from_file_location("geochat_llama_server_runner", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.LlamaServer
+
+
+@pytest.mark.slow
+def test_detect_through_an_openai_compatible_server(detect_run, tiny_gguf, tmp_path,
+                                                   monkeypatch):
+    """BACKEND=openai + SERVER_URL (+ the API key from $GEOCHAT_API_KEY) against a real
+    llama_cpp.server running the same GGUF: the same features as the in-process run."""
+    import processing
+
+    pytest.importorskip("llama_cpp.server")
+    server = llama_server_class()(tiny_gguf, tmp_path / "server.log", api_key="key-7")
+    monkeypatch.setenv("GEOCHAT_API_KEY", "key-7")
+    try:
+        _, in_process, parameters = detect_run
+        output = tmp_path / "over-http.gpkg"
+        results = processing.run("geochat:detect", {
+            **parameters, "BACKEND": "openai", "SERVER_URL": server.url,
+            "MODEL": server.models["data"][0]["id"], "OUTPUT": str(output)})
+    finally:
+        server.stop()
+    layer = QgsVectorLayer(str(output), "http", "ogr")
+    assert results["TILES_DONE"] == 1
+    assert features_of(layer) == features_of(QgsVectorLayer(str(in_process), "local", "ogr"))
+    assert next(layer.getFeatures())["model"].startswith("openai")
+
+
 def test_batch_over_two_rasters_and_two_prompts(provider, tiny_gguf, data_dir, tmp_path):
     """Batch rows run one after another, as the batch dialog runs them; the last row goes
     through QgsProcessingAlgRunnerTask on the task manager (a worker thread, as in QGIS)."""
@@ -398,7 +433,7 @@ def test_cancel_from_the_gui_thread_stops_the_worker_within_a_tile(provider, tin
 def test_repeated_exports_on_the_task_manager(provider, tmp_path):
     """Each export reprojects with pyproj on one of the task manager's pooled threads. pyproj
     frees a pooled thread's PROJ context when the thread leaves Python yet uses it again on the
-    thread's next visit: without toolbelt.python_thread the second run crashed (proj_as_wkt)."""
+    thread's next visit: without core.threads the second run crashed (proj_as_wkt)."""
     from shapely.geometry import box
 
     from geochat_qgis.core.results import Detection

@@ -1,4 +1,4 @@
-"""toolbelt.python_thread: core work on a Python thread, callbacks relayed to the caller.
+"""core.threads: core work on a Python thread, callbacks relayed to the caller.
 
 Why it exists: tests/qgis/test_processing.py::test_repeated_exports_on_the_task_manager.
 """
@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from geochat_qgis.toolbelt.python_thread import CallerThread, in_python_thread
+from geochat_qgis.core.threads import CallerThread, in_python_thread
 
 
 def test_in_python_thread_returns_raises_and_relays_to_the_caller():
@@ -22,7 +22,7 @@ def test_in_python_thread_returns_raises_and_relays_to_the_caller():
         return threading.current_thread().name
 
     worker = in_python_thread(work, 3, caller=caller)
-    assert worker.startswith("geochat-work") and worker != threading.current_thread().name
+    assert worker == "geochat-work" and worker != threading.current_thread().name
     assert seen == [(threading.current_thread().name, value) for value in range(3)]
 
     def fail() -> None:

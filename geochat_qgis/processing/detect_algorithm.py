@@ -17,6 +17,7 @@ from qgis.core import (
 
 from . import parameters as p
 from .base import GeoChatAlgorithm
+from .output_style import DetectionStyle
 from .running import run_with_feedback
 
 GRAMMAR = "GRAMMAR"
@@ -108,5 +109,7 @@ class DetectAlgorithm(GeoChatAlgorithm):
             feature.setGeometry(geometry)
             if not sink.addFeature(feature, QgsFeatureSink.FastInsert):
                 raise QgsProcessingException(self.writeFeatureError(sink, parameters, p.OUTPUT))
+        masks = bool(result.detections) and all(d.kind == "mask" for d in result.detections)
+        DetectionStyle.attach(context, dest, [d.label for d in result.detections], masks)
         return {p.OUTPUT: dest, DETECTIONS: len(result.detections),
                 TILES_DONE: result.tiles_done}

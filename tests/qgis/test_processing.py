@@ -128,6 +128,25 @@ def test_detect_writes_the_job_results_in_the_raster_crs(detect_run, tiny_gguf, 
     assert first["model"].startswith("llama.cpp") and first["created"]
 
 
+def test_a_loaded_output_is_styled_like_the_dock_results(provider, tiny_gguf, demo_raster):
+    """As the Processing dialog loads outputs: one colour per label, map tips, from the QML."""
+    import processing
+
+    results = processing.runAndLoadResults("geochat:detect", detect_parameters(
+        tiny_gguf, demo_raster, "car\nroad", "TEMPORARY_OUTPUT",
+        corner_extent(demo_raster, 300, 300)))
+    layer = QgsProject.instance().mapLayer(results["OUTPUT"])
+    try:
+        assert layer is not None and layer.featureCount() == results["DETECTIONS"] > 0
+        renderer = layer.renderer()
+        assert renderer.type() == "categorizedSymbol" and renderer.classAttribute() == "label"
+        assert {c.value() for c in renderer.categories()} == {
+            f["label"] for f in layer.getFeatures()}
+        assert '"phrase"' in layer.mapTipTemplate()
+    finally:
+        QgsProject.instance().removeAllMapLayers()
+
+
 def test_detect_runs_only_the_tiles_touching_the_aoi(provider, tiny_gguf, demo_raster):
     """Two small squares (drawn in EPSG:4326) near opposite corners of the 1024 px raster: the
     2 x 2 tiles over their bounds are planned, only the two corner tiles touching them run."""

@@ -76,7 +76,6 @@ class DescribeAlgorithm(GeoChatAlgorithm):
     def processAlgorithm(self, parameters: dict, context: QgsProcessingContext,  # noqa: N802
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
         from ..core.errors import GeoChatError
-        from ..core.pipeline import Job
         from ..core.tiling import plan_tiles
 
         area = p.read_area(self, parameters, context)
@@ -87,13 +86,8 @@ class DescribeAlgorithm(GeoChatAlgorithm):
             if self.parameterAsBoolean(parameters, OVERVIEW, context):
                 tiles, how = in_python_thread(overview, area, tiles, spec.family)
                 feedback.pushInfo(f"Looking at {how}")
-            job = Job(
-                raster=area.raster, task=self.parameterAsEnumString(parameters, p.TASK, context),
-                prompts=p.read_prompts(self, parameters, context), family=spec.family,
-                extent=area.extent, extent_crs=area.extent_crs, aoi=area.aoi, tile_spec=tiles,
-                classes=[c.strip() for c in classes.split(",") if c.strip()], backend=spec,
-                max_new_tokens=self.parameterAsInt(parameters, p.MAX_NEW_TOKENS, context),
-            )
+            job = p.read_job(self, parameters, context, area, spec, tiles,
+                             classes=[c.strip() for c in classes.split(",") if c.strip()])
             plan = in_python_thread(plan_tiles, area.raster, tiles, extent=area.extent,
                                     extent_crs=area.extent_crs, aoi=area.aoi)
         except GeoChatError as exc:
@@ -104,8 +98,8 @@ class DescribeAlgorithm(GeoChatAlgorithm):
         text = (answers_text if path.suffix.lower() in TEXT_SUFFIXES else answers_html)(
             result, job, area.raster)
         write_atomic(path, text)
-        outputs: dict[str, Any] = {OUTPUT_HTML: str(path),
-                                   ANSWER: result.answers[0].text if result.answers else ""}
+        first = answer_text(result.answers[0]) if result.answers else ""
+        outputs: dict[str, Any] = {OUTPUT_HTML: str(path), ANSWER: first}
         fields = footprint_fields()
         sink, dest = self.parameterAsSink(parameters, p.OUTPUT, context, fields,
                                           QgsWkbTypes.Polygon, area.crs)
@@ -128,6 +122,11 @@ def overview(area: p.Area, tiles, family: str):
     return overview_spec(args, family)
 
 
+def answer_text(answer) -> str:
+    """What the model said: the parsed text, else the raw answer."""
+    return answer.text or answer.raw
+
+
 def footprint_fields() -> QgsFields:
     fields = QgsFields()
     for name, kind in (("tile_id", QVariant.String), ("prompt", QVariant.String),
@@ -145,7 +144,7 @@ def footprint_feature(answer, footprint, fields: QgsFields) -> QgsFeature:
     geometry = QgsGeometry()
     geometry.fromWkb(shapely.to_wkb(footprint, output_dimension=2))  # see detection_feature
     feature.setGeometry(geometry)
-    feature.setAttributes([answer.tile_id, answer.prompt, answer.text or answer.raw,
+    feature.setAttributes([answer.tile_id, answer.prompt, answer_text(answer),
                            answer.generated_tokens, round(answer.seconds, 3)])
     return feature
 
@@ -155,7 +154,7 @@ def answers_text(result, job, raster: str) -> str:
     lines = [f"GeoChat {job.task} of {raster}", f"Model: {result.model}", ""]
     for answer in result.answers:
         lines.append(f"[tile {answer.tile_id}]" + (f" {answer.prompt}" if answer.prompt else ""))
-        lines += [answer.text or answer.raw, ""]
+        lines += [answer_text(answer), ""]
     return "\n".join(lines)
 
 
@@ -165,7 +164,7 @@ def answers_html(result, job, raster: str) -> str:
     sections = []
     for answer in result.answers:
         question = f"<p class='prompt'>{esc(answer.prompt)}</p>" if answer.prompt else ""
-        body = "<br>".join(esc(line) for line in (answer.text or answer.raw).splitlines())
+        body = "<br>".join(esc(line) for line in answer_text(answer).splitlines())
         sections.append(f"<section><h2>Tile {esc(answer.tile_id)}</h2>{question}"
                         f"<p class='answer'>{body}</p></section>")
     title = f"GeoChat {job.task}: {Path(raster).name}"

@@ -74,24 +74,17 @@ class DetectAlgorithm(GeoChatAlgorithm):
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
         from ..core.errors import GeoChatError
         from ..core.export import now_iso
-        from ..core.pipeline import Job
         from ..toolbelt.detection_features import detection_features, detection_fields
 
         area = p.read_area(self, parameters, context)
         try:
             spec = self.read_backend(parameters, context)
-            job = Job(
-                raster=area.raster,
-                task=self.parameterAsEnumString(parameters, p.TASK, context),
-                prompts=p.read_prompts(self, parameters, context), family=spec.family,
-                extent=area.extent, extent_crs=area.extent_crs, aoi=area.aoi,
-                tile_spec=p.read_tile_spec(self, parameters, context, area.raster, spec.family),
-                backend=spec,
-                max_new_tokens=self.parameterAsInt(parameters, p.MAX_NEW_TOKENS, context),
+            job = p.read_job(
+                self, parameters, context, area, spec,
+                p.read_tile_spec(self, parameters, context, area.raster, spec.family),
                 iou_threshold=self.parameterAsDouble(parameters, p.IOU, context),
                 grammar=self.BOX_GRAMMAR and self.parameterAsBoolean(parameters, GRAMMAR,
-                                                                     context),
-            )
+                                                                     context))
         except GeoChatError as exc:
             raise QgsProcessingException(str(exc)) from exc
         result = run_with_feedback(job, p.read_runtime(self, parameters, context), feedback)

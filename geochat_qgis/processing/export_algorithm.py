@@ -24,7 +24,8 @@ from .base import GeoChatAlgorithm
 CRS = "CRS"
 EXPORTED = "EXPORTED"
 # what the "Save to GeoPackage..." choice of a vector destination gives
-_OGR_URI = re.compile(r"^ogr:dbname='(?P<path>(?:[^']|'')+)'\s+table=\"(?P<layer>(?:[^\"]|\"\")+)\"")
+_OGR_URI = re.compile(
+    r"^ogr:dbname='(?P<path>(?:[^']|'')+)'\s+table=\"(?P<layer>(?:[^\"]|\"\")+)\"")
 
 
 class ExportAlgorithm(GeoChatAlgorithm):

@@ -247,3 +247,17 @@ def read_tile_spec(alg: QgsProcessingAlgorithm, parameters: dict, context: QgsPr
             raise QgsProcessingException(
                 f"BANDS {bands!r} is not a list of band numbers: give them like 4,3,2.") from None
     return replace(spec, **changes)
+
+
+def read_job(alg: QgsProcessingAlgorithm, parameters: dict, context: QgsProcessingContext,
+             area: Area, spec, tile_spec, **fields: Any):
+    """The core Job of the area, PROMPT, TASK, the backend spec and MAX_NEW_TOKENS, plus
+    ``fields`` (an algorithm's own Job settings)."""
+    from ..core.pipeline import Job
+
+    return Job(
+        raster=area.raster, task=alg.parameterAsEnumString(parameters, TASK, context),
+        prompts=read_prompts(alg, parameters, context), family=spec.family,
+        extent=area.extent, extent_crs=area.extent_crs, aoi=area.aoi, tile_spec=tile_spec,
+        backend=spec, max_new_tokens=alg.parameterAsInt(parameters, MAX_NEW_TOKENS, context),
+        **fields)

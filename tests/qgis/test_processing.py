@@ -313,6 +313,21 @@ def test_export_round_trip(detect_run, provider, tmp_path):
     assert not list(tmp_path.glob(".*partial*"))
 
 
+def test_export_into_a_geopackage_layer(detect_run, provider, tmp_path):
+    """The dialog's "Save to GeoPackage...": a named layer, the file's other layers kept."""
+    import processing
+
+    _, source, _ = detect_run
+    package = tmp_path / "results.gpkg"
+    processing.run("geochat:export", {"INPUT": str(source), "OUTPUT": str(package)})
+    target = f"ogr:dbname='{package}' table=\"cars\" (geom)"
+    results = processing.run("geochat:export", {"INPUT": str(source), "OUTPUT": target})
+    assert results["OUTPUT"] == str(package)
+    for name in ("results", "cars"):
+        layer = QgsVectorLayer(f"{package}|layername={name}", name, "ogr")
+        assert layer.isValid() and layer.featureCount() == results["EXPORTED"] > 0
+
+
 def test_export_refuses_an_unknown_format(detect_run, provider, tmp_path):
     import processing
 

@@ -37,8 +37,6 @@ def run_with_feedback(job, runtime: str, feedback: Optional[QgsProcessingFeedbac
     def on_progress(progress) -> None:
         if progress.total:
             feedback.setProgress(100.0 * progress.done / progress.total)
-        feedback.setProgressText(
-            f"{progress.done}/{progress.total} tiles, {progress.detections} found")
 
     caller = CallerThread()
 

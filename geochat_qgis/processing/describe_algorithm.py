@@ -53,7 +53,8 @@ class DescribeAlgorithm(GeoChatAlgorithm):
         "than the model's input; otherwise every tile is answered on its own.<br>"
         "<b>Task</b>: caption (a description), chat (the prompt as is), vqa (a short answer), "
         "classify (one of the comma-separated classes).<br>"
-        "<b>Prompt</b>: one question per line (caption and classify need none)."
+        "<b>Prompt</b>: one question per line (caption and classify need none).<br>"
+        + p.AREA_HELP + p.MODEL_HELP + p.TILING_HELP
     )
     TASKS = ("caption", "chat", "vqa", "classify")
 
@@ -62,9 +63,9 @@ class DescribeAlgorithm(GeoChatAlgorithm):
         p.add_prompt_parameter(self, "Prompt (one question per line)", optional=True)
         self.addParameter(p.choice(p.TASK, "Task", self.TASKS, self.TASKS[0]))
         self.addParameter(QgsProcessingParameterString(
-            CLASSES, "Classes to choose from (classify), comma-separated", optional=True))
+            CLASSES, "Classes (classify; comma-separated)", optional=True))
         self.addParameter(QgsProcessingParameterBoolean(
-            OVERVIEW, "Look at the whole area as one overview tile", defaultValue=True))
+            OVERVIEW, "Whole area as one overview tile", defaultValue=True))
         p.add_model_parameters(self)
         p.add_tiling_parameters(self, overlap=False)
         self.addParameter(QgsProcessingParameterFileDestination(

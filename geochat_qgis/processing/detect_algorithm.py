@@ -37,9 +37,8 @@ class DetectAlgorithm(GeoChatAlgorithm):
         "<b>Prompt</b>: one thing to find per line (each tile is asked each line).<br>"
         "<b>Task</b>: refer finds the objects a prompt names; grounding describes each tile "
         "with boxes around the objects it mentions.<br>"
-        "<b>Model</b>: a catalog name, a GGUF file or folder (model + mmproj), a checkpoint "
-        "folder, or the server's model name with an OpenAI-compatible server URL.<br>"
-        "Cancelling keeps the detections of the finished tiles."
+        + p.AREA_HELP + p.MODEL_HELP + p.TILING_HELP + p.OVERLAP_HELP
+        + "Cancelling keeps the detections of the finished tiles."
     )
     TASKS = ("refer", "grounding")
     BACKENDS = p.BACKENDS

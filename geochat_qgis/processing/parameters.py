@@ -44,6 +44,21 @@ BANDS = "BANDS"
 IOU = "IOU"
 OUTPUT = "OUTPUT"
 
+# the part of each algorithm's help that explains the shared parameters
+AREA_HELP = (
+    "<b>Extent</b>: default, the whole raster. <b>Area of interest</b>: only tiles touching "
+    "its polygons (selected ones, if asked) are run.<br>")
+TILING_HELP = (
+    "<b>Tile size</b>: default, the model's input size. <b>Ground sample distance</b>: read "
+    "coarser than the raster (default: native). <b>Bands</b> (advanced): default, the raster's "
+    "RGB.<br>")
+OVERLAP_HELP = "<b>Tile overlap</b>: a fraction of the tile (below 1) or pixels.<br>"
+MODEL_HELP = (
+    "<b>Model</b>: a catalog name, a GGUF file or folder (model + mmproj), a checkpoint folder, "
+    "or the served model's name with a <b>Server URL</b> (advanced; API key from "
+    "$GEOCHAT_API_KEY). <b>Backend</b> auto: from the model. <b>Model runtime</b> (advanced): "
+    "subprocess keeps a crashing model out of QGIS.<br>")
+
 AUTO = "auto"
 BACKENDS = (AUTO, "llama.cpp", "transformers", "openai")
 RUNTIMES = ("inprocess", "subprocess")
@@ -78,9 +93,9 @@ def add_area_parameters(alg: QgsProcessingAlgorithm) -> None:
     """INPUT raster, optional EXTENT and AOI polygons."""
     alg.addParameter(QgsProcessingParameterRasterLayer(INPUT, "Raster"))
     alg.addParameter(QgsProcessingParameterExtent(
-        EXTENT, "Extent (default: the whole raster)", optional=True))
+        EXTENT, "Extent", optional=True))
     alg.addParameter(QgsProcessingParameterFeatureSource(
-        AOI, "Area of interest (tiles that do not touch its polygons are skipped)",
+        AOI, "Area of interest (polygons)",
         [QgsProcessing.TypeVectorPolygon], optional=True))
 
 
@@ -94,44 +109,43 @@ def add_model_parameters(alg: QgsProcessingAlgorithm, backends: Sequence[str] = 
                          mmproj: bool = True) -> None:
     """MODEL, BACKEND, MMPROJ and, advanced, SERVER_URL, RUNTIME and MAX_NEW_TOKENS."""
     alg.addParameter(QgsProcessingParameterString(
-        MODEL, "Model (catalog name, GGUF file or folder, checkpoint folder, or server model)"))
+        MODEL, "Model (catalog name or path)"))
     if len(backends) > 1:
-        alg.addParameter(choice(BACKEND, "Backend (auto: from the model)", backends,
+        alg.addParameter(choice(BACKEND, "Backend", backends,
                                 backends[0]))
     if mmproj:
         alg.addParameter(QgsProcessingParameterFile(
-            MMPROJ, "Vision projector GGUF (default: the mmproj beside the model)",
+            MMPROJ, "Vision projector (mmproj) GGUF",
             extension="gguf", optional=True))
         alg.addParameter(advanced(QgsProcessingParameterString(
-            SERVER_URL, "OpenAI-compatible server URL, e.g. http://127.0.0.1:8000/v1 "
-                        "(API key from $GEOCHAT_API_KEY)", optional=True)))
+            SERVER_URL, "Server URL (OpenAI-compatible)", optional=True)))
     alg.addParameter(advanced(choice(
-        RUNTIME, "Run the model in this process, or in a separate runtime process",
+        RUNTIME, "Model runtime",
         RUNTIMES, RUNTIMES[0])))
     alg.addParameter(advanced(QgsProcessingParameterNumber(
-        MAX_NEW_TOKENS, "Most tokens per answer", QgsProcessingParameterNumber.Integer,
+        MAX_NEW_TOKENS, "Tokens per answer (most)", QgsProcessingParameterNumber.Integer,
         defaultValue=256, minValue=1)))
 
 
 def add_tiling_parameters(alg: QgsProcessingAlgorithm, overlap: bool = True) -> None:
     """TILE_SIZE, OVERLAP, GSD and, advanced, BANDS."""
     alg.addParameter(QgsProcessingParameterNumber(
-        TILE_SIZE, "Tile size in pixels (default: the model's)",
+        TILE_SIZE, "Tile size (pixels)",
         QgsProcessingParameterNumber.Integer, optional=True, minValue=1))
     if overlap:
         alg.addParameter(QgsProcessingParameterNumber(
-            OVERLAP, "Tile overlap: a fraction below 1, or pixels",
+            OVERLAP, "Tile overlap (fraction, or pixels)",
             QgsProcessingParameterNumber.Double, defaultValue=0.1, minValue=0.0))
     alg.addParameter(QgsProcessingParameterNumber(
-        GSD, "Target ground sample distance in metres per pixel (default: native)",
+        GSD, "Ground sample distance (m/pixel)",
         QgsProcessingParameterNumber.Double, optional=True, minValue=0.0))
     alg.addParameter(advanced(QgsProcessingParameterString(
-        BANDS, "Bands as R,G,B, e.g. 4,3,2 (default: the raster's RGB)", optional=True)))
+        BANDS, "Bands as R,G,B (e.g. 4,3,2)", optional=True)))
 
 
 def add_merge_parameter(alg: QgsProcessingAlgorithm) -> None:
     alg.addParameter(advanced(QgsProcessingParameterNumber(
-        IOU, "Overlap (IoU) above which detections from neighbouring tiles merge",
+        IOU, "Merge overlap (IoU) across tiles",
         QgsProcessingParameterNumber.Double, defaultValue=0.5, minValue=0.0, maxValue=1.0)))
 
 

@@ -22,7 +22,7 @@ class SegmentAlgorithm(DetectAlgorithm):
         "<b>Model</b>: geopixel-7b or geopixel-7b-res from the catalog, or a weights folder; "
         "<b>GeoPixel source</b>: a checkout of mbzuai-oryx/GeoPixel.<br>"
         "<b>Task</b>: segment masks the objects a prompt names; grounding describes each tile "
-        "with masks."
+        "with masks.<br>" + p.AREA_HELP + p.TILING_HELP + p.OVERLAP_HELP
     )
     TASKS = ("segment", "grounding")
     OUTPUT_NAME = "Masks"
@@ -33,7 +33,7 @@ class SegmentAlgorithm(DetectAlgorithm):
     def add_model_parameters(self) -> None:
         p.add_model_parameters(self, backends=(self.KIND,), mmproj=False)
         self.addParameter(p.advanced(QgsProcessingParameterFile(
-            GEOPIXEL_SOURCE, "GeoPixel source checkout (holds model/geopixel.py)",
+            GEOPIXEL_SOURCE, "GeoPixel source checkout",
             QgsProcessingParameterFile.Folder, optional=True)))
 
     def read_backend(self, parameters: dict, context: QgsProcessingContext):

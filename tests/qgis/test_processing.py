@@ -358,6 +358,31 @@ def test_describe_writes_html_and_tile_footprints(provider, tiny_gguf, demo_rast
     assert feature.geometry().boundingBox().contains(raster_extent.buffered(-0.01))
 
 
+def test_describe_with_the_transformers_backend(provider, demo_raster, tmp_path_factory):
+    """BACKEND=transformers on a tiny random-weight HF checkpoint: the answer is the core's."""
+    import processing
+
+    from geochat_qgis.core.backends.factory import resolve_spec
+    from geochat_qgis.core.pipeline import Job, run_job
+    from geochat_qgis.core.weights.tiny import build_tiny_geochat
+
+    checkpoint = build_tiny_geochat(tmp_path_factory.mktemp("tiny-hf") / "hf", "hf", seed=0)
+    extent = corner_extent(demo_raster, 300, 300)
+    answers = tmp_path_factory.mktemp("describe") / "answers.txt"
+    results = processing.run("geochat:describe", {
+        "INPUT": str(demo_raster), "EXTENT": extent, "TASK": "vqa",
+        "PROMPT": "Is there a road?", "MODEL": str(checkpoint), "BACKEND": "transformers",
+        "MAX_NEW_TOKENS": 12, "OUTPUT_HTML": str(answers), "OUTPUT": "memory:"})
+    rect = [float(v) for v in extent.split(" [")[0].split(",")]
+    expected = run_job(Job(raster=str(demo_raster), task="vqa", prompts=["Is there a road?"],
+                           extent=(rect[0], rect[2], rect[1], rect[3]), max_new_tokens=12,
+                           backend=resolve_spec(str(checkpoint), "transformers")))
+    assert len(expected.answers) == 1 and expected.answers[0].raw
+    assert results["ANSWER"] == (expected.answers[0].text or expected.answers[0].raw)
+    assert results["ANSWER"] in answers.read_text(encoding="utf-8")
+    assert next(results["OUTPUT"].getFeatures())["answer"] == results["ANSWER"]
+
+
 def test_describe_per_tile_to_text(provider, tiny_gguf, demo_raster, tmp_path):
     import processing
 

@@ -30,8 +30,11 @@ VENV = ROOT / ".venv"
 VENV_PYTHON = VENV / "bin" / "python"
 REQUIREMENTS = ROOT / "requirements.txt"
 STAMP = VENV / ".requirements.sha256"
+LLAMA_STAMP = VENV / ".llama_cpp.sha256"
 SYSTEM_PYTHON = "/usr/bin/python3"  # QGIS binds to Debian's Python, not the first on PATH
-DEBIAN_PACKAGES = ["qgis", "python3-qgis", "qgis-providers", "python3-venv", "xvfb", "xauth"]
+DEBIAN_PACKAGES = ["qgis", "python3-qgis", "qgis-providers", "python3-venv", "python3-pyproj", "xvfb",
+                   "xauth"]
+NO_DEPS_PACKAGES = ["geopandas==1.2.0"]  # see requirements.txt: never a second PROJ in QGIS
 DIST = ROOT / "dist"
 OUT = ROOT / "out"
 DEMO_RASTER = ROOT / "resources" / "demo" / "cogeo.tif"
@@ -123,9 +126,13 @@ LLAMA_CPP_PATCHES = [
 ]
 
 
-def requirements_digest() -> str:
-    text = REQUIREMENTS.read_bytes() + repr((LLAMA_CPP, LLAMA_CPP_PATCHES)).encode()
-    return hashlib.sha256(text).hexdigest()
+def digest(*parts: object) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def stamped(stamp: Path, key: str) -> bool:
+    """True when ``stamp`` records ``key``: that step is done and nothing it uses changed."""
+    return stamp.exists() and stamp.read_text().strip() == key
 
 
 def install_patched_llama_cpp(pip: list[str], env: dict[str, str]) -> None:
@@ -156,17 +163,20 @@ def ensure_venv() -> None:
     if not VENV_PYTHON.exists():
         say(f"creating {VENV.name} over {SYSTEM_PYTHON} (sees QGIS's Python packages)")
         subprocess.run([SYSTEM_PYTHON, "-m", "venv", "--system-site-packages", str(VENV)], check=True)
-    digest = requirements_digest()
-    if STAMP.exists() and STAMP.read_text().strip() == digest:
-        return
-    say("installing Python dependencies (first time: ~10 min, llama-cpp-python compiles)")
     env = dict(os.environ)
     # a portable llama.cpp build whose wheel pip caches for other CPUs too
     env.setdefault("CMAKE_ARGS", "-DGGML_NATIVE=OFF")
     pip = [str(VENV_PYTHON), "-m", "pip", "install", "--disable-pip-version-check"]
-    subprocess.run(pip + ["-r", str(REQUIREMENTS)], check=True, env=env)
-    install_patched_llama_cpp(pip, env)
-    STAMP.write_text(digest + "\n")
+    requirements = digest(REQUIREMENTS.read_text(), NO_DEPS_PACKAGES)
+    if not stamped(STAMP, requirements):
+        say("installing Python dependencies")
+        subprocess.run(pip + ["-r", str(REQUIREMENTS)], check=True, env=env)
+        subprocess.run(pip + ["--no-deps", *NO_DEPS_PACKAGES], check=True, env=env)
+        STAMP.write_text(requirements + "\n")
+    llama = digest(LLAMA_CPP, LLAMA_CPP_PATCHES)
+    if not stamped(LLAMA_STAMP, llama):
+        install_patched_llama_cpp(pip, env)
+        LLAMA_STAMP.write_text(llama + "\n")
 
 
 def setup() -> None:

@@ -118,7 +118,7 @@ def _write_footprints(path: Path, tiles: Sequence, crs: str | None) -> None:
 
     columns = [np.array([getattr(t, name) for t in tiles]) for name in FOOTPRINT_FIELDS]
     columns[0] = columns[0].astype(object)
-    geometry = shapely.to_wkb(np.array([t.footprint for t in tiles], dtype=object))
+    geometry = shapely.to_wkb(np.array([t.footprint for t in tiles], dtype=object), output_dimension=2)
     temp = _temp_path(path)
     try:
         with warnings.catch_warnings():  # no CRS (pixel space) is what was asked for

@@ -152,7 +152,7 @@ def export_detections(
 
         raw.write(
             str(temp),
-            shapely.to_wkb(geoms),
+            shapely.to_wkb(geoms, output_dimension=2),  # QGIS's GEOS refuses the default 4
             columns,
             names,
             layer=layer or path.stem,

@@ -23,6 +23,8 @@ class GeoChatPlugin:
     def __init__(self, iface: QgisInterface) -> None:
         self.iface = iface
         self.action: Optional[QAction] = None
+        self.deps_action: Optional[QAction] = None
+        self.deps_dialog = None
         self.dock = None
         self.provider = None
         self.log_handler: Optional[QgisLogHandler] = None
@@ -44,6 +46,10 @@ class GeoChatPlugin:
         self.action.toggled.connect(self._on_action_toggled)
         self.iface.addToolBarIcon(self.action)
         self.iface.addPluginToRasterMenu(MENU, self.action)
+        self.deps_action = QAction("Install model dependencies...", self.iface.mainWindow())
+        self.deps_action.setObjectName("GeoChatInstallDeps")
+        self.deps_action.triggered.connect(self.show_deps_dialog)
+        self.iface.addPluginToRasterMenu(MENU, self.deps_action)
         self.initProcessing()
         log.info("GeoChat loaded")
 
@@ -60,6 +66,15 @@ class GeoChatPlugin:
             self.iface.removeToolBarIcon(self.action)
             self.action.deleteLater()
             self.action = None
+        if self.deps_dialog is not None:
+            self.deps_dialog.close()  # cancels a running install
+            self.deps_dialog.deleteLater()
+            self.deps_dialog = None
+        if self.deps_action is not None:
+            self.deps_action.triggered.disconnect(self.show_deps_dialog)
+            self.iface.removePluginRasterMenu(MENU, self.deps_action)
+            self.deps_action.deleteLater()
+            self.deps_action = None
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None
@@ -82,6 +97,20 @@ class GeoChatPlugin:
             blocked = self.action.blockSignals(True)  # already showing: no toggled round trip
             self.action.setChecked(True)
             self.action.blockSignals(blocked)
+
+    def show_deps_dialog(self, *_args) -> None:
+        """Open the dependency installer for the backend in the settings (not blocking)."""
+        from .gui.deps_dialog import DepsDialog
+        from .toolbelt.settings import PluginSettings
+
+        if self.deps_dialog is None or not self.deps_dialog.isVisible():
+            if self.deps_dialog is not None:
+                self.deps_dialog.deleteLater()
+            settings = PluginSettings.load()
+            self.deps_dialog = DepsDialog(settings.backend, self.iface.mainWindow(),
+                                          device=settings.device)
+        self.deps_dialog.open()
+        self.deps_dialog.raise_()
 
     def _on_action_toggled(self, checked: bool) -> None:
         if checked:

@@ -121,6 +121,7 @@ class DepsDialog(QDialog):
         self.log_view.setMaximumBlockCount(5000)
         self.log_view.setFont(QFontDatabase.systemFont(QFontDatabase.FixedFont))
         self.log_view.setPlaceholderText("pip's output appears here while it installs.")
+        self.log_view.setMinimumHeight(160)
         layout.addWidget(self.log_view, 1)
 
         buttons = QHBoxLayout()
@@ -143,7 +144,7 @@ class DepsDialog(QDialog):
         buttons.addStretch(1)
         buttons.addWidget(self.close_button)
         layout.addLayout(buttons)
-        self.resize(640, 520)
+        self.resize(680, 640)
 
     def _value_label(self, text: str = "") -> QLabel:
         label = QLabel(text, self)

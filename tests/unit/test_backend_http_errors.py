@@ -119,3 +119,16 @@ def test_non_openai_answer_is_explained():
     with FailingServer(200, body=b"<html>hello</html>") as server:
         with pytest.raises(BackendError, match="not an OpenAI chat completion"):
             _ask(server.url)
+
+
+def test_requests_run_in_parallel_up_to_max_in_flight():
+    with FailingServer(503, delay=0.6) as server:
+        backend = OpenAIHttpBackend("m", settings=HttpSettings(base_url=server.url, retries=0,
+                                                               max_in_flight=4))
+        start = time.perf_counter()
+        with pytest.raises(BackendError, match="HTTP 503"):
+            backend.generate([TILE] * 4, Conversation.single("hi"), GenerateOptions())
+        elapsed = time.perf_counter() - start
+        backend.close()
+        assert server.hits == 4
+        assert elapsed < 4 * 0.6  # four requests at once, not one after another

@@ -131,3 +131,22 @@ def test_wrong_api_key_is_refused_before_any_tile(server):
     http = OpenAIHttpBackend("tiny", settings=HttpSettings(base_url=server.url, api_key="wrong"))
     with pytest.raises(BackendError, match="HTTP 401.*GEOCHAT_API_KEY"):
         http.load()
+
+
+def test_cancel_mid_stream(server, tiles):
+    from geochat_qgis.core.backends.base import CancelToken
+    from geochat_qgis.core.errors import Cancelled
+
+    cancel = CancelToken()
+    pieces: list[str] = []
+
+    def on_token(index: int, piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == 3:
+            cancel.cancel()
+
+    http = OpenAIHttpBackend("tiny", settings=HttpSettings(base_url=server.url, api_key=KEY))
+    with pytest.raises(Cancelled):
+        http.generate(tiles[:1], Conversation.single(REFER),
+                      GenerateOptions(max_new_tokens=200, on_token=on_token, cancel=cancel))
+    assert len(pieces) == 3

@@ -444,6 +444,10 @@ def run_qgis(
             command, env=qgis_env(headless), timeout=timeout if headless else None,
             capture_output=headless, text=True,
         )
+    except subprocess.TimeoutExpired as exc:
+        output = "\n".join(str(part or "") for part in (exc.stdout, exc.stderr))
+        raise BuildError(f"QGIS did not finish within {timeout:.0f} s and was stopped. "
+                         f"What it printed:\n{output[-4000:]}") from exc
     finally:
         script_path.unlink(missing_ok=True)
 

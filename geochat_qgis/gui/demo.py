@@ -40,6 +40,7 @@ def start_demo(iface: QgisInterface, plugin, raster: Path, out: Path) -> Callabl
     dock.task_combo.setCurrentIndex(dock.task_combo.findData("refer"))
     dock.area_combo.setCurrentIndex(dock.area_combo.findData(areas.LAYER))
     dock.prompt_edit.setText(DEMO_PROMPT)
+    dock.settings.ask_above_seconds = float("inf")  # nobody is there to answer "start it?"
     streaming = {"saved": False}
     original_wire = dock._wire
 

@@ -34,14 +34,15 @@ from ..core.chat import ChatReply, ChatRequest
 from ..core.errors import GeoChatError
 from ..core.pipeline import Job, JobResult
 from ..core.tiling import TileSpec, plan_tiles
-from ..toolbelt.settings import PluginSettings
+from ..core.weights.demo import DEMO_NAME
+from ..toolbelt.settings import DEFAULT_SECONDS_PER_TILE, PluginSettings, load_speed, save_speed
 from . import area as areas
 from .chat_history import load_history, model_history, save_history
 from .chat_view import ChatView
 from .layer_summary import describe_layer, raster_or_none
 from .map_tools import RegionMapTool
 from .model_choice import MISSING, NEEDS_GPU, NOT_FOUND, backend_spec, model_choices, model_status
-from .result_layers import add_result_layer
+from .result_layers import add_result_layer, results_folder, write_result_file
 from .results_bar import ResultsBar
 from .runner import Runner
 from .tile_preview import TilePreview, describe_estimate, estimate_seconds, human_duration
@@ -59,6 +60,7 @@ TASKS = (
     ("identify", "Identify a region [identify]", False),
 )
 TILED = {task for task, _label, tiled in TASKS if tiled}
+DEMO_SECONDS_PER_TILE = 1.0
 PLACEHOLDERS = {
     "chat": "Ask anything about the area, e.g. Describe this image.",
     "vqa": "A question with a short answer, e.g. Is there a road?",
@@ -372,7 +374,7 @@ class GeoChatDock(QgsDockWidget):
             seconds = 0.0
             if plan is not None:
                 self.preview.show(plan)
-                seconds = estimate_seconds(len(plan), prompts, self.settings.seconds_per_tile)
+                seconds = estimate_seconds(len(plan), prompts, self._seconds_per_tile(model_key))
                 self.preview_label.setText(describe_estimate(len(plan), seconds))
             if then is not None:
                 if seconds > self.settings.ask_above_seconds and not self._confirm_long(seconds):
@@ -400,6 +402,11 @@ class GeoChatDock(QgsDockWidget):
         except GeoChatError as exc:
             self.chat.add("error", str(exc))
         self._update_enabled()
+
+    @staticmethod
+    def _seconds_per_tile(model_key: str) -> float:
+        """Measured for this model, else a guess: the demo model is tiny, real ones are 7B."""
+        return load_speed(model_key, DEMO_SECONDS_PER_TILE if model_key == DEMO_NAME else DEFAULT_SECONDS_PER_TILE)
 
     def _confirm_long(self, seconds: float) -> bool:
         answer = QMessageBox.question(
@@ -436,7 +443,8 @@ class GeoChatDock(QgsDockWidget):
             family_settings=self._family_settings(spec.family),
         )
         self.chat.add("user", question or f"[{task}]")
-        run = self.runner.start_chat(request, spec)
+        run = self.runner.start_chat(request, spec, self._result_writer(
+            lambda reply: (reply.answer.detections, reply.crs, f"GeoChat {reply.user_text[:40]}")))
         self._wire(run)
         self.chat.begin_stream()
 
@@ -453,7 +461,11 @@ class GeoChatDock(QgsDockWidget):
             family_settings=self._family_settings(spec.family),
         )
         self.chat.add("user", f"[{self.task_name}] {'; '.join(prompts)} over the {area.description}")
-        run = self.runner.start_detect(job, spec)
+        task_name = self.task_name
+        run = self.runner.start_detect(job, spec, self._result_writer(
+            lambda result: (result.detections, result.crs,
+                            f"GeoChat {task_name}: {'; '.join(prompts)[:40]} ({result.run_id[:6]})"),
+            always=True))
         self._wire(run)
         self.progress.setValue(0)
 
@@ -480,30 +492,49 @@ class GeoChatDock(QgsDockWidget):
     def _on_result(self, layer_id: str, result: Any) -> None:
         """Main thread: add the layer, write the answer, keep the history."""
         self.chat.end_stream()
-        if isinstance(result, ChatReply):
-            self._show_reply(result)
-        elif isinstance(result, JobResult):
-            self._show_job(result)
+        value, written = result
+        if isinstance(value, ChatReply):
+            self._show_reply(value, written)
+        elif isinstance(value, JobResult):
+            self._show_job(value, written)
         self._save(layer_id)
         self._update_enabled()
 
-    def _show_reply(self, reply: ChatReply) -> None:
-        layer = None
-        if reply.answer.detections:
-            layer = add_result_layer(reply.answer.detections, reply.crs, f"GeoChat {reply.user_text[:40]}")
-            self._watch(layer)
+    def _result_writer(self, what: Callable[[Any], tuple], always: bool = False):
+        """A worker-side step writing the run's detections to their own GeoPackage; the main
+        thread then only opens it. Gives ``(result, (path, name) or None)``."""
+        folder = results_folder(QgsProject.instance())  # read here, on the main thread
+
+        def finish(result):
+            detections, crs, name = what(result)
+            if not detections and not always:
+                return result, None
+            return result, (write_result_file(detections, crs, name, folder), name)
+
+        return finish
+
+    def _open_layer(self, written, detections) -> Optional[QgsVectorLayer]:
+        if written is None:
+            return None
+        path, name = written
+        masks = bool(detections) and all(d.kind == "mask" for d in detections)
+        layer = add_result_layer(path, name, [d.label for d in detections], masks)
+        self._watch(layer)
+        return layer
+
+    def _show_reply(self, reply: ChatReply, written) -> None:
+        layer = self._open_layer(written, reply.answer.detections)
         self.chat.add("assistant", reply.answer.text or reply.answer.raw, raw=reply.answer.raw,
                       user_text=reply.user_text, layer_id=layer.id() if layer else None,
                       counts=_counts(reply.answer.detections))
         self.chat.add("info", f"(looked at {reply.how}; {reply.generated_tokens} tokens in {reply.seconds:.1f} s)")
 
-    def _show_job(self, result: JobResult) -> None:
-        prompts = sorted({d.attributes.get("prompt", "") for d in result.detections})
-        layer = add_result_layer(result.detections, result.crs,
-                                 f"GeoChat {self.task_name}: {', '.join(prompts)[:40]} ({result.run_id[:6]})")
-        self._watch(layer)
-        self.settings.seconds_per_tile = result.seconds / max(1, result.tiles_done) if result.tiles_done else self.settings.seconds_per_tile
-        self.settings.save()
+    def _show_job(self, result: JobResult, written) -> None:
+        layer = self._open_layer(written, result.detections)
+        prompts = max(1, len({a.prompt for a in result.answers}))
+        if result.tiles_done:
+            save_speed(self.model_combo.currentData() or self.settings.model,
+                       result.seconds / (result.tiles_done * prompts))
         status = "cancelled, results so far kept" if result.cancelled else (
             f"stopped: {result.error}" if result.error else "done")
         text = (f"Found {len(result.detections)} object(s) in {result.tiles_done} of "

@@ -1,7 +1,6 @@
 """Exporting result layers with the core's writer: one layer to a file, or all of them at once."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -10,7 +9,7 @@ from qgis.core import QgsProject, QgsVectorLayer
 from ..core.export import export_detections
 from ..toolbelt.feature_detections import feature_detections
 from .area import crs_wkt
-from .result_layers import GROUP_NAME
+from .result_layers import GROUP_NAME, safe_layer_name
 
 ALL_RESULTS_FILE = "geochat_results.gpkg"
 
@@ -26,11 +25,6 @@ def result_layers(project: QgsProject) -> list[QgsVectorLayer]:
 def default_export_folder(project: QgsProject) -> Path:
     """Beside the project file when it is saved, else the home folder."""
     return Path(project.absolutePath()) if project.absolutePath() else Path.home()
-
-
-def safe_layer_name(name: str) -> str:
-    """A layer/file name without characters file systems or OGR dislike."""
-    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "detections"
 
 
 def export_layer(layer: QgsVectorLayer, path: Path, layer_name: Optional[str] = None) -> Path:

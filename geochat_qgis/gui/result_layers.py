@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import colorsys
 import hashlib
-from typing import Any, Mapping, Optional, Sequence
+import re
+import uuid
+from pathlib import Path
+from typing import Optional, Sequence
 
 from qgis.core import (
+    QgsApplication,
     QgsCategorizedSymbolRenderer,
     QgsLayerTreeGroup,
     QgsProject,
@@ -16,9 +20,12 @@ from qgis.PyQt.QtGui import QColor
 
 from ..__about__ import resource
 from ..core.results import Detection
-from ..toolbelt.detection_features import crs_from_text, detection_features, memory_layer
+from ..core.errors import ExportError
+from ..core.export import export_detections
 
 GROUP_NAME = "GeoChat results"
+RESULTS_FOLDER = "geochat_results"
+RESULTS_TABLE = "detections"
 STYLE_BOXES = "detections_boxes.qml"
 STYLE_MASKS = "detections_masks.qml"
 MAP_TIP = (
@@ -60,20 +67,37 @@ def style_layer(layer: QgsVectorLayer, labels: Sequence[str], masks: bool) -> No
     layer.setDisplayExpression('"label"')
 
 
-def add_result_layer(
-    detections: Sequence[Detection],
-    crs_text: Optional[str],
-    name: str,
-    project: Optional[QgsProject] = None,
-    provenance: Optional[Mapping[str, Any]] = None,
-) -> QgsVectorLayer:
-    """A styled memory layer of ``detections`` (already in ``crs_text``) added to the project."""
+def results_folder(project: QgsProject) -> Path:
+    """Where result layers are written: beside a saved project, else in the QGIS profile."""
+    base = project.absolutePath() or QgsApplication.qgisSettingsDirPath()
+    return Path(base) / RESULTS_FOLDER
+
+
+def safe_layer_name(name: str) -> str:
+    """A layer/file name without characters file systems or OGR dislike."""
+    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "detections"
+
+
+def write_result_file(detections: Sequence[Detection], crs_text: Optional[str], name: str,
+                      folder: Path) -> Path:
+    """Write ``detections`` (already in ``crs_text``) to a GeoPackage of their own (worker side).
+
+    Files, not memory layers: results survive saving and reopening the project, and QGIS does
+    not warn about losing them on exit.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{safe_layer_name(name)[:60]}_{uuid.uuid4().hex[:8]}.gpkg"
+    return export_detections(detections, path, crs_text or None, RESULTS_TABLE)
+
+
+def add_result_layer(path: Path, name: str, labels: Sequence[str], masks: bool,
+                     project: Optional[QgsProject] = None) -> QgsVectorLayer:
+    """Open a written result file as a styled layer at the top of the results group."""
     project = project or QgsProject.instance()
-    layer = memory_layer(name, crs_from_text(crs_text))
-    layer.dataProvider().addFeatures(detection_features(detections, layer.fields(), provenance))
-    layer.updateExtents()
-    masks = bool(detections) and all(d.kind == "mask" for d in detections)
-    style_layer(layer, [d.label for d in detections], masks)
+    layer = QgsVectorLayer(f"{path}|layername={RESULTS_TABLE}", name, "ogr")
+    if not layer.isValid():
+        raise ExportError(f"QGIS could not open the results written to {path}")
+    style_layer(layer, labels, masks)
     project.addMapLayer(layer, False)
     results_group(project).insertLayer(0, layer)
     return layer

@@ -1,7 +1,7 @@
 """Starts chat questions and detect runs as QgsTasks over one cached, loaded backend."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from qgis.core import QgsApplication
 
@@ -9,6 +9,9 @@ from ..core.backends.factory import BackendCache, BackendSpec
 from ..core.chat import ChatRequest, ask
 from ..core.pipeline import Job, run_job
 from .run_task import GeoChatTask
+
+# more work on the worker thread once the result is in (e.g. writing the result file)
+Finish = Optional[Callable[[Any], Any]]
 
 
 class Runner:
@@ -32,17 +35,19 @@ class Runner:
         except RuntimeError:  # the finished task's C++ object is gone
             return False
 
-    def start_chat(self, request: ChatRequest, spec: BackendSpec) -> GeoChatTask:
+    def start_chat(self, request: ChatRequest, spec: BackendSpec, finish: Finish = None) -> GeoChatTask:
         def work(cancel, on_token, _on_progress):
-            return ask(request, self.cache.get(spec), on_token=on_token, cancel=cancel)
+            reply = ask(request, self.cache.get(spec), on_token=on_token, cancel=cancel)
+            return finish(reply) if finish else reply
 
         return self.start(f"GeoChat: {request.task}", work)
 
-    def start_detect(self, job: Job, spec: BackendSpec) -> GeoChatTask:
+    def start_detect(self, job: Job, spec: BackendSpec, finish: Finish = None) -> GeoChatTask:
         def work(cancel, on_token, on_progress):
             backend = self.cache.get(spec)
-            return run_job(job, backend, cancel=cancel, on_token=on_token,
-                           on_progress=lambda p: on_progress(p.done, p.total))
+            result = run_job(job, backend, cancel=cancel, on_token=on_token,
+                             on_progress=lambda p: on_progress(p.done, p.total))
+            return finish(result) if finish else result
 
         return self.start(f"GeoChat: {job.task} over {job.raster}", work)
 

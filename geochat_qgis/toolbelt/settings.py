@@ -32,7 +32,6 @@ class PluginSettings:
     cache_dir: str = ""  # model downloads; empty = default cache
     max_new_tokens: int = 256
     ask_above_seconds: float = 120.0  # runs estimated longer than this ask first
-    seconds_per_tile: float = 20.0  # measured after each run; drives the time estimate
     grammar: bool = True  # llama.cpp: constrain find-objects answers to boxes (always parse)
 
     @classmethod
@@ -53,3 +52,23 @@ class PluginSettings:
         settings = settings or QgsSettings()
         for name, value in asdict(self).items():
             settings.setValue(f"{PREFIX}/{name}", value)
+
+
+SPEED_PREFIX = f"{PREFIX}/seconds_per_tile"
+DEFAULT_SECONDS_PER_TILE = 20.0  # a 7B model on a laptop CPU, before anything is measured
+
+
+def _speed_key(model: str) -> str:
+    return f"{SPEED_PREFIX}/{model.replace('/', '_').replace(chr(92), '_') or 'default'}"
+
+
+def load_speed(model: str, default: float = DEFAULT_SECONDS_PER_TILE) -> float:
+    """Seconds per tile and prompt last measured for ``model`` (drives the time estimate)."""
+    try:
+        return float(QgsSettings().value(_speed_key(model), default))
+    except (TypeError, ValueError):
+        return default
+
+
+def save_speed(model: str, seconds: float) -> None:
+    QgsSettings().setValue(_speed_key(model), float(seconds))

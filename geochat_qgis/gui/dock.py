@@ -19,6 +19,7 @@ from qgis.gui import QgisInterface, QgsDockWidget, QgsMapToolExtent
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtWidgets import (
     QComboBox,
+    QDialog,
     QFileDialog,
     QHBoxLayout,
     QLabel,
@@ -39,6 +40,7 @@ from ..toolbelt.settings import DEFAULT_SECONDS_PER_TILE, PluginSettings, load_s
 from . import area as areas
 from .chat_history import load_history, model_history, save_history
 from .chat_view import ChatView
+from .deps_check import missing_for
 from .layer_summary import describe_layer, raster_or_none
 from .map_tools import RegionMapTool
 from .model_choice import MISSING, NEEDS_GPU, NOT_FOUND, backend_spec, model_choices, model_status
@@ -367,10 +369,15 @@ class GeoChatDock(QgsDockWidget):
                 plan = plan_tiles(raster, spec, extent=area.extent, extent_crs=area.crs, aoi=area.aoi)
                 if not tiled:
                     plan = replace(plan, tiles=plan.tiles[:1])
-            return plan, (backend_spec(model_key, settings, api_key) if then else None)
+            if then is None:
+                return plan, None, None
+            missing = missing_for(settings.backend, settings.runtime, settings.device)
+            return plan, backend_spec(model_key, settings, api_key), missing
 
         def planned(result) -> None:
-            plan, backend = result
+            plan, backend, missing = result
+            if missing is not None and not self._install_dependencies(settings.backend):
+                return
             seconds = 0.0
             if plan is not None:
                 self.preview.show(plan)
@@ -387,6 +394,18 @@ class GeoChatDock(QgsDockWidget):
         task.taskCompleted.connect(self._update_enabled)
         task.taskTerminated.connect(self._update_enabled)
         self._update_enabled()
+
+    def _install_dependencies(self, backend: str) -> bool:
+        """The backend's packages are missing: offer the installer; True once installed."""
+        from .deps_dialog import DepsDialog
+
+        if DepsDialog(backend, self, device=self.settings.device).exec_() != QDialog.Accepted:
+            self.chat.add("error", f"The {backend} backend's packages are not installed: install "
+                                   "them (Plugins > GeoChat > Install model dependencies...) or "
+                                   "choose another backend.")
+            return False
+        self.runner.cache.clear()  # a runtime started before the install must not be reused
+        return True
 
     def _report_plan_problem(self, message: str, then) -> None:
         self.preview_label.setText(message)

@@ -25,22 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def overview_spec(args: argparse.Namespace, family: str):
     """A TileSpec that covers the extent with one tile, and a sentence saying how."""
-    from dataclasses import replace
+    from ..core.chat import overview_spec as one_tile_spec
 
-    from ..core.tiling import plan_tiles
-
-    spec = tile_spec(args, family, overlap=0.0)
-    plan = plan_tiles(args.raster, spec, extent=args.extent, extent_crs=args.extent_crs,
-                      aoi=args.aoi)
-    width, height = plan.area_window[2:]
-    scale = plan.scale * max(width, height) / plan.window_px
-    if len(plan) <= 1 or scale <= 1:
-        return spec, (f"one {spec.tile_size} px tile at {plan.native_gsd_m * plan.scale:.3g} m "
-                      "per pixel")
-    gsd = plan.native_gsd_m * scale * (1 + 1e-9)
-    return replace(spec, gsd=gsd), (
-        f"an overview of the extent ({width} x {height} px) downsampled to one "
-        f"{spec.tile_size} px tile at {gsd:.3g} m per pixel")
+    return one_tile_spec(args.raster, tile_spec(args, family, overlap=0.0), args.extent,
+                         args.extent_crs, args.aoi)
 
 
 def run(args: argparse.Namespace) -> int:

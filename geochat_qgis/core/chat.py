@@ -56,12 +56,13 @@ class ChatReply:
     generated_tokens: int
 
 
-def overview_plan(raster: str, spec: TileSpec, extent=None, extent_crs: Optional[str] = None,
-                  aoi: Any = None) -> tuple[TilePlan, str]:
-    """A plan with exactly one tile covering the extent, and a sentence saying how it was made.
+def overview_spec(raster: str, spec: TileSpec, extent=None, extent_crs: Optional[str] = None,
+                  aoi: Any = None) -> tuple[TileSpec, str]:
+    """A spec whose single tile covers the extent, and a sentence saying how.
 
     The extent fits one tile at native resolution, or is downsampled to one tile (a coarser GSD,
-    read from overviews with average resampling).
+    read from overviews with average resampling). The dock, ``ask`` and Processing's describe
+    share this rule.
     """
     spec = replace(spec, overlap=0.0)
     plan = plan_tiles(raster, spec, extent=extent, extent_crs=extent_crs, aoi=aoi)
@@ -69,12 +70,17 @@ def overview_plan(raster: str, spec: TileSpec, extent=None, extent_crs: Optional
     scale = plan.scale * max(width, height) / plan.window_px
     if len(plan) > 1 and scale > 1:
         gsd = plan.native_gsd_m * scale * (1 + 1e-9)
-        plan = plan_tiles(raster, replace(spec, gsd=gsd), extent=extent, extent_crs=extent_crs,
-                          aoi=aoi)
-        how = (f"an overview of the extent ({width} x {height} px) downsampled to one "
-               f"{spec.tile_size} px tile at {gsd:.3g} m per pixel")
-    else:
-        how = f"one {spec.tile_size} px tile at {plan.native_gsd_m * plan.scale:.3g} m per pixel"
+        return replace(spec, gsd=gsd), (
+            f"an overview of the extent ({width} x {height} px) downsampled to one "
+            f"{spec.tile_size} px tile at {gsd:.3g} m per pixel")
+    return spec, f"one {spec.tile_size} px tile at {plan.native_gsd_m * plan.scale:.3g} m per pixel"
+
+
+def overview_plan(raster: str, spec: TileSpec, extent=None, extent_crs: Optional[str] = None,
+                  aoi: Any = None) -> tuple[TilePlan, str]:
+    """A plan with exactly one tile covering the extent (see :func:`overview_spec`)."""
+    spec, how = overview_spec(raster, spec, extent, extent_crs, aoi)
+    plan = plan_tiles(raster, spec, extent=extent, extent_crs=extent_crs, aoi=aoi)
     if not plan.tiles:
         raise GeoChatError("the extent holds no raster pixels: choose an extent over the raster")
     return replace(plan, tiles=plan.tiles[:1]), how

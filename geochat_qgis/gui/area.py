@@ -10,6 +10,8 @@ from qgis.gui import QgsMapCanvas
 from shapely.geometry.base import BaseGeometry
 
 from ..core.errors import GeoChatError
+from ..toolbelt.detection_features import crs_to_text
+from ..toolbelt.feature_detections import to_shapely
 
 CANVAS, LAYER, RECTANGLE, SELECTION = "canvas", "layer", "rectangle", "selection"
 CHOICES = {
@@ -31,10 +33,8 @@ class Area:
 
 
 def crs_wkt(crs: QgsCoordinateReferenceSystem) -> str:
-    """WKT the core (pyproj) reads; an authority id is enough where there is one."""
-    return crs.authid() if crs.authid().upper().startswith("EPSG:") else crs.toWkt(
-        QgsCoordinateReferenceSystem.WKT_PREFERRED
-    )
+    """The CRS as the core takes it ('EPSG:n' or WKT); '' when invalid."""
+    return crs_to_text(crs) or ""
 
 
 def rectangle_tuple(rect: QgsRectangle) -> tuple[float, float, float, float]:
@@ -65,11 +65,9 @@ def selection_area(layer: Optional[QgsMapLayer]) -> Area:
     geoms = [f.geometry() for f in layer.getSelectedFeatures() if not f.geometry().isEmpty()]
     if not geoms:
         raise GeoChatError(f"no polygon is selected in '{layer.name()}': select one or more first")
-    aoi = shapely.union_all([shapely.from_wkb(bytes(g.asWkb())) for g in geoms])
+    aoi = shapely.union_all([to_shapely(g) for g in geoms])
     return Area(aoi.bounds, crs_wkt(layer.crs()), aoi,
                 f"{len(geoms)} selected polygon(s) of '{layer.name()}'")
 
 
-def qgs_to_shapely(geometry) -> BaseGeometry:
-    """A QgsGeometry as a shapely geometry (same coordinates)."""
-    return shapely.from_wkb(bytes(geometry.asWkb()))
+qgs_to_shapely = to_shapely  # curves segmentised, Z/M dropped

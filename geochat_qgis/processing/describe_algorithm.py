@@ -2,7 +2,6 @@
 footprints of the tiles it looked at."""
 from __future__ import annotations
 
-import argparse
 import html
 import os
 import uuid
@@ -76,6 +75,7 @@ class DescribeAlgorithm(GeoChatAlgorithm):
 
     def processAlgorithm(self, parameters: dict, context: QgsProcessingContext,  # noqa: N802
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
+        from ..core.chat import overview_spec
         from ..core.errors import GeoChatError
         from ..core.tiling import plan_tiles
 
@@ -85,7 +85,8 @@ class DescribeAlgorithm(GeoChatAlgorithm):
             spec = p.read_backend(self, parameters, context)
             tiles = p.read_tile_spec(self, parameters, context, area.raster, spec.family)
             if self.parameterAsBoolean(parameters, OVERVIEW, context):
-                tiles, how = in_python_thread(overview, area, tiles, spec.family)
+                tiles, how = in_python_thread(overview_spec, area.raster, tiles, area.extent,
+                                              area.extent_crs, area.aoi)
                 feedback.pushInfo(f"Looking at {how}")
             job = p.read_job(self, parameters, context, area, spec, tiles,
                              classes=[c.strip() for c in classes.split(",") if c.strip()])
@@ -111,16 +112,6 @@ class DescribeAlgorithm(GeoChatAlgorithm):
                                 QgsFeatureSink.FastInsert)
             outputs[p.OUTPUT] = dest
         return outputs
-
-
-def overview(area: p.Area, tiles, family: str):
-    """A TileSpec covering the area with one tile, and how (the ``ask`` command's rule)."""
-    from ..cli.ask import overview_spec
-
-    args = argparse.Namespace(raster=area.raster, extent=area.extent,
-                              extent_crs=area.extent_crs, aoi=area.aoi,
-                              tile_size=tiles.tile_size, gsd=tiles.gsd, bands=tiles.bands)
-    return overview_spec(args, family)
 
 
 def answer_text(answer) -> str:

@@ -26,6 +26,8 @@ from qgis.core import (
     QgsProcessingParameterString,
 )
 
+from ..toolbelt.detection_features import crs_to_text
+
 INPUT = "INPUT"
 EXTENT = "EXTENT"
 AOI = "AOI"
@@ -79,13 +81,7 @@ def choice(name: str, description: str, options: Sequence[str], default: str
     return parameter
 
 
-def crs_text(crs: QgsCoordinateReferenceSystem) -> Optional[str]:
-    """A CRS as the core takes it: 'EPSG:n' when QGIS knows the code, else WKT2; None if invalid."""
-    if not crs.isValid():
-        return None
-    if crs.authid().upper().startswith("EPSG:"):
-        return crs.authid()
-    return crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED)
+crs_text = crs_to_text  # the toolbelt's: one rule for the dock, Processing and exports
 
 
 # -------------------------------------------------------------------- adding parameters

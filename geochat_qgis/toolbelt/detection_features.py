@@ -39,6 +39,15 @@ def crs_from_text(text: Optional[str]) -> QgsCoordinateReferenceSystem:
     return QgsCoordinateReferenceSystem(text)
 
 
+def crs_to_text(crs: QgsCoordinateReferenceSystem) -> Optional[str]:
+    """A CRS as the core takes it: 'EPSG:n' when QGIS knows the code, else WKT2; None if invalid."""
+    if not crs.isValid():
+        return None
+    if crs.authid().upper().startswith("EPSG:"):
+        return crs.authid()
+    return crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED)
+
+
 def detection_feature(
     det: Detection, index: int, fields: QgsFields, provenance: Optional[Mapping[str, Any]] = None
 ) -> QgsFeature:

@@ -76,13 +76,6 @@ class LlamaServer:
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    from geochat_qgis.core.weights.tiny import build_tiny_geochat
-
-    return build_tiny_geochat(tmp_path_factory.mktemp("tiny") / "gguf", "gguf")
-
-
-@pytest.fixture(scope="module")
 def server(tiny_gguf, tmp_path_factory):
     running = LlamaServer(tiny_gguf, tmp_path_factory.mktemp("server") / "server.log", KEY)
     yield running

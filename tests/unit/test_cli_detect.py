@@ -20,13 +20,6 @@ pytest.importorskip("llama_cpp")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    from geochat_qgis.core.weights.tiny import build_tiny_geochat
-
-    return build_tiny_geochat(tmp_path_factory.mktemp("tiny") / "gguf", "gguf")
-
-
 def detect_args(raster, model, out, *extra: str) -> list[str]:
     return ["detect", str(raster), "--model", str(model), "--task", "refer", "--prompt", "car",
             "--max-new-tokens", "40", "-o", str(out), *extra]

@@ -19,13 +19,6 @@ pytest.importorskip("llama_cpp")
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    from geochat_qgis.core.weights.tiny import build_tiny_geochat
-
-    return build_tiny_geochat(tmp_path_factory.mktemp("tiny") / "gguf", "gguf")
-
-
-@pytest.fixture(scope="module")
 def backend(tiny_gguf):
     with LlamaCppBackend(tiny_gguf) as loaded:
         yield loaded

@@ -83,14 +83,6 @@ def chat():
     server.server_close()
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    """The project's tiny random GeoChat as a GGUF pair (model.gguf + mmproj.gguf)."""
-    from geochat_qgis.core.weights.tiny import build_tiny_geochat
-
-    return build_tiny_geochat(tmp_path_factory.mktemp("tiny") / "gguf", "gguf", seed=0)
-
-
 @pytest.fixture
 def backend(chat):
     spec = BackendSpec("openai", "tiny", "geochat", None,

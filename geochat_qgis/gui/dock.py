@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional
 
 from qgis.core import (
     Qgis,
+    QgsApplication,
     QgsFeatureRequest,
     QgsGeometry,
     QgsMapLayer,
@@ -43,9 +44,20 @@ from .chat_view import ChatView
 from .deps_check import missing_for
 from .layer_summary import describe_layer, raster_or_none
 from .map_tools import RegionMapTool
-from .model_choice import MISSING, NEEDS_GPU, NOT_FOUND, backend_spec, model_choices, model_status
+from .model_choice import (
+    MISSING,
+    NEEDS_GPU,
+    NOT_FOUND,
+    SERVER,
+    UNREACHABLE,
+    backend_spec,
+    check_server,
+    model_choices,
+    model_status,
+)
 from .result_layers import add_result_layer, results_folder, write_result_file
 from .results_bar import ResultsBar
+from .run_task import GeoChatTask
 from .runner import Runner
 from .tile_preview import TilePreview, describe_estimate, estimate_seconds, human_duration
 
@@ -93,6 +105,7 @@ class GeoChatDock(QgsDockWidget):
         self.region_tool.regionDrawn.connect(self._on_region)
         self._watched_layers: set[str] = set()
         self.aoi_layer: Optional[QgsVectorLayer] = None
+        self._server_check: Optional[GeoChatTask] = None
         self._build_ui()
         self.iface.currentLayerChanged.connect(self.set_layer)
         QgsProject.instance().readProject.connect(self._reload_history)
@@ -270,9 +283,26 @@ class GeoChatDock(QgsDockWidget):
             status, sentence = model_status(self.model_combo.currentData() or "", self.settings)
         except GeoChatError as exc:
             status, sentence = NOT_FOUND, str(exc)
-        colour = "#b00020" if status in (MISSING, NEEDS_GPU, NOT_FOUND) else "#2e7d32"
-        self.status_label.setText(f'<span style="color:{colour}">{status}</span>: {sentence}')
+        self._show_status(status, sentence)
         self.download_button.setVisible(status == MISSING)
+        if status == SERVER:
+            self._check_server()
+
+    def _show_status(self, status: str, sentence: str) -> None:
+        colour = "#b00020" if status in (MISSING, NEEDS_GPU, NOT_FOUND, UNREACHABLE) else "#2e7d32"
+        self.status_label.setText(f'<span style="color:{colour}">{status}</span>: {sentence}')
+
+    def _check_server(self) -> None:
+        """Ask the server for its models in the background; the status line follows."""
+        try:
+            spec = backend_spec(self.model_combo.currentData() or "", self.settings, self._api_key())
+        except GeoChatError as exc:
+            self._show_status(UNREACHABLE, str(exc))
+            return
+        self._server_check = GeoChatTask("GeoChat: checking the server",
+                                         lambda _cancel, _token, _progress: check_server(spec))
+        self._server_check.resultReady.connect(lambda result: self._show_status(*result))
+        QgsApplication.taskManager().addTask(self._server_check)
 
     def download_model(self) -> None:
         """Fetch the chosen catalog model in a task, with progress; the status follows."""

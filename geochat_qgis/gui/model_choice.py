@@ -14,6 +14,21 @@ from ..core.weights.demo import DEMO_NAME, DEMO_NOTE, demo_model_dir
 from ..toolbelt.settings import PluginSettings
 
 READY, MISSING, NEEDS_GPU, SERVER, NOT_FOUND = "ready", "not downloaded", "needs a GPU", "server", "not found"
+UNREACHABLE = "server unreachable"
+
+
+def check_server(spec: BackendSpec) -> tuple[str, str]:
+    """(status, sentence) after asking the server for its models (worker thread: it waits)."""
+    from ..core.backends.factory import create_backend
+
+    backend = create_backend(spec)
+    try:
+        backend.load()  # GET /models: refused, timeout, 401 and 404 each give a clear message
+    except GeoChatError as exc:
+        return UNREACHABLE, str(exc)
+    finally:
+        backend.close()
+    return READY, f"{spec.settings.get('base_url')} serves '{spec.model}'"
 
 
 @dataclass(frozen=True)

@@ -285,3 +285,38 @@ def test_identify_a_drawn_region(dock, qgis_iface):
     assert answers, dock.chat.messages
     answer = answers[-1]
     assert answer["user_text"].startswith("[identify] What is the object present at {<")
+
+
+def test_server_status_says_unreachable_then_ready(dock, tiny_gguf):
+    """The openai backend's status line asks the server: a closed port, then a real
+    `python -m llama_cpp.server` on 127.0.0.1 serving the tiny GGUF."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dock.settings.backend = "openai"
+    dock.settings.server_url = f"http://127.0.0.1:{port}/v1"
+    dock.settings.server_model = "tiny"
+    dock.refresh_model_status()
+    run_until_done(dock)
+    assert "server unreachable" in dock.status_label.text(), dock.status_label.text()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_gguf / "model.gguf"),
+         "--clip_model_path", str(tiny_gguf / "mmproj.gguf"), "--chat_format", "llava-1-5",
+         "--model_alias", "tiny", "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            dock.refresh_model_status()
+            run_until_done(dock)
+            if "ready" in dock.status_label.text():
+                break
+            time.sleep(0.5)
+        assert "serves 'tiny'" in dock.status_label.text(), dock.status_label.text()
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -40,6 +40,7 @@ class GeoChatTask(QgsTask):
 
     def run(self) -> bool:  # worker thread
         try:
+            self.cancel_token.raise_if_cancelled()  # cancelled while still queued
             self.result_value = in_python_thread(
                 self.work, self.cancel_token, self._on_token, self._on_progress)
         except Cancelled:

@@ -58,12 +58,14 @@ class Runner:
         return self.task
 
     def cancel(self) -> None:
+        """Stop the current task between tokens or tiles. Only the core's token is set:
+        QgsTask.cancel() on a task still queued has crashed QGIS 3.22 (seen in tests)."""
         if self.busy:
-            self.task.cancel()
+            self.task.cancel_token.cancel()
 
     def close(self, wait_ms: int = 15000) -> None:
         """Cancel what runs, wait for it to stop, and free the model (plugin unload)."""
         if self.busy:
-            self.task.cancel()
+            self.task.cancel_token.cancel()
             self.task.waitForFinished(wait_ms)
         self.cache.clear()

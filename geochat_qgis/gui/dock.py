@@ -32,7 +32,7 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from ..core.chat import ChatReply, ChatRequest
+from ..core.chat import ChatReply, ChatRequest, overview_plan
 from ..core.errors import GeoChatError
 from ..core.pipeline import Job, JobResult
 from ..core.tiling import TileSpec, plan_tiles
@@ -275,7 +275,8 @@ class GeoChatDock(QgsDockWidget):
         dialog = SettingsDialog(self.settings, self)
         if dialog.exec_():
             self.backend_combo.setCurrentIndex(max(0, self.backend_combo.findData(self.settings.backend)))
-            self.runner.cache.clear()  # a changed runtime or device loads afresh
+            if not self.runner.busy:
+                self.runner.cache.clear()  # a changed runtime or device loads afresh
             self.refresh_model_status()
 
     def refresh_model_status(self) -> None:
@@ -395,10 +396,10 @@ class GeoChatDock(QgsDockWidget):
 
         def work(_cancel, _on_token, _on_progress):
             plan = None
-            if area is not None:
+            if area is not None and tiled:
                 plan = plan_tiles(raster, spec, extent=area.extent, extent_crs=area.crs, aoi=area.aoi)
-                if not tiled:
-                    plan = replace(plan, tiles=plan.tiles[:1])
+            elif area is not None:  # a question is asked about one (overview) tile of the area
+                plan, _how = overview_plan(raster, spec, area.extent, area.crs, area.aoi)
             if then is None:
                 return plan, None, None
             missing = missing_for(settings.backend, settings.runtime, settings.device)

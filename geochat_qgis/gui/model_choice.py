@@ -69,9 +69,9 @@ def model_status(choice_key: str, settings: PluginSettings) -> tuple[str, str]:
         return NOT_FOUND, f"'{choice_key}' is neither a file nor a catalog model"
     entry = catalog.get(choice_key)
     if entry.family == "geopixel":
-        from ..core.backends.geopixel import cuda_available
+        from ..core.deps.gpu import nvidia_gpus  # asks nvidia-smi: no torch import in QGIS
 
-        if not cuda_available():
+        if not nvidia_gpus():
             return NEEDS_GPU, "GeoPixel needs an NVIDIA GPU with CUDA; use a GeoChat GGUF model here"
     if stored_status(entry, settings.cache_dir or None) != "installed":
         return MISSING, f"{entry.title or entry.name} is not downloaded yet"

@@ -22,6 +22,13 @@ class GeoChatProvider(QgsProcessingProvider):
     def icon(self) -> QIcon:
         return QIcon(str(resource("icon.png")))
 
+    def unload(self) -> None:
+        """Removed from the registry (plugin unload): free the models kept for batches."""
+        from .running import release_models
+
+        release_models()
+        super().unload()
+
     def loadAlgorithms(self) -> None:  # noqa: N802
         from .algorithms import algorithms
 

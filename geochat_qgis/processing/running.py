@@ -1,6 +1,7 @@
 """Running a core Job under a QgsProcessingFeedback: progress per tile, cancel, clear errors."""
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 from qgis.core import QgsProcessingException, QgsProcessingFeedback
@@ -9,6 +10,30 @@ from qgis.PyQt.QtCore import Qt
 from ..core.threads import CallerThread, in_python_thread
 
 MAX_REPORTED_FAILURES = 5
+
+# A batch (many rasters, many prompts) loads its model once: the last model stays loaded per
+# runtime, and runs on it take turns (llama.cpp and torch models are not shared across threads).
+_CACHES: dict = {}
+_RUN_LOCK = threading.Lock()
+
+
+def loaded_backend(spec, runtime: str):
+    """The loaded backend for ``spec`` in ``runtime``, reused from the previous run when equal."""
+    from ..core.backends.factory import BackendCache
+    from ..core.runtime.backend import open_backend
+
+    cache = _CACHES.get(runtime)
+    if cache is None:
+        cache = _CACHES[runtime] = BackendCache(lambda s: open_backend(s, runtime))
+    return cache.get(spec)
+
+
+def release_models() -> None:
+    """Free every model Processing keeps loaded (provider unload)."""
+    with _RUN_LOCK:
+        for cache in _CACHES.values():
+            cache.clear()
+        _CACHES.clear()
 
 
 def run_with_feedback(job, runtime: str, feedback: Optional[QgsProcessingFeedback]):
@@ -25,7 +50,6 @@ def run_with_feedback(job, runtime: str, feedback: Optional[QgsProcessingFeedbac
     from ..core.backends.base import CancelToken
     from ..core.errors import GeoChatError
     from ..core.pipeline import run_job
-    from ..core.runtime.backend import open_backend
 
     feedback = feedback or QgsProcessingFeedback()
     cancel = CancelToken()
@@ -41,11 +65,9 @@ def run_with_feedback(job, runtime: str, feedback: Optional[QgsProcessingFeedbac
     caller = CallerThread()
 
     def run():
-        backend = open_backend(job.backend, runtime)
-        try:
+        with _RUN_LOCK:
+            backend = loaded_backend(job.backend, runtime)
             return run_job(job, backend, on_progress=caller.wrap(on_progress), cancel=cancel)
-        finally:
-            backend.close()
 
     feedback.pushInfo(f"Model: {job.backend.kind} {job.backend.model}")
     try:

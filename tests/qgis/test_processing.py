@@ -215,15 +215,21 @@ def test_batch_over_two_rasters_and_two_prompts(provider, tiny_gguf, data_dir, t
     through QgsProcessingAlgRunnerTask on the task manager (a worker thread, as in QGIS)."""
     import processing
 
+    from geochat_qgis.processing import running
+
     rows = [(data_dir / raster, prompt)
             for raster in ("cogeo.tif", "rgb1_fake_nir_epsg3857.tif")
             for prompt in ("car", "building")]
     outputs = []
+    loaded = []
     for index, (raster, prompt) in enumerate(rows[:-1]):
         output = tmp_path / f"row{index}.gpkg"
         results = processing.run("geochat:detect", detect_parameters(
             tiny_gguf, raster, prompt, str(output), corner_extent(raster, 200, 200)))
         outputs.append((results, output, prompt))
+        loaded.append(running._CACHES["inprocess"]._backend)
+    # the batch loads its model once: every row ran on the same loaded backend
+    assert loaded[0] is not None and all(backend is loaded[0] for backend in loaded)
 
     raster, prompt = rows[-1]
     output = tmp_path / "row3.gpkg"

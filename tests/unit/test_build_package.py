@@ -39,7 +39,8 @@ def test_zip_passes_every_rule(plugin_zip):
     names = zipfile.ZipFile(plugin_zip).namelist()
     assert {n.split("/")[0] for n in names} == {"geochat_qgis"}
     for required in ("__init__.py", "metadata.txt", "LICENSE", "resources/icon.png",
-                     "resources/demo/cogeo.tif", "core/errors.py"):
+                     "resources/demo/cogeo.tif", "resources/styles/detections_boxes.qml",
+                     "models/catalog.json", "core/errors.py"):
         assert f"geochat_qgis/{required}" in names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     assert plugin_zip.stat().st_size < build.MAX_ZIP_BYTES

@@ -377,6 +377,8 @@ def startup_script(body: str, headless: bool, settle_ms: int = 3000, timeout_s: 
 
         def _geochat_done():
             if {headless!r}:
+                # nobody is there to answer "save?" or "temporary layers will be lost"
+                QgsProject.instance().clear()
                 QgsProject.instance().setDirty(False)
                 iface.mainWindow().close()
 

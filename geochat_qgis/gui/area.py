@@ -69,5 +69,3 @@ def selection_area(layer: Optional[QgsMapLayer]) -> Area:
     return Area(aoi.bounds, crs_wkt(layer.crs()), aoi,
                 f"{len(geoms)} selected polygon(s) of '{layer.name()}'")
 
-
-qgs_to_shapely = to_shapely  # curves segmentised, Z/M dropped

@@ -17,6 +17,7 @@ from ..core.errors import GeoChatError
 from ..core.pipeline import Job, JobResult
 from ..core.tiling import TileSpec, plan_tiles
 from ..core.weights.demo import DEMO_NAME
+from ..toolbelt.feature_detections import to_shapely
 from ..toolbelt.settings import DEFAULT_SECONDS_PER_TILE, load_speed, save_speed
 from . import area as areas
 from .chat_history import model_history, save_history
@@ -171,7 +172,7 @@ class RunsMixin:
         if task == "identify":
             if self.region is None:
                 raise GeoChatError("draw the region first: press Region, click its corners, right click")
-            region, region_crs = areas.qgs_to_shapely(self.region), areas.crs_wkt(self._canvas_crs())
+            region, region_crs = to_shapely(self.region), areas.crs_wkt(self._canvas_crs())
         classes = [c.strip() for c in self.classes_edit.text().split(",") if c.strip()]
         request = ChatRequest(
             self.layer.source(), question, task=task, family=spec.family,

@@ -49,6 +49,13 @@ def dock(qgis_iface, qgis_new_project, demo_raster, demo_cache):
     QgsProject.instance().removeAllMapLayers()
 
 
+def choose(dock: GeoChatDock, task: str, prompt: str, area: str = areas.LAYER) -> None:
+    """Set the task, area and prompt as the analyst does in the dock."""
+    dock.task_combo.setCurrentIndex(dock.task_combo.findData(task))
+    dock.area_combo.setCurrentIndex(dock.area_combo.findData(area))
+    dock.prompt_edit.setText(prompt)
+
+
 def run_until_done(dock: GeoChatDock, timeout: float = 120.0) -> float:
     """Spin the event loop until the dock's task ends; returns the longest main-thread stall (ms)."""
     gaps = []
@@ -77,9 +84,7 @@ def run_until_done(dock: GeoChatDock, timeout: float = 120.0) -> float:
 
 def test_find_objects_adds_a_layer_in_project_crs(dock):
     dock.settings.runtime = "subprocess"  # the plugin's default: the model runs in a child
-    dock.task_combo.setCurrentIndex(dock.task_combo.findData("refer"))
-    dock.area_combo.setCurrentIndex(dock.area_combo.findData(areas.LAYER))
-    dock.prompt_edit.setText("car")
+    choose(dock, "refer", "car")
     # a first preview imports the geo libraries once (dlopen holds the GIL whichever thread
     # does it); the run below is then measured as an analyst's every run is
     dock.show_preview()
@@ -109,9 +114,7 @@ def test_find_objects_adds_a_layer_in_project_crs(dock):
 
 
 def test_chat_streams_tokens_and_keeps_history_with_the_project(dock):
-    dock.task_combo.setCurrentIndex(dock.task_combo.findData("chat"))
-    dock.area_combo.setCurrentIndex(dock.area_combo.findData(areas.LAYER))
-    dock.prompt_edit.setText("What is in this image?")
+    choose(dock, "chat", "What is in this image?")
     streamed = []
     stream_to_view = dock.chat.append_token
     dock.chat.append_token = lambda piece: (streamed.append(piece), stream_to_view(piece))
@@ -128,9 +131,7 @@ def test_chat_streams_tokens_and_keeps_history_with_the_project(dock):
 
 
 def test_export_detections_and_export_all(dock, tmp_path):
-    dock.task_combo.setCurrentIndex(dock.task_combo.findData("refer"))
-    dock.area_combo.setCurrentIndex(dock.area_combo.findData(areas.LAYER))
-    dock.prompt_edit.setText("car; tree")
+    choose(dock, "refer", "car; tree")
     dock.send()
     run_until_done(dock)
     layer = dock.results_bar.current_result_layer()
@@ -193,9 +194,7 @@ def test_download_button_fetches_a_catalog_model_then_runs_it(
         assert "ready" in widget.status_label.text(), widget.chat.messages
         assert widget.download_button.isHidden() and widget.progress.value() == 100
         assert (tmp_path / "cache" / "models" / "team-tiny" / "model.gguf").is_file()
-        widget.task_combo.setCurrentIndex(widget.task_combo.findData("refer"))
-        widget.area_combo.setCurrentIndex(widget.area_combo.findData(areas.LAYER))
-        widget.prompt_edit.setText("road")
+        choose(widget, "refer", "road")
         widget.send()
         run_until_done(widget)
         answer = widget.chat.messages[-1]
@@ -211,9 +210,7 @@ def test_download_button_fetches_a_catalog_model_then_runs_it(
 
 def test_cancel_mid_run_ends_within_a_tile_and_keeps_finished_tiles(dock):
     dock.settings.overlap = 0.5  # 16 tiles over the 1024 px demo raster
-    dock.task_combo.setCurrentIndex(dock.task_combo.findData("refer"))
-    dock.area_combo.setCurrentIndex(dock.area_combo.findData(areas.LAYER))
-    dock.prompt_edit.setText("house")
+    choose(dock, "refer", "house")
     marks: dict[str, float] = {}
 
     def on_progress(done: int, total: int) -> None:
@@ -244,9 +241,7 @@ def test_cancel_mid_run_ends_within_a_tile_and_keeps_finished_tiles(dock):
 
 
 def test_phrase_click_selects_features_and_selection_highlights_the_phrase(dock):
-    dock.task_combo.setCurrentIndex(dock.task_combo.findData("refer"))
-    dock.area_combo.setCurrentIndex(dock.area_combo.findData(areas.LAYER))
-    dock.prompt_edit.setText("car; tree")
+    choose(dock, "refer", "car; tree")
     dock.send()
     run_until_done(dock)
     answer = dock.chat.messages[-1]

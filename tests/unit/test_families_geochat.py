@@ -169,5 +169,42 @@ def test_multi_turn_history_uses_llava_v1(geochat):
     turns = [(geochat.build_prompt("vqa", "Is there water?"), "Yes"), ("Where?", None)]
     prompt = geochat.template(turns)
     assert prompt == llava_v1_prompt(turns)
-    assert prompt.endswith("ASSISTANT: Yes</s> USER: Where? ASSISTANT:")
+    assert prompt.endswith("ASSISTANT: Yes</s>USER: Where? ASSISTANT:")
     assert geochat.preprocess.pad_rgb == (122, 116, 104) and geochat.preprocess.size == 504
+
+
+def _geochat_conversation(turns) -> str:
+    """GeoChat's conv_llava_v1.get_prompt (SeparatorStyle.TWO, sep " ", sep2 "</s>"), written out:
+    system + sep, then each message "ROLE: text" + seps[i % 2], the open turn "ASSISTANT:"."""
+    seps = [" ", "</s>"]
+    text = llava_v1_prompt([])[: -1] + seps[0]  # the system prompt
+    messages = []
+    for index, (user, answer) in enumerate(turns):
+        messages += [("USER", ("<image>\n" if index == 0 else "") + user), ("ASSISTANT", answer)]
+    for i, (role, message) in enumerate(messages):
+        text += f"{role}: {message}{seps[i % 2]}" if message else f"{role}:"
+    return text
+
+
+@pytest.mark.parametrize("turns", [
+    [("What is this?", None)],
+    [("Is there water?", "Yes"), ("Where?", None)],
+    [("a", "b"), ("c", "d"), ("e", None)],
+])
+def test_prompt_equals_geochat_conversation_string(turns):
+    assert llava_v1_prompt(turns) == _geochat_conversation(turns)
+    assert "</s> USER" not in llava_v1_prompt(turns)
+
+
+def test_chat_template_renders_the_same_multi_turn_prompt():
+    from jinja2 import Template
+
+    from geochat_qgis.core.weights.geochat_tokenizer import LLAVA_V1_CHAT_TEMPLATE
+
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there water?"}]},
+        {"role": "assistant", "content": "Yes"},
+        {"role": "user", "content": "Where?"},
+    ]
+    rendered = Template(LLAVA_V1_CHAT_TEMPLATE).render(messages=messages)
+    assert rendered == llava_v1_prompt([("Is there water?", "Yes"), ("Where?", None)])

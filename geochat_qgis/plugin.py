@@ -89,7 +89,7 @@ class GeoChatPlugin:
             from .gui.dock import GeoChatDock
 
             self.dock = GeoChatDock(self.iface, self.iface.mainWindow())
-            self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
+            self.iface.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
             self.dock.visibilityChanged.connect(self.action.setChecked)
         self.dock.show()
         self.dock.raise_()

@@ -83,12 +83,12 @@ class ChatView(QTextBrowser):
         """Open an answer that tokens are appended to as they arrive."""
         self.render()
         self._streaming = True
-        self.moveCursor(QTextCursor.End)
+        self.moveCursor(QTextCursor.MoveOperation.End)
         self.insertHtml(self._header("assistant"))
 
     def append_token(self, piece: str) -> None:
         if self._streaming:
-            self.moveCursor(QTextCursor.End)
+            self.moveCursor(QTextCursor.MoveOperation.End)
             self.insertPlainText(piece)
             self.ensureCursorVisible()
 
@@ -108,7 +108,7 @@ class ChatView(QTextBrowser):
                                self.highlighted.get(layer_id or "", ()))
             parts.append(f"<p>{self._header(message['role'])}{body}</p>")
         self.setHtml("".join(parts))
-        self.moveCursor(QTextCursor.End)
+        self.moveCursor(QTextCursor.MoveOperation.End)
 
     @staticmethod
     def _header(role: str) -> str:

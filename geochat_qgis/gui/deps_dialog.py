@@ -2,8 +2,8 @@
 
 Install runs the core's ``install_backend`` in a GeoChatTask: pip's lines stream into the log
 as they come, the import check in a fresh process ends it. Closing the dialog while it installs
-cancels the install (pip is stopped; what it finished stays). ``exec_()`` returns
-``QDialog.Accepted`` when the packages were installed and verified here, else ``Rejected``.
+cancels the install (pip is stopped; what it finished stays). ``exec()`` returns
+``QDialog.DialogCode.Accepted`` when the packages were installed and verified here, else ``Rejected``.
 """
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ class DepsDialog(QDialog):
         self.log_view.setObjectName("GeoChatDepsLog")
         self.log_view.setReadOnly(True)
         self.log_view.setMaximumBlockCount(5000)
-        self.log_view.setFont(QFontDatabase.systemFont(QFontDatabase.FixedFont))
+        self.log_view.setFont(QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))
         self.log_view.setPlaceholderText("pip's output appears here while it installs.")
         self.log_view.setMinimumHeight(160)
         layout.addWidget(self.log_view, 1)
@@ -149,7 +149,7 @@ class DepsDialog(QDialog):
     def _value_label(self, text: str = "") -> QLabel:
         label = QLabel(text, self)
         label.setWordWrap(True)
-        label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         return label
 
     def _describe(self) -> None:
@@ -291,4 +291,4 @@ class DepsDialog(QDialog):
         """Every way of closing ends here: a running install is cancelled; the result is
         Accepted when the packages were installed and verified here (whichever button)."""
         self.cancel_install()
-        super().done(QDialog.Accepted if self.installed else QDialog.Rejected)
+        super().done(QDialog.DialogCode.Accepted if self.installed else QDialog.DialogCode.Rejected)

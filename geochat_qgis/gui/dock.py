@@ -94,7 +94,7 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
         self.layer_label = QLabel(body)
         self.layer_label.setObjectName("GeoChatLayerLabel")
         self.layer_label.setWordWrap(True)
-        self.layer_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.layer_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         layout.addWidget(self.layer_label)
 
         model_row = QHBoxLayout()
@@ -249,7 +249,7 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
         from .settings_dialog import SettingsDialog
 
         dialog = SettingsDialog(self.settings, self)
-        if dialog.exec_():
+        if dialog.exec():
             self.backend_combo.setCurrentIndex(max(0, self.backend_combo.findData(self.settings.backend)))
             if not self.runner.busy:
                 self.runner.cache.clear()  # a changed runtime or device loads afresh

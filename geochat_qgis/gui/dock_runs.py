@@ -120,7 +120,7 @@ class RunsMixin:
         """The backend's packages are missing: offer the installer; True once installed."""
         from .deps_dialog import DepsDialog
 
-        if DepsDialog(backend, self, device=self.settings.device).exec_() != QDialog.Accepted:
+        if DepsDialog(backend, self, device=self.settings.device).exec() != QDialog.DialogCode.Accepted:
             self.chat.add("error", f"The {backend} backend's packages are not installed: install "
                                    "them (Plugins > GeoChat > Install model dependencies...) or "
                                    "choose another backend.")
@@ -151,7 +151,7 @@ class RunsMixin:
     def _confirm_long(self, seconds: float) -> bool:
         answer = QMessageBox.question(
             self, "GeoChat", f"This run is estimated to take {human_duration(seconds)}. Start it?")
-        return answer == QMessageBox.Yes
+        return answer == QMessageBox.StandardButton.Yes
 
     def _api_key(self) -> Optional[str]:
         if self.settings.backend != "openai" or not self.settings.auth_config_id:

@@ -11,7 +11,6 @@ from typing import Any, Optional
 from qgis.core import (
     QgsFeature,
     QgsFeatureSink,
-    QgsField,
     QgsFields,
     QgsGeometry,
     QgsProcessing,
@@ -25,9 +24,8 @@ from qgis.core import (
     QgsProcessingParameterString,
     QgsWkbTypes,
 )
-from qgis.PyQt.QtCore import QVariant
-
 from ..core.threads import in_python_thread
+from ..toolbelt.fields import make_fields
 from . import parameters as p
 from .base import GeoChatAlgorithm
 from .running import run_with_feedback
@@ -120,12 +118,8 @@ def answer_text(answer) -> str:
 
 
 def footprint_fields() -> QgsFields:
-    fields = QgsFields()
-    for name, kind in (("tile_id", QVariant.String), ("prompt", QVariant.String),
-                       ("answer", QVariant.String), ("tokens", QVariant.Int),
-                       ("seconds", QVariant.Double)):
-        fields.append(QgsField(name, kind))
-    return fields
+    return make_fields([("tile_id", "str"), ("prompt", "str"), ("answer", "str"),
+                        ("tokens", "int"), ("seconds", "float")])
 
 
 def footprint_feature(answer, footprint, fields: QgsFields) -> QgsFeature:

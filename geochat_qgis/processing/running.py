@@ -54,7 +54,7 @@ def run_with_feedback(job, runtime: str, feedback: Optional[QgsProcessingFeedbac
     feedback = feedback or QgsProcessingFeedback()
     cancel = CancelToken()
     # direct: cancel() is called from the GUI thread while this one runs the model
-    feedback.canceled.connect(cancel.cancel, Qt.DirectConnection)
+    feedback.canceled.connect(cancel.cancel, Qt.ConnectionType.DirectConnection)
     if feedback.isCanceled():
         cancel.cancel()
 

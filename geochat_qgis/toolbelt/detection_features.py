@@ -12,12 +12,11 @@ from qgis.core import (
     QgsGeometry,
     QgsVectorLayer,
 )
-from qgis.PyQt.QtCore import QVariant
 
 from ..core.export import FIELDS, feature_values
 from ..core.results import Detection, polygonal
+from .fields import field_type
 
-_QVARIANT = {"str": QVariant.String, "float": QVariant.Double}
 FEATURE_ID_FIELD = "det_index"  # position of the detection in its run: links phrases to features
 
 
@@ -25,8 +24,8 @@ def detection_fields() -> QgsFields:
     """The export schema (core.export.FIELDS) as QgsFields, plus the detection index."""
     fields = QgsFields()
     for spec in FIELDS:
-        fields.append(QgsField(spec.name, _QVARIANT[spec.type]))
-    fields.append(QgsField(FEATURE_ID_FIELD, QVariant.Int))
+        fields.append(QgsField(spec.name, field_type(spec.type)))
+    fields.append(QgsField(FEATURE_ID_FIELD, field_type("int")))
     return fields
 
 

@@ -107,7 +107,7 @@ def test_installs_a_real_package_streaming_pips_lines(dialog):
     check = probe_imports(ManagedEnv.default().python, ["tomli_w"])[0]
     assert check.ok and Path(check.file).is_relative_to(ManagedEnv.default().path)
     dialog.close_button.click()
-    assert dialog.result() == QDialog.Accepted
+    assert dialog.result() == QDialog.DialogCode.Accepted
 
 
 def test_a_package_that_does_not_exist_shows_pips_error(qgis_app, home):
@@ -121,7 +121,7 @@ def test_a_package_that_does_not_exist_shows_pips_error(qgis_app, home):
     assert "ERROR: " in widget.log_view.toPlainText()
     assert widget.install_button.isEnabled()  # one can try again
     widget.close_button.click()
-    assert widget.result() == QDialog.Rejected
+    assert widget.result() == QDialog.DialogCode.Rejected
     widget.deleteLater()
 
 

@@ -35,7 +35,7 @@ BODY = """
         iface.setActiveLayer(raster)
         window.grab().save({screenshot!r})
         report["unloaded"] = qgis.utils.unloadPlugin("geochat_qgis")
-        QCoreApplication.sendPostedEvents(None, QEvent.DeferredDelete)
+        QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
         report["docks_after_unload"] = len([d for d in window.findChildren(QDockWidget, "GeoChatDock")])
         report["reloaded"] = qgis.utils.loadPlugin("geochat_qgis") and qgis.utils.startPlugin("geochat_qgis")
         qgis.utils.plugins["geochat_qgis"].show_dock()

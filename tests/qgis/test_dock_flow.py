@@ -269,13 +269,13 @@ def test_identify_a_drawn_region(dock, qgis_iface):
     canvas.setMapTool(dock.region_tool)
     extent = dock.layer.extent()
     to_pixels = canvas.getCoordinateTransform()
-    for fx, fy, button in ((0.3, 0.3, Qt.LeftButton), (0.45, 0.3, Qt.LeftButton),
-                           (0.45, 0.5, Qt.LeftButton), (0.5, 0.5, Qt.RightButton)):
+    for fx, fy, button in ((0.3, 0.3, Qt.MouseButton.LeftButton), (0.45, 0.3, Qt.MouseButton.LeftButton),
+                           (0.45, 0.5, Qt.MouseButton.LeftButton), (0.5, 0.5, Qt.MouseButton.RightButton)):
         x = extent.xMinimum() + fx * extent.width()
         y = extent.yMaximum() - fy * extent.height()
         pixel = to_pixels.transform(x, y)
         point = QPoint(round(pixel.x()), round(pixel.y()))
-        event = QgsMapMouseEvent(canvas, QEvent.MouseButtonRelease, point, button)
+        event = QgsMapMouseEvent(canvas, QEvent.Type.MouseButtonRelease, point, button)
         dock.region_tool.canvasReleaseEvent(event)
     assert dock.region is not None and dock.region.area() > 0
     assert dock.task_name == "identify"

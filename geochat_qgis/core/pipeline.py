@@ -83,6 +83,10 @@ class Progress:
     total: int
     tile_ids: list[str]
     detections: int
+    # since the last report: georeferenced detections before merging, failed tiles (the
+    # runtime streams them, and checkpoints the detections so a crash keeps finished tiles)
+    found: list[Detection] = field(default_factory=list)
+    failures: list[TileFailure] = field(default_factory=list)
 
 
 @dataclass
@@ -168,7 +172,7 @@ def _run(job: Job, backend: Backend, on_progress: Optional[ProgressCallback],
     found: list[Detection] = []
     attributes = {"task": job.task, "model": backend.describe(), "raster": str(job.raster),
                   "run_id": job.run_id}
-    failed_in_a_row = finished = reported = 0
+    failed_in_a_row = finished = reported = sent_found = sent_failed = 0
     try:
         for batch in _batches(_prefetch(iter_tiles(plan, on_event), 2 * backend.batch_size),
                               backend.batch_size):
@@ -181,7 +185,10 @@ def _run(job: Job, backend: Backend, on_progress: Optional[ProgressCallback],
                 finished += len(batch)
                 counts = plan.counts  # tiles the reader skipped (nodata) or could not read
                 reported = min(len(plan), finished + counts.skipped_nodata + counts.failed)
-                on_progress(Progress(reported, len(plan), [t.tile_id for t in batch], len(found)))
+                failed_now = len(result.failures)  # the reading thread may append meanwhile
+                on_progress(Progress(reported, len(plan), [t.tile_id for t in batch], len(found),
+                                     found[sent_found:], result.failures[sent_failed:failed_now]))
+                sent_found, sent_failed = len(found), failed_now
             if failed_in_a_row >= job.max_consecutive_failures:
                 result.error = result.failures[-1].message
                 break
@@ -190,7 +197,8 @@ def _run(job: Job, backend: Backend, on_progress: Optional[ProgressCallback],
     except GeoChatError as exc:  # a fatal error mid-run: keep what is done
         result.error = str(exc)
     if on_progress is not None and result.complete and reported < len(plan):
-        on_progress(Progress(len(plan), len(plan), [], len(found)))  # trailing skipped tiles
+        on_progress(Progress(len(plan), len(plan), [], len(found), [],  # trailing skipped tiles
+                             result.failures[sent_failed:]))
     result.tiles_skipped = plan.counts.skipped_nodata
     result.detections = merge_detections(found, job.iou_threshold) if found else []
     result.seconds = time.perf_counter() - start

@@ -10,77 +10,27 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import psutil
 import pytest
+from chat_server import serve_chat
 
 from geochat_qgis.core.backends.base import CancelToken, Conversation, GenerateOptions
 from geochat_qgis.core.backends.factory import BackendSpec
 from geochat_qgis.core.errors import BackendError, Cancelled, GeoChatError, ModelError
 from geochat_qgis.core.runtime import protocol
 from geochat_qgis.core.runtime.backend import RuntimeSettings, SubprocessBackend, open_backend
-from geochat_qgis.core.runtime.process import RuntimeProcess, describe_exit
+from geochat_qgis.client.errors import RuntimeClientError
+from geochat_qgis.client.process import ChildProcess, describe_exit
 
 pytestmark = pytest.mark.slow
+chat = pytest.fixture(serve_chat)
 
 SETTINGS = RuntimeSettings(python=sys.executable, heartbeat_interval=0.2, heartbeat_timeout=3.0,
                            startup_timeout=60.0, cancel_grace=5.0)
 IMAGE = np.arange(28 * 28 * 3, dtype=np.uint8).reshape(28, 28, 3)
-
-
-class ChatServer(ThreadingHTTPServer):
-    """An OpenAI-compatible chat server streaming ``tokens`` pieces, ``delay`` s apart."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), ChatHandler)
-        self.tokens = [f"t{i} " for i in range(5)]
-        self.delay = 0.0
-        self.bodies: list[dict] = []
-        self.on_request = None  # called with the request count before answering
-
-    def handle_error(self, request, client_address) -> None:
-        pass  # the child being killed mid-answer is expected here
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-
-class ChatHandler(BaseHTTPRequestHandler):
-    server: ChatServer
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.bodies.append(body)
-        if self.server.on_request is not None:
-            self.server.on_request(len(self.server.bodies))
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
-        for piece in self.server.tokens:
-            time.sleep(self.server.delay)
-            event = {"choices": [{"delta": {"content": piece}, "finish_reason": None}]}
-            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
-            self.wfile.flush()
-        self.wfile.write(b"data: [DONE]\n\n")
-
-
-@pytest.fixture
-def chat():
-    server = ChatServer()
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture
@@ -202,15 +152,14 @@ def test_truncated_gguf_fails_to_load_with_a_clear_message(tiny_gguf, tmp_path, 
 
 
 def test_child_exits_when_the_parent_goes_away():
-    process = RuntimeProcess(sys.executable, 0.2, 3.0, 60.0)
+    process = ChildProcess([sys.executable], None, 0.2, 3.0, 60.0)
     process.start()
     assert process.info["pid"] == process.pid
-    process.send({"id": 7, "op": "ping"})
-    assert process.receive() == {"type": "pong", "id": 7}
-    process.send({"id": 8, "op": "generate", "images": [], "conversation": {"turns": []},
-                  "options": {}})
-    reply = process.receive()
-    assert reply["type"] == "error" and "No model is loaded" in reply["message"]
+    assert process.request({"op": "ping"})["pong"] is True
+    with pytest.raises(RuntimeClientError, match="No model is loaded") as error:
+        process.request({"op": "generate", "images": [], "conversation": {"turns": []},
+                         "options": {}})
+    assert error.value.kind == "BackendError" and not error.value.crashed
     process.proc.stdin.close()  # as when QGIS dies: the child's stdin ends
     assert process.proc.wait(timeout=30) == 0
 
@@ -218,7 +167,7 @@ def test_child_exits_when_the_parent_goes_away():
 def test_runtime_that_cannot_start_says_how_to_fix_it(tmp_path):
     runtime = SubprocessBackend(BackendSpec("openai", "m"),
                                 RuntimeSettings(python=str(tmp_path / "no-python")))
-    with pytest.raises(BackendError, match="Could not start the model runtime.*deps install"):
+    with pytest.raises(BackendError, match="Could not start the GeoChat runtime.*deps install"):
         runtime.load()
 
 

@@ -3,7 +3,9 @@
 The child builds the real backend from the same :class:`BackendSpec` through the backend
 factory. When the child crashes, is killed (out of memory), or stops answering, the request
 fails with a BackendError saying so, the child is reaped, and the next request starts a fresh
-child and loads the model again.
+child and loads the model again. (The CLI's ``--runtime subprocess``; the plugin runs whole
+jobs in the child through :mod:`geochat_qgis.client` instead.) The process handling is the
+client's, standard library only.
 """
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ...client.errors import RuntimeClientError
+from ...client.process import ChildProcess
 from ..backends.base import Backend, Conversation, GenerateOptions, Generation
 from ..backends.factory import BackendSpec, create_backend
 from ..errors import BackendError, Cancelled
 from . import protocol
-from .process import RuntimeProcess
 
 RUNTIMES = ("subprocess", "inprocess")
 
@@ -40,10 +43,9 @@ class SubprocessBackend(Backend):
     def __init__(self, spec: BackendSpec, settings: Optional[RuntimeSettings] = None) -> None:
         self.spec = spec
         self.settings = settings or RuntimeSettings()
-        self.process: Optional[RuntimeProcess] = None
+        self.process: Optional[ChildProcess] = None
         self._loaded = False
         self._describe = f"{spec.kind}:{spec.model}"
-        self._next_id = 0
         self._lock = threading.RLock()
 
     @property
@@ -55,22 +57,22 @@ class SubprocessBackend(Backend):
         """The child backend's own description (it goes into result attributes: no pid)."""
         return self._describe
 
-    def _new_id(self) -> int:
-        self._next_id += 1
-        return self._next_id
-
-    def _ensure_process(self) -> RuntimeProcess:
+    def _ensure_process(self) -> ChildProcess:
         if self.process is None or not self.process.alive:
             if self.process is not None:
                 self.process.kill()  # reap a dead one before replacing it
             from ..deps.environment import runtime_python
 
             settings = self.settings
-            process = RuntimeProcess(settings.python or runtime_python(),
-                                     settings.heartbeat_interval, settings.heartbeat_timeout,
-                                     settings.startup_timeout)
+            process = ChildProcess([settings.python or runtime_python()], None,
+                                   settings.heartbeat_interval, settings.heartbeat_timeout,
+                                   settings.startup_timeout)
             self._loaded = False
-            process.start()
+            try:
+                process.start()
+            except RuntimeClientError as exc:
+                raise BackendError(f"{exc} (`python -m geochat_qgis deps install BACKEND` "
+                                   "installs a backend's packages; or run in-process.)") from None
             self.process = process
         return self.process
 
@@ -78,41 +80,35 @@ class SubprocessBackend(Backend):
                  ) -> dict[str, Any]:
         """Send one request and wait for its result, passing streamed tokens on."""
         process = self._ensure_process()
-        request_id = self._new_id()
-        process.send({"id": request_id, **message})
         deadline: list[float] = []
 
-        def poll() -> None:
+        def poll(request_id: int) -> None:
             cancel = options.cancel if options else None
             if cancel is None or not cancel.cancelled:
                 return
             if not deadline:
                 deadline.append(time.monotonic() + self.settings.cancel_grace)
-                process.send({"id": self._new_id(), "op": "cancel", "target": request_id})
+                process.send({"op": "cancel", "target": request_id})
             elif time.monotonic() > deadline[0]:
                 process.kill()
                 self._loaded = False
                 raise Cancelled("Cancelled by the user (the model runtime was stopped to do it); "
                                 "results finished so far are kept.")
 
-        try:
-            while True:
-                reply = process.receive(poll)
-                if reply.get("id") != request_id:
-                    continue  # a late answer to an earlier, abandoned request
-                if reply["type"] == "token" and options and options.on_token:
-                    options.on_token(reply["image"], reply["text"])
-                elif reply["type"] == "result":
-                    return reply
-                elif reply["type"] == "error":
-                    raise protocol.decode_error(reply)
-        except BackendError as exc:
-            if not process.alive:
-                self._loaded = False
-                from ..deps.diagnostics import record_error
+        def on_message(reply: dict[str, Any]) -> None:
+            if reply.get("type") == "token" and options and options.on_token:
+                options.on_token(reply["image"], reply["text"])
 
-                record_error(f"runtime ({self.spec.kind}:{self.spec.model}): {exc}")
-            raise
+        try:
+            return process.request(message, on_message, poll)
+        except RuntimeClientError as exc:
+            if not exc.crashed and exc.kind != "RuntimeMissing":
+                raise protocol.decode_error({"error": exc.kind, "message": exc.message}) from None
+            self._loaded = False
+            from ..deps.diagnostics import record_error
+
+            record_error(f"runtime ({self.spec.kind}:{self.spec.model}): {exc}")
+            raise BackendError(str(exc)) from None
 
     def load(self) -> None:
         with self._lock:

@@ -5,6 +5,8 @@ Parent -> child (each with an integer ``id``)::
     {"op": "load", "spec": BackendSpec.to_dict()}
     {"op": "generate", "images": [IMAGE...], "conversation": {...}, "options": {...}}
     {"op": "cancel", "target": ID}      {"op": "ping"}      {"op": "shutdown"}
+    {"op": "plan"|"run"|"ask"|"recover"|"model_status", "request": REQUEST}   (job requests:
+    {"op": "status"}  {"op": "export", ...}  {"op": "get_model", ...}     see geochat_qgis.client)
 
     IMAGE = {"path": "tile.png"} | {"png": BASE64} | {"raw": BASE64, "shape": [H, W, 3], "dtype": "uint8"}
 
@@ -15,8 +17,9 @@ Child -> parent::
     {"type": "token", "id": ID, "image": I, "text": "..."}          (streaming)
     {"type": "result", "id": ID, ...}                               (load: describe, batch_size;
                                                                      generate: generations)
+    {"type": "event", "id": ID, "event": {"type": "progress"|"token"|"tile_failed"|...}}
     {"type": "error", "id": ID, "error": "ModelError", "message": "..."}
-    {"type": "pong", "id": ID}
+    {"type": "result", "id": ID, "pong": true}                      (ping)
 """
 from __future__ import annotations
 

@@ -1,0 +1,150 @@
+"""The runtime's other requests: status, model status, export a result file, get a model."""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import ExportError, GeoChatError
+from ..results import Detection
+from .job_ops import Context
+
+PACKAGES = ("numpy", "shapely", "pyproj", "rasterio", "pyogrio", "pillow", "gguf",
+            "llama_cpp_python", "torch", "transformers")
+BACKEND_MODULES = {"llama.cpp": ("llama_cpp",), "transformers": ("torch", "transformers"),
+                   "geopixel": ("torch", "transformers"), "openai": ()}
+
+
+def _version(package: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def missing_modules(kind: str) -> list[str]:
+    """The backend's modules this runtime cannot import (found without importing them)."""
+    return [m for m in BACKEND_MODULES.get(kind, ()) if importlib.util.find_spec(m) is None]
+
+
+def status(loaded: Optional[str]) -> dict[str, Any]:
+    """Versions, which backends can import, the GPUs nvidia-smi reports, the loaded model."""
+    from ...__about__ import version
+    from ..deps.gpu import nvidia_gpus
+
+    return {
+        "geochat": version(), "python": sys.executable, "python_version": platform.python_version(),
+        "versions": {p: _version(p) for p in PACKAGES},
+        "backends": {kind: not missing_modules(kind) for kind in BACKEND_MODULES},
+        "gpus": [{"name": g.name, "memory_mb": g.memory_mb, "driver": g.driver}
+                 for g in nvidia_gpus()],
+        "loaded": loaded,
+    }
+
+
+def model_status(request: dict[str, Any], loaded_spec: Any) -> dict[str, Any]:
+    """Whether the request's model can run here: resolved, files present, packages there."""
+    from ..jobs import backend_spec
+
+    try:
+        spec = backend_spec(request)
+    except GeoChatError as exc:
+        return {"ready": False, "message": str(exc), "loaded": False, "missing": []}
+    missing = missing_modules(spec.kind)
+    message = (f"the {spec.kind} backend's packages are missing ({', '.join(missing)}): install "
+               "them with Plugins > GeoChat > Install model dependencies..." if missing
+               else f"{Path(spec.model).name} ({spec.kind}, {spec.family}) is ready")
+    return {"ready": not missing, "message": message, "kind": spec.kind, "family": spec.family,
+            "model": spec.model, "loaded": spec == loaded_spec, "missing": missing}
+
+
+def read_detections(source: str, layer: Optional[str]) -> tuple[list[Detection], Optional[str]]:
+    """The features of a result layer as Detections (their attributes kept), and its CRS."""
+    import pyogrio
+    import shapely
+
+    try:
+        meta, _, geometry, columns = pyogrio.raw.read(source, layer=layer)
+    except Exception as exc:  # pyogrio's DataSourceError and friends
+        raise ExportError(f"cannot read {source}{f' layer {layer}' if layer else ''} ({exc}): "
+                          "choose a GeoChat result layer") from exc
+    names = list(meta["fields"])
+    rows = [dict(zip(names, values)) for values in zip(*columns)] if names else \
+        [{} for _ in range(len(geometry))]
+    detections = []
+    for wkb, row in zip(geometry, rows):
+        if wkb is None:
+            continue
+        flags = [f for f in str(row.get("flags") or "").split(",") if f]
+        number = (lambda v: None if v is None or v != v else float(v))  # noqa: E731 (NaN: null)
+        detections.append(Detection(
+            label=str(row.get("label") or ""), geometry=shapely.from_wkb(wkb),
+            kind=str(row.get("kind") or "box"), phrase=str(row.get("phrase") or ""),
+            angle=number(row.get("angle")), score=number(row.get("score")), flags=flags,
+            tile_id=str(row.get("tile_id") or ""), frame="crs", crs=meta.get("crs"),
+            attributes={k: row[k] for k in ("task", "prompt", "model", "raster", "run_id",
+                                            "created") if row.get(k) is not None}))
+    return detections, meta.get("crs")
+
+
+def export(message: dict[str, Any]) -> dict[str, Any]:
+    """Copy a result layer to ``destination`` with the core's writer (schema, atomic)."""
+    from ..export import DRIVERS, export_detections
+
+    destination = Path(message["destination"]).expanduser()
+    driver = message.get("driver")
+    if driver and DRIVERS.get(destination.suffix.lower()) != driver:
+        suffix = {v: k for k, v in DRIVERS.items() if k != ".json"}.get(driver)
+        if suffix is None:
+            raise ExportError(f"unknown format {driver}: choose ESRI Shapefile, GPKG or GeoJSON")
+        destination = destination.with_suffix(suffix)
+    detections, crs = read_detections(message["source"], message.get("layer"))
+    written = export_detections(detections, destination, crs)
+    return {"output": str(written), "features": len(detections)}
+
+
+def get_model(message: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """Download (and convert) a catalog model with core/weights' get_model, streaming
+    ``{"type": "get_model", "phase", "done", "total", "rate", "eta"}`` events. Options:
+    target (gguf | hf), quant, cache_dir, endpoint, hf_cache, ignore_memory."""
+    options = message.get("options") or {}
+    name = str(message["model"])
+    try:
+        from ..weights.get import get_model as get
+    except ImportError:  # TODO(coordinator): H6's core/weights/get.py not there: download only
+        return _download_only(name, options, ctx)
+
+    def progress(phase: str, done: int, total: Optional[int], rate: Optional[float],
+                 eta: Optional[float]) -> None:
+        ctx.event({"type": "get_model", "phase": phase, "done": done, "total": total,
+                   "rate": rate, "eta": eta})
+
+    model = get(name, options.get("target"), options.get("quant"),
+                options.get("cache_dir") or None, progress, ctx.cancel,
+                endpoint=options.get("endpoint") or None, hf_cache=options.get("hf_cache"),
+                ignore_memory=bool(options.get("ignore_memory", False)))
+    return {"model": model.model_id, "target": model.target, "quant": model.quant,
+            "folder": str(model.folder), "model_path": str(model.model_path),
+            "mmproj_path": str(model.mmproj_path) if model.mmproj_path else None,
+            "backends": list(model.backends), "message": f"{name} is ready in {model.folder}"}
+
+
+def _download_only(name: str, options: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    from ..weights.catalog import load_catalog
+    from ..weights.store import download_model
+
+    catalog = load_catalog()
+    if name not in catalog:
+        raise GeoChatError(f"'{name}' is not in the model catalog ({', '.join(catalog.names())})")
+    entry = catalog.get(name)
+
+    def progress(done: int, total: Optional[int]) -> None:
+        ctx.event({"type": "get_model", "phase": "download", "done": done, "total": total,
+                   "rate": None, "eta": None})
+
+    folder = download_model(entry, options.get("cache_dir") or None,
+                            options.get("endpoint") or None, progress, ctx.cancel)
+    return {"model": name, "folder": str(folder), "message": f"{name} is ready in {folder}"}

@@ -1,0 +1,210 @@
+"""The runtime's job requests: plan tiles, run a Job into a GeoPackage, recover after a crash,
+ask a question. Each takes the request dict and a Context (events, cancel, the loaded model)
+and returns a JSON-able dict."""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+from ..backends.base import Backend, CancelToken
+from ..backends.factory import BackendSpec
+from ..errors import GeoChatError
+from ..export import export_detections
+from ..jobs import area, backend_spec, build_chat, build_job, is_tiled, tile_spec
+from ..merge import merge_detections
+from ..pipeline import Progress, run_job
+from ..results import Detection
+from .checkpoint import Checkpoint, checkpoint_path, read_checkpoint
+
+
+class Context(Protocol):
+    cancel: CancelToken
+
+    def event(self, payload: dict[str, Any]) -> None: ...
+
+    def backend(self, spec: BackendSpec) -> Backend: ...
+
+
+def _family(request: dict[str, Any]) -> str:
+    """The family without loading anything: given, else from the model (its GGUF header or
+    the catalog), else GeoChat when the model cannot be resolved (a preview still works)."""
+    if request.get("family"):
+        return str(request["family"])
+    try:
+        return backend_spec(request).family
+    except GeoChatError:
+        from ..jobs import _catalog_family
+
+        return _catalog_family(str((request.get("model") or {}).get("name") or ""))
+
+
+def plan(request: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """The tiles a request would run, footprints as WKT in ``output.crs`` (else the raster's)."""
+    from ..chat import overview_plan, region_extent
+    from ..georef import reproject_geometry, same_crs
+    from ..tiling import plan_tiles
+
+    raster = request.get("raster")
+    if not raster:
+        raise GeoChatError("choose a raster layer (the request names no raster)")
+    family = _family(request)
+    task = str(request.get("task") or "refer")
+    extent, extent_crs, aoi = area(request)
+    if is_tiled(task):
+        tiles = plan_tiles(raster, tile_spec(request, family, True), extent=extent,
+                           extent_crs=extent_crs, aoi=aoi)
+        how = ""
+    else:
+        if task == "identify" and request.get("region_wkt"):
+            from ..jobs import _geometry
+
+            extent = region_extent(_geometry(request["region_wkt"]))
+            extent_crs = request.get("region_crs") or extent_crs
+            aoi = None
+        tiles, how = overview_plan(raster, tile_spec(request, family, False), extent,
+                                   extent_crs, aoi)
+    crs = (request.get("output") or {}).get("crs") or tiles.crs
+    footprints = [t.footprint for t in tiles.tiles]
+    if crs and tiles.crs and not same_crs(crs, tiles.crs):
+        footprints = [reproject_geometry(f, tiles.crs, crs) for f in footprints]
+    skipped = sum(t.nodata_frac > tiles.spec.max_nodata for t in tiles.tiles)
+    gsd = tiles.native_gsd_m * tiles.scale
+    message = how or (f"{len(tiles)} tile(s) of {tiles.spec.tile_size} px at {gsd:.3g} m per "
+                      "pixel")
+    return {"tiles": len(tiles), "skipped": int(skipped), "footprints_wkt":
+            [f.wkt for f in footprints], "crs_wkt": _wkt(crs), "tile_size": tiles.spec.tile_size,
+            "gsd_m": gsd, "message": message, "family": family, "tiled": is_tiled(task)}
+
+
+def _wkt(crs: Optional[str]) -> Optional[str]:
+    """A CRS as WKT (the client side cannot parse "EPSG:n" without pyproj)."""
+    if not crs:
+        return None
+    from pyproj import CRS
+
+    return CRS.from_user_input(crs).to_wkt()
+
+
+def _output(request: dict[str, Any], job_id: str) -> tuple[Path, str]:
+    """Where the result goes: ``output.path`` (a GeoPackage by default), else a temp file."""
+    output = request.get("output") or {}
+    if output.get("path"):
+        path = Path(output["path"]).expanduser()
+    else:
+        folder = Path(tempfile.gettempdir()) / "geochat-results"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"geochat-{job_id}.gpkg"
+    return path, str(output.get("layer") or path.stem)
+
+
+def _counts(detections: list[Detection]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for detection in detections:
+        counts[detection.label] = counts.get(detection.label, 0) + 1
+    return counts
+
+
+def _write(detections: list[Detection], path: Path, layer: str, crs: Optional[str],
+           provenance: dict[str, Any]) -> str:
+    return str(export_detections(detections, path, crs, layer if path.suffix.lower() == ".gpkg"
+                                 else None, provenance=provenance))
+
+
+def run(request: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """Run the Job, streaming progress, tokens and tile failures; write the output (also when
+    cancelled or stopped by errors: the finished tiles)."""
+    job = build_job(request)
+    path, layer = _output(request, job.run_id)
+    if not path.parent.is_dir():
+        raise GeoChatError(f"the folder {path.parent} does not exist: choose an existing folder")
+    assert job.backend is not None
+    backend = ctx.backend(job.backend)
+    stream = (request.get("options") or {}).get("stream_tokens", True)
+    checkpoint = Checkpoint(checkpoint_path(path), {"run_id": job.run_id, "layer": layer})
+    finished = [0]
+
+    def on_progress(progress: Progress) -> None:
+        checkpoint.add(progress.tile_ids, progress.found, progress.failures, progress.total)
+        for failure in progress.failures:
+            ctx.event({"type": "tile_failed", "tile": failure.tile_id,
+                       "message": failure.message, "prompt": failure.prompt})
+        finished[0] = progress.done
+        ctx.event({"type": "progress", "done": progress.done, "total": progress.total,
+                   "detections": progress.detections})
+
+    def on_token(index: int, text: str) -> None:
+        ctx.event({"type": "token", "text": text, "tile": finished[0] + index})
+
+    try:
+        result = run_job(job, backend, on_progress=on_progress, cancel=ctx.cancel,
+                         on_token=on_token if stream else None)
+        written = None
+        if result.tiles_done or result.complete:
+            written = _write(result.detections, path, layer, result.crs, _provenance(job))
+    finally:
+        checkpoint.close(remove=True)
+    return {
+        "output": written, "layer": layer, "features": len(result.detections),
+        "tiles_done": result.tiles_done, "tiles_failed": len({f.tile_id for f in result.failures}),
+        "tiles_planned": result.tiles_planned, "tiles_skipped": result.tiles_skipped,
+        "cancelled": result.cancelled, "error": result.error,
+        "failures": [{"tile": f.tile_id, "message": f.message, "prompt": f.prompt}
+                     for f in result.failures],
+        "answers": [dataclasses.asdict(a) for a in result.answers],
+        "counts": _counts(result.detections), "crs_wkt": _wkt(result.crs),
+        "seconds": result.seconds, "model": result.model, "run_id": result.run_id,
+        "generated_tokens": result.generated_tokens,
+    }
+
+
+def _provenance(job) -> dict[str, Any]:
+    return {"task": job.task, "raster": job.raster, "run_id": job.run_id}
+
+
+def recover(request: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """After the runtime died mid-run: merge and write what its checkpoint holds."""
+    path, layer = _output(request, "recovered")
+    found = read_checkpoint(checkpoint_path(path))
+    failed = {f["tile"] for f in found.failures}
+    done = len(set(found.tiles) - failed)
+    written = None
+    detections: list[Detection] = []
+    if done:
+        iou = float((request.get("options") or {}).get("iou_threshold", 0.5))
+        detections = merge_detections(found.detections, iou) if found.detections else []
+        crs = (request.get("output") or {}).get("crs") or found.crs
+        written = _write(detections, path, layer, crs,
+                         {"task": request.get("task"), "raster": request.get("raster"),
+                          "run_id": found.header.get("run_id")})
+    checkpoint_path(path).unlink(missing_ok=True)
+    return {"output": written, "layer": layer, "features": len(detections), "tiles_done": done,
+            "tiles_failed": len(failed), "tiles_planned": found.total,
+            "failures": found.failures, "counts": _counts(detections),
+            "crs_wkt": _wkt(found.crs), "run_id": found.header.get("run_id", "")}
+
+
+def ask(request: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """One question about the request's extent; boxes/masks written when there are any."""
+    from ..chat import ask as ask_model
+
+    spec = backend_spec(request)
+    chat = build_chat(request, spec)
+    backend = ctx.backend(dataclasses.replace(spec, family=chat.family))
+    reply = ask_model(chat, backend, cancel=ctx.cancel,
+                      on_token=lambda index, text: ctx.event({"type": "token", "text": text,
+                                                             "tile": index}))
+    detections = reply.answer.detections
+    written, layer = None, ""
+    if detections:
+        path, layer = _output(request, f"ask-{uuid.uuid4().hex[:12]}")
+        written = _write(detections, path, layer, reply.crs,
+                         {"task": chat.task, "raster": chat.raster})
+    return {"text": reply.answer.text, "user_text": reply.user_text, "how": reply.how,
+            "output": written, "layer": layer, "features": len(detections),
+            "seconds": reply.seconds, "prompt_tokens": reply.prompt_tokens,
+            "generated_tokens": reply.generated_tokens, "raw": reply.answer.raw,
+            "counts": _counts(detections), "crs_wkt": _wkt(reply.crs),
+            "problems": list(reply.answer.problems), "model": backend.describe()}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
 
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         "detections": [_detection_json(d) for d in answer.detections],
         "problems": problems,
     }
-    json.dump(document, sys.stdout, ensure_ascii=False)
+    json.dump(document, sys.stdout, ensure_ascii=False, allow_nan=False)  # strict JSON
     sys.stdout.write("\n")
     return 0
 
@@ -80,7 +81,7 @@ def _detection_json(det: Any) -> dict[str, Any]:
     return {
         "label": det.label,
         "bbox": [round(v, DECIMALS) for v in det.bbox],
-        "angle": det.angle,
+        "angle": det.angle if det.angle is not None and math.isfinite(det.angle) else None,
         "polygon": [[round(x, DECIMALS), round(y, DECIMALS)] for x, y in geometry.exterior.coords],
     }
 

@@ -1,15 +1,19 @@
 """Writing detections to Shapefile, GeoPackage or GeoJSON (pyogrio), atomically.
 
-The file is written under a hidden temporary name in the destination folder, then renamed into
+The file is written under a hidden temporary name in the destination folder, checked (every
+file of it there and complete: GDAL's Shapefile writer can ignore a full disk), then renamed into
 place (a shapefile's sidecars together, with the old ones restored if a rename fails). A failed or
 cancelled export leaves no partial file and keeps any file it would have replaced. Writing into
 an existing GeoPackage keeps its other layers (the copy that is renamed into place has them).
+:func:`check_output` says before a long run whether a destination can be written at all.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import os
 import shutil
+import struct
 import uuid
 from dataclasses import dataclass
 from operator import attrgetter
@@ -21,6 +25,10 @@ import shapely
 
 from .errors import Cancelled, ExportError, GeoChatError
 from .results import Detection, geometry_array, polygonal
+
+
+class _Incomplete(Exception):
+    """A written file that is not all there (reported through :func:`write_failure`)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,7 @@ PROVENANCE = ("task", "prompt", "model", "raster", "run_id", "created")
 DRIVERS = {".shp": "ESRI Shapefile", ".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
 SHAPEFILE_PARTS = (".shp", ".shx", ".dbf", ".prj", ".cpg")
 SHAPEFILE_STALE = (".qix", ".sbn", ".sbx")  # spatial indexes of an old file: wrong once replaced
+SHAPEFILE_HEADERS = {".shp": 100, ".shx": 100, ".dbf": 32}  # header bytes of each part
 SHAPEFILE_TEXT_BYTES = 254  # a dBase text field holds at most 254 bytes
 POLYGON, MULTIPOLYGON = 3, 6  # shapely geometry type ids
 
@@ -129,13 +138,9 @@ def export_detections(
     (``created`` defaults to now). ``cancel`` (a CancelToken) is checked before the file is put
     in place; a cancelled export raises Cancelled and writes nothing.
     """
-    path = Path(path)
+    path = check_output(path)
     driver = driver_for(path)
-    if not path.parent.is_dir():
-        raise ExportError(f"the folder {path.parent} does not exist: choose an existing folder")
     finals = _final_paths(path, driver)
-    if any(p.is_dir() for p in finals):
-        raise ExportError(f"{path} (or a sidecar file) is a folder: choose another file name")
     provenance = {"created": now_iso(), **(provenance or {})}
     names = [f.shp_name if driver == "ESRI Shapefile" else f.name for f in FIELDS]
     temp = path.with_name(f".{path.stem}.partial-{uuid.uuid4().hex[:8]}{path.suffix}")
@@ -162,6 +167,7 @@ def export_detections(
             encoding="UTF-8" if driver == "ESRI Shapefile" else None,
             promote_to_multi=not all_single,
         )
+        _verify(temps, driver, layer or path.stem, len(geoms), out_crs is not None)
         _check(cancel)
         _commit(dict(zip(finals, temps)), _stale(path, driver))
     except BaseException as exc:
@@ -170,8 +176,96 @@ def export_detections(
                 leftover.unlink()
         if isinstance(exc, (GeoChatError, KeyboardInterrupt, SystemExit)):
             raise
-        raise ExportError(f"could not write {path}: {exc}") from exc
+        raise ExportError(write_failure(path, exc)) from exc
     return path
+
+
+def check_output(path: os.PathLike | str) -> Path:
+    """``path`` if detections can be written there, else ExportError saying what to change.
+
+    Checks the suffix, that the folder exists and takes new files (a probe file is created and
+    removed), that no file of the output is a folder and that an existing GeoPackage is one.
+    Cheap: front ends call it before the first tile so a bad output never costs a whole run.
+    """
+    path = Path(path)
+    driver = driver_for(path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise ExportError(
+            f"cannot write {path}: the folder {folder} does not exist: create it or choose an "
+            f"existing folder"
+        )
+    if any(p.is_dir() for p in _final_paths(path, driver)):
+        raise ExportError(f"{path} (or a sidecar file) is a folder: choose another file name")
+    probe = folder / f".{path.stem}.probe-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.open("xb").close()
+        probe.unlink()
+    except OSError as exc:
+        raise ExportError(write_failure(path, exc)) from exc
+    if driver == "GPKG" and path.exists():
+        _other_layers(path, "")  # ExportError when it is not a readable GeoPackage
+    return path
+
+
+def write_failure(path: Path, exc: BaseException) -> str:
+    """A one-line message for a failed write of ``path``: the cause in short, and what to do."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    code = getattr(exc, "errno", None)
+    lowered = text.lower()
+    try:
+        full = shutil.disk_usage(path.parent).free == 0
+    except OSError:
+        full = False
+    if full or code == errno.ENOSPC or "disk is full" in lowered or "no space left" in lowered:
+        return (f"could not write {path}: the disk is full. Free some space or choose another "
+                f"folder; nothing was changed there.")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (f"could not write {path}: the folder {path.parent} is not writable "
+                f"({os.strerror(code)}). Choose a folder you can write to.")
+    if len(text) > 200:
+        text = text[:200] + "..."
+    return f"could not write {path}: {text}. Nothing was changed there."
+
+
+def _verify(temps: Sequence[Path], driver: str, layer: str, count: int, has_crs: bool) -> None:
+    """_Incomplete unless the written ``temps`` hold all ``count`` features.
+
+    GDAL reports most write errors, but its Shapefile writer can ignore a full disk and leave
+    short or empty files: their headers are checked against the sizes on disk.
+    """
+    if driver == "ESRI Shapefile":
+        _verify_shapefile(temps, count, has_crs)
+    missing = [p.name for p in temps[:1] if not p.is_file() or p.stat().st_size == 0]
+    if missing:
+        raise _Incomplete(f"{missing[0]} was not written")
+    from pyogrio import read_info
+
+    found = read_info(temps[0], layer=layer if driver == "GPKG" else None)["features"]
+    if found != count:
+        raise _Incomplete(f"only {found} of {count} features were written")
+
+
+def _verify_shapefile(temps: Sequence[Path], count: int, has_crs: bool) -> None:
+    """The .shp, .shx and .dbf sizes agree with their headers; .prj and .cpg are not empty."""
+    parts = {p.suffix: p for p in temps}
+    sizes = {s: (p.stat().st_size if p.is_file() else -1) for s, p in parts.items()}
+    short = [s for s, least in SHAPEFILE_HEADERS.items() if sizes.get(s, -1) < least]
+    short += [s for s in ((".prj",) if has_crs else ()) + (".cpg",) if sizes.get(s, -1) <= 0]
+    if not short:
+        with parts[".shp"].open("rb") as shp, parts[".shx"].open("rb") as shx:
+            shp_words = struct.unpack(">i", shp.read(28)[24:28])[0]
+            shx_words = struct.unpack(">i", shx.read(28)[24:28])[0]
+        with parts[".dbf"].open("rb") as dbf:
+            records, header, record = struct.unpack("<IHH", dbf.read(12)[4:12])
+        if shp_words * 2 != sizes[".shp"]:
+            short.append(".shp")
+        if shx_words * 2 != sizes[".shx"] or sizes[".shx"] != 100 + 8 * count:
+            short.append(".shx")
+        if records != count or sizes[".dbf"] < header + records * record:
+            short.append(".dbf")
+    if short:
+        raise _Incomplete(f"the shapefile's {', '.join(short)} part(s) were cut short")
 
 
 def _other_layers(path: Path, layer: str) -> bool:
@@ -179,10 +273,11 @@ def _other_layers(path: Path, layer: str) -> bool:
     if not path.exists():
         return False
     from pyogrio import list_layers
+    from pyogrio.errors import DataSourceError
 
     try:
         names = list_layers(path)[:, 0]
-    except Exception as exc:  # pyogrio.errors.DataSourceError: not a readable GeoPackage
+    except (DataSourceError, OSError) as exc:  # not a readable GeoPackage
         raise ExportError(
             f"{path} exists but is not a readable GeoPackage ({exc}): choose another file name"
         ) from exc
@@ -251,10 +346,11 @@ def _geometries(
         )
     if out_crs is not None:
         from pyproj import CRS
+        from pyproj.exceptions import CRSError
 
         try:
             CRS.from_user_input(out_crs)
-        except Exception as exc:  # pyproj.exceptions.CRSError
+        except CRSError as exc:
             raise ExportError(
                 f"unknown output CRS {str(out_crs)[:60]!r}: give one like 'EPSG:4326' or WKT"
             ) from exc

@@ -49,7 +49,7 @@ _BOX_RE = re.compile(_BOX)
 _TOKENS = re.compile(
     r"(?P<phrase><p>(?P<ptext>(?:(?!</?p>).)*?)</p>)"
     rf"|(?P<box>{_BOX})"
-    r"|(?P<bad>\{[^{}]*<[^{}]*\})"
+    r"|(?P<bad>\{[^{}<]*<[^{}]*\})"  # [^{}<]: one way to match, so linear on "{<<<<..."
     r"|(?P<cut>\{\s*(?:<[^{}]*)?\Z)",
     re.DOTALL,
 )
@@ -144,24 +144,26 @@ class GeoChatFamily(Family):
                 found = _NUMBERS.findall(match.group("bad" if bad else "cut"))
                 if len(found) < 4:
                     what = "unreadable box" if bad else "output cut off mid-box"
-                    answer.problems.append(f"{what} {match.group(0)!r} skipped")
+                    answer.problems.append(f"{what} {_quote(match.group(0))} skipped")
                     continue
                 # a cut angle may have lost digits; a malformed one is not trusted either
                 numbers, flag = found[:4] + [None], "malformed" if bad else "truncated"
                 answer.problems.append(
-                    f"{'malformed' if bad else 'cut off'} box {match.group(0)!r}: "
+                    f"{'malformed' if bad else 'cut off'} box {_quote(match.group(0))}: "
                     "corners read, angle unknown"
                 )
             det = self._detection(
                 numbers, phrase or default_label, phrase, match.span(), width, height
             )
             if "outside" in det.flags:
-                answer.problems.append(f"box {match.group(0).strip()!r} lies outside the tile")
+                answer.problems.append(f"box {_quote(match.group(0))} lies outside the tile")
                 continue
             if flag:
                 det.flags.append(flag)
+            if "bad_angle" in det.flags:
+                answer.problems.append(f"box {_quote(match.group(0))}: angle too large to read")
             if "clipped" in det.flags:
-                answer.problems.append(f"box {match.group(0).strip()!r} outside 0-100: clipped")
+                answer.problems.append(f"box {_quote(match.group(0))} outside 0-100: clipped")
             answer.detections.append(det)
         pieces.append(raw[position:])
         answer.text = clean_text(pieces)
@@ -186,6 +188,9 @@ class GeoChatFamily(Family):
         bbox, tile_flags = clip_box(corners, width, height, min_size=side / 100.0)
         flags += [f for f in tile_flags if f not in flags]
         angle = float(numbers[4]) if numbers[4] is not None else None
+        if angle is not None and not math.isfinite(angle):  # hundreds of digits: no angle
+            angle = None
+            flags.append("bad_angle")
         geometry = box_polygon(bbox)
         kind = "box"
         if angle is not None and self.angle_convention != "none":
@@ -204,6 +209,12 @@ class GeoChatFamily(Family):
             flags=flags,
         )
         return finish_box(det, width, height)
+
+
+def _quote(text: str, limit: int = 60) -> str:
+    """``text`` quoted for a problem message, cut to ``limit`` characters."""
+    text = text.strip()
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def _rotated_rect(

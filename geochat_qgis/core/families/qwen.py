@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import reprlib
 from typing import Any, Iterator, Optional, Union
 
 import numpy as np
@@ -123,7 +124,7 @@ class QwenFamily(Family):
             _finite(v) for v in bbox
         )
         if not numbers_ok:
-            answer.problems.append(f"bbox_2d {bbox!r} is not four numbers: skipped")
+            answer.problems.append(f"bbox_2d {reprlib.repr(bbox)} is not four numbers: skipped")
             return
         corners = [v * scale[i % 2] for i, v in enumerate(bbox)]
         box, flags = clip_box(corners, width, height, min_size=max(scale))
@@ -177,8 +178,14 @@ def _walk(value: Any) -> Iterator[dict]:
 
 
 def _number(text: str) -> Union[int, float]:
-    """A JSON number's value (ints stay ints, so an overflowing one is caught later)."""
-    return float(text) if any(c in text for c in ".eE") else int(text)
+    """A JSON number's value (ints stay ints; one too long for Python's int conversion limit
+    becomes an infinite float, refused later as not finite)."""
+    if any(c in text for c in ".eE"):
+        return float(text)
+    try:
+        return int(text)
+    except ValueError:  # over sys.get_int_max_str_digits() digits
+        return math.copysign(math.inf, -1.0 if text.startswith("-") else 1.0)
 
 
 def _finite(value: Any) -> bool:

@@ -1,9 +1,22 @@
 """A small resumable HTTP downloader (urllib only): Range resume, progress, cancel, sha256.
 
 ``download_file`` fetches one URL into ``dest`` through ``dest.part``: an interrupted transfer
-keeps the partial file and the next attempt (automatic retries, or a later call) continues it
-with an HTTP Range request. The hub address comes from $GEOCHAT_HF_ENDPOINT (tests point it at a
-server on 127.0.0.1); $HF_TOKEN, when set, is sent for gated repositories.
+keeps the partial file and the next attempt (automatic retries, or a later call, even after a
+restart) continues it with an HTTP Range request.
+
+Why the project's own client rather than ``huggingface_hub.hf_hub_download``: huggingface_hub
+2.x downloads into a process-unique temporary file and deletes it whenever the download fails or
+is interrupted (huggingface_hub PR #4228), so a cancelled or killed 10 GB shard starts again from
+byte 0. The plugin must resume after a cancel and after a QGIS restart, and report bytes, rate
+and time left to its own progress bar. huggingface_hub is still used where it helps and keeps
+the user's setup: files already in its cache are reused (``hub.py``), its stored login token is
+sent, and the same settings are honoured:
+
+- hub: ``$GEOCHAT_HF_ENDPOINT``, else ``$HF_ENDPOINT``, else https://huggingface.co;
+- token: ``$HF_TOKEN``, else the token ``hf auth login`` stored (sent to the hub's host only);
+- offline: ``$HF_HUB_OFFLINE=1`` makes every network access a clear DownloadError;
+- proxies: ``$HTTPS_PROXY`` / ``$HTTP_PROXY`` (``http://user:password@host:port``) and
+  ``$NO_PROXY``, read at each call; QGIS's proxy settings reach the runtime child this way.
 """
 from __future__ import annotations
 
@@ -27,6 +40,7 @@ if TYPE_CHECKING:
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 ENDPOINT_ENV = "GEOCHAT_HF_ENDPOINT"
+OFFLINE_ENV = "HF_HUB_OFFLINE"
 PART_SUFFIX = ".part"
 CHUNK_BYTES = 1 << 20
 SPACE_MARGIN_BYTES = 64 << 20  # keep this much free beyond the download itself
@@ -53,12 +67,44 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
         return new
 
 
-_OPENER = urllib.request.build_opener(_RedirectHandler)
+def _opener() -> urllib.request.OpenerDirector:
+    """A fresh opener: proxy variables are read now (the front end may set them late)."""
+    return urllib.request.build_opener(urllib.request.ProxyHandler(), _RedirectHandler)
+
+
+def offline() -> bool:
+    """True when $HF_HUB_OFFLINE asks for no network access (huggingface_hub's switch)."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _refuse_offline(url: str) -> None:
+    if offline():
+        raise DownloadError(
+            f"Offline mode ({OFFLINE_ENV}=1) forbids fetching {url}. Unset {OFFLINE_ENV} to "
+            "download, or copy the files into the model cache (or the Hugging Face cache)."
+        )
 
 
 def hub_endpoint(override: Optional[str] = None) -> str:
-    """The model hub's base URL: ``override``, else $GEOCHAT_HF_ENDPOINT, else Hugging Face."""
-    return (override or os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT).rstrip("/")
+    """The model hub's base URL: ``override``, else $GEOCHAT_HF_ENDPOINT, else $HF_ENDPOINT,
+    else Hugging Face."""
+    chosen = override or os.environ.get(ENDPOINT_ENV) or os.environ.get("HF_ENDPOINT")
+    return (chosen or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def hub_token() -> Optional[str]:
+    """$HF_TOKEN, else the token huggingface_hub stored at login (None without either)."""
+    token = os.environ.get("HF_TOKEN")
+    if token:
+        return token
+    try:
+        from huggingface_hub import get_token
+    except ImportError:
+        return None
+    try:
+        return get_token()
+    except Exception:  # a broken token file must not stop public downloads
+        return None
 
 
 def file_url(repo: str, revision: str, path: str, endpoint: Optional[str] = None) -> str:
@@ -70,7 +116,7 @@ def _request(url: str, start: int = 0) -> urllib.request.Request:
     headers = {"User-Agent": f"geochat-qgis/{version()}", "Accept-Encoding": "identity"}
     if start:
         headers["Range"] = f"bytes={start}-"
-    token = os.environ.get("HF_TOKEN")
+    token = hub_token()
     if token:
         headers["Authorization"] = f"Bearer {token}"
     return urllib.request.Request(url, headers=headers)
@@ -124,8 +170,9 @@ def sha256_of(path: Path, cancel: Optional["CancelToken"] = None) -> str:
 
 def fetch_json(url: str, timeout: float = 30.0) -> Any:
     """GET a JSON document (hub API); DownloadError when it cannot be had."""
+    _refuse_offline(url)
     try:
-        with _OPENER.open(_request(url), timeout=timeout) as response:
+        with _opener().open(_request(url), timeout=timeout) as response:
             return json.loads(response.read().decode("utf-8"))
     except urllib.error.HTTPError as exc:
         raise _http_failure(url, exc) from exc
@@ -160,7 +207,7 @@ def _transfer(
         part.unlink()
         have = 0
     try:
-        response = _OPENER.open(_request(url, have), timeout=timeout)
+        response = _opener().open(_request(url, have), timeout=timeout)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:
             if have == (size or _range_total(exc.headers.get("Content-Range", ""))):
@@ -219,6 +266,7 @@ def download_file(
     Raises DownloadError (offline, 404, refused, disk full, checksum mismatch: the bad file is
     deleted) or Cancelled (the partial file is kept for the next call to resume).
     """
+    _refuse_offline(url)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + PART_SUFFIX)

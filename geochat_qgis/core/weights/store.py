@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from ..errors import ModelError
 from .catalog import ModelEntry, ModelFile, PathLike
@@ -20,6 +20,7 @@ from .download import (
     PART_SUFFIX, DownloadError, ProgressFn, check_free_space, download_file, fetch_json, file_url,
     hub_endpoint, sha256_of,
 )
+from .hub import hf_cache_file
 
 if TYPE_CHECKING:
     from ..backends.base import CancelToken
@@ -82,57 +83,94 @@ def resolve_files(entry: ModelEntry, endpoint: Optional[str] = None) -> list[Mod
     return merged
 
 
-def _read_manifest(folder: Path) -> dict[str, dict]:
+def _read_manifest_data(folder: Path) -> dict:
     try:
-        return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError):
+        data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
-def _write_manifest(folder: Path, entry: ModelEntry, files: dict[str, dict]) -> None:
-    data = {"name": entry.name, "repo": entry.repo, "revision": entry.revision, "files": files}
+def _read_manifest(folder: Path) -> dict[str, dict]:
+    files = _read_manifest_data(folder).get("files")
+    return files if isinstance(files, dict) else {}
+
+
+def manifest_commit(folder: Path) -> Optional[str]:
+    """The hub commit a model folder's files were fetched from (None if unknown)."""
+    return _read_manifest_data(folder).get("commit")
+
+
+def _write_manifest(folder: Path, entry: ModelEntry, files: dict[str, dict],
+                    commit: Optional[str] = None) -> None:
+    data = {"name": entry.name, "repo": entry.repo, "revision": entry.revision,
+            "commit": commit or manifest_commit(folder), "files": files}
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".manifest-", suffix=".json")
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=2)
     os.replace(tmp, folder / MANIFEST)
 
 
-def download_model(
+def is_complete(folder: Path, item: ModelFile, manifest: dict[str, dict]) -> bool:
+    """Whether ``item`` is already in ``folder`` (right size, or recorded in the manifest)."""
+    path = folder / item.path
+    if not path.is_file():
+        return False
+    if item.size is not None:  # also accepts files copied in by hand
+        return path.stat().st_size == item.size
+    return item.path in manifest
+
+
+def link_file(source: Path, dest: Path) -> None:
+    """Put ``source`` at ``dest`` without copying: a symlink, else a hard link, else a copy."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.unlink(missing_ok=True)
+    try:
+        os.symlink(os.path.realpath(source), dest)
+        return
+    except OSError:
+        pass
+    try:
+        os.link(source, dest)
+    except OSError:
+        tmp = dest.with_name(dest.name + PART_SUFFIX)
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, dest)
+
+
+def fetch_files(
     entry: ModelEntry,
+    files: Sequence[ModelFile],
+    commit: Optional[str],
     cache: Optional[PathLike] = None,
     endpoint: Optional[str] = None,
     progress: Optional[ProgressFn] = None,
     cancel: Optional["CancelToken"] = None,
     retries: int = 3,
+    hf_cache: Optional[PathLike] = None,
 ) -> Path:
-    """Fetch every file of ``entry`` that is not complete yet; returns the model folder.
+    """Bring ``files`` of ``entry`` (from ``commit``) into its folder: files already there are
+    kept, files in the Hugging Face cache are linked, the rest downloaded (partial ones resumed).
 
-    ``progress(done, total)`` counts bytes over all files. Files already present with the right
-    size are kept; partial ones are resumed.
+    ``progress(done, total)`` counts bytes over all files. Returns the model folder.
     """
     folder = entry.local_dir(cache)
-    if entry.is_local:
-        missing = [f.path for f in entry.files if not (folder / f.path).is_file()]
-        if missing:
-            raise ModelError(f"Model '{entry.name}' points at {folder}, which lacks {missing}.")
-        return folder
+    folder.mkdir(parents=True, exist_ok=True)
     manifest = _read_manifest(folder)
-    try:
-        files = resolve_files(entry, endpoint)
-    except DownloadError:
-        if entry.snapshot and manifest and model_status(entry, cache) == "installed":
-            return folder  # downloaded before; the hub is just unreachable now
-        raise
-
-    def complete(item: ModelFile) -> bool:
-        path = folder / item.path
-        if not path.is_file():
-            return False
-        if item.size is not None:  # also accepts files copied in by hand
-            return path.stat().st_size == item.size
-        return item.path in manifest
-
-    pending = [f for f in files if not complete(f)]
+    if commit:
+        _write_manifest(folder, entry, manifest, commit)  # pin: a resume takes the same commit
+    pending = []
+    for item in files:
+        if is_complete(folder, item, manifest):
+            continue
+        hit = hf_cache_file(entry.repo, item, [commit, entry.revision], hf_cache)
+        if hit:
+            link_file(hit[0], folder / item.path)
+            manifest[item.path] = {"size": hit[0].stat().st_size, "sha256": hit[1],
+                                   "from": "huggingface-cache"}
+            _write_manifest(folder, entry, manifest)
+        else:
+            pending.append(item)
     total = sum(f.expected_bytes for f in files)
     partial = sum((folder / (f.path + PART_SUFFIX)).stat().st_size
                   for f in pending if (folder / (f.path + PART_SUFFIX)).exists())
@@ -144,7 +182,7 @@ def download_model(
                 progress(base + done, total or None)
 
         digest = download_file(
-            file_url(entry.repo, entry.revision, item.path, endpoint), folder / item.path,
+            file_url(entry.repo, commit or entry.revision, item.path, endpoint), folder / item.path,
             size=item.size, sha256=item.sha256, progress=file_progress, cancel=cancel,
             retries=retries,
         )
@@ -154,6 +192,32 @@ def download_model(
     if progress:
         progress(total, total or None)
     return folder
+
+
+def download_model(
+    entry: ModelEntry, cache: Optional[PathLike] = None, endpoint: Optional[str] = None,
+    progress: Optional[ProgressFn] = None, cancel: Optional["CancelToken"] = None,
+    retries: int = 3, hf_cache: Optional[PathLike] = None,
+) -> Path:
+    """Fetch every file of ``entry`` that is not complete yet; returns the model folder.
+
+    ``progress(done, total)`` counts bytes over all files. Files already present with the right
+    size are kept, files in the Hugging Face cache linked, partial ones resumed.
+    """
+    folder = entry.local_dir(cache)
+    if entry.is_local:
+        missing = [f.path for f in entry.files if not (folder / f.path).is_file()]
+        if missing:
+            raise ModelError(f"Model '{entry.name}' points at {folder}, which lacks {missing}.")
+        return folder
+    try:
+        files = resolve_files(entry, endpoint)
+    except DownloadError:
+        if entry.snapshot and _read_manifest(folder) and model_status(entry, cache) == "installed":
+            return folder  # downloaded before; the hub is just unreachable now
+        raise
+    return fetch_files(entry, files, manifest_commit(folder), cache, endpoint, progress, cancel,
+                       retries, hf_cache)
 
 
 def verify_model(
@@ -209,6 +273,7 @@ def remove_model(entry: ModelEntry, cache: Optional[PathLike] = None) -> int:
     folder = entry.local_dir(cache)
     if not folder.exists():
         return 0
-    freed = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    freed = sum(p.stat().st_size for p in folder.rglob("*")
+                if p.is_file() and not p.is_symlink() and p.stat().st_nlink == 1)
     shutil.rmtree(folder)
     return freed

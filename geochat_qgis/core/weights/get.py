@@ -1,0 +1,334 @@
+"""Get a catalog model ready to run: download it (and what its conversion needs), convert it.
+
+``get_model("geochat-7b", "gguf", "q4_k_m")`` checks the plan first (disk for downloads +
+output + temporary files, memory for the conversion; nothing is fetched when it does not fit),
+downloads MBZUAI/geochat-7B and CLIP-336 (resuming partial files, linking files the Hugging Face
+cache already holds), converts into a staging folder beside the target and renames it into
+place with ``provenance.json`` in it: a half-written model never counts as installed, a
+cancelled or failed conversion leaves no folder and no temporary file, and the next call starts
+the conversion afresh. Models used as downloaded (the Qwen2.5-VL GGUFs, GeoPixel) only download.
+
+``on_progress(phase, done, total, rate, eta)``: phase ``download`` (bytes), ``convert``
+(tensors), ``quantize`` (steps), ``verify`` (bytes hashed); ``rate`` per second and ``eta`` in
+seconds (None until known).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+
+from ...__about__ import version
+from ..errors import Cancelled, ModelError
+from .catalog import Catalog, ModelEntry, PathLike, load_catalog
+from .download import sha256_of
+from .get_plan import GetPlan, check_choice, converted_dir, is_installed, resolve_get
+from .provenance import PROVENANCE_FILE, combined_hash, read_provenance, write_provenance
+from .store import _read_manifest, fetch_files, manifest_commit
+
+if TYPE_CHECKING:
+    from ..backends.base import CancelToken
+
+OnProgress = Callable[[str, int, Optional[int], Optional[float], Optional[float]], None]
+WEIGHT_SUFFIXES = (".gguf", ".safetensors")
+
+
+class GetRefused(ModelError):
+    """The plan does not fit this machine (disk, memory, offline); nothing was started."""
+
+    def __init__(self, plan: GetPlan) -> None:
+        super().__init__(" ".join(plan.problems))
+        self.plan = plan
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    """A model ready to run: where it is, what runs it, where it came from."""
+
+    model_id: str
+    target: str  # gguf | hf | download
+    quant: Optional[str]
+    folder: Path
+    model_path: Path  # what a job's model_path takes: the GGUF file, or the folder
+    mmproj_path: Optional[Path]
+    backends: tuple[str, ...]
+    provenance: dict = field(default_factory=dict)
+    source_folders: tuple[Path, ...] = ()  # the downloads it was made from (deletable)
+
+    def request_model(self, backend: Optional[str] = None) -> dict[str, Any]:
+        """The ``model`` part of a job request that runs this model."""
+        return {"name": self.model_id, "backend": backend or (self.backends or ("",))[0] or None,
+                "model_path": str(self.model_path),
+                "mmproj_path": str(self.mmproj_path) if self.mmproj_path else None}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "target": self.target, "quant": self.quant,
+                "folder": str(self.folder), "model_path": str(self.model_path),
+                "mmproj_path": str(self.mmproj_path) if self.mmproj_path else None,
+                "backends": list(self.backends), "provenance": self.provenance,
+                "source_folders": [str(p) for p in self.source_folders]}
+
+
+class _Meter:
+    """Turns (done, total) into on_progress calls with a rate and time left."""
+
+    def __init__(self, on_progress: Optional[OnProgress], phase: str,
+                 cancel: Optional["CancelToken"]) -> None:
+        self.on_progress, self.phase, self.cancel = on_progress, phase, cancel
+        self.start = time.monotonic()
+        self.first: Optional[int] = None
+        self.last = 0.0
+
+    def __call__(self, done: int, total: Optional[int], *_: Any) -> None:
+        if self.cancel is not None and self.cancel.cancelled:
+            raise Cancelled(f"Cancelled during {self.phase}; nothing half-written is kept "
+                            "(downloads resume next time).")
+        if self.on_progress is None:
+            return
+        now = time.monotonic()
+        if self.first is None:
+            self.first = done  # resumed bytes do not count towards the rate
+        if now - self.last < 0.1 and done != total:
+            return
+        self.last = now
+        elapsed = now - self.start
+        rate = (done - self.first) / elapsed if elapsed > 0.2 and done > self.first else None
+        eta = (total - done) / rate if rate and total is not None else None
+        self.on_progress(self.phase, done, total, rate, eta)
+
+
+def _files_of(folder: Path) -> dict[str, Path]:
+    return {p.name: p for p in sorted(folder.iterdir()) if p.is_file() and p.name != PROVENANCE_FILE}
+
+
+def _hash_outputs(folder: Path, meter: _Meter) -> dict[str, dict]:
+    files = _files_of(folder)
+    total = sum(p.stat().st_size for p in files.values())
+    done, outputs = 0, {}
+    meter(0, total)
+    for name, path in files.items():
+        outputs[name] = {"size": path.stat().st_size, "sha256": sha256_of(path, meter.cancel)}
+        done += outputs[name]["size"]
+        meter(done, total)
+    return outputs
+
+
+def _source_record(entry: ModelEntry, folder: Path) -> dict[str, Any]:
+    files = _read_manifest(folder)
+    return {"name": entry.name, "repo": entry.repo, "revision": entry.revision,
+            "commit": manifest_commit(folder),
+            "files": {name: info.get("sha256") for name, info in sorted(files.items())}}
+
+
+@contextmanager
+def _exclusive(folder: Path) -> Iterator[None]:
+    """One get of a model variant at a time (another QGIS, the CLI): a lock file beside it."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = folder.parent / f".{folder.name}.lock"
+    handle = open(lock_path, "a+")
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass  # no advisory locks here (Windows): one QGIS at a time
+        except OSError:
+            raise ModelError(f"{folder.name} is being got by another process (QGIS or the "
+                             "command line); wait for it to finish.") from None
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        handle.close()
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove what an interrupted earlier conversion of ``out`` left (a killed process)."""
+    if out.exists() and not is_installed(out):
+        shutil.rmtree(out, ignore_errors=True)
+    for stale in out.parent.glob(f".{out.name}.*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _convert(entry: ModelEntry, target: str, quant: Optional[str], src: Path, clip: Path,
+             work: Path, on_progress: Optional[OnProgress], cancel: Optional["CancelToken"]) -> dict:
+    """Run the converter into ``work``; returns what provenance records about it."""
+    meter = _Meter(on_progress, "convert", cancel)
+    if target == "hf":
+        from .convert_hf import convert_geochat_to_hf
+
+        convert_geochat_to_hf(src, work, clip=clip, progress=meter)
+        return {"name": "geochat-qgis/convert_hf", "version": version()}
+    import gguf
+
+    from .gguf_writer import _UNQUANTISED, MMPROJ_GGUF, TEXT_GGUF, convert_geochat_to_gguf
+    from .quantize import quantize_gguf
+
+    dtype = "float16" if quant == "f16" else None
+    convert_geochat_to_gguf(src, work, clip=clip, dtype=dtype, progress=meter)
+    info = {"name": "geochat-qgis/gguf_writer", "version": version(),
+            "gguf": getattr(gguf, "__version__", None) or _dist_version("gguf")}
+    if quant != "f16":
+        step = _Meter(on_progress, "quantize", cancel)
+        step(0, 1)
+        os.replace(work / TEXT_GGUF, work / _UNQUANTISED)
+        quantize_gguf(work / _UNQUANTISED, work / TEXT_GGUF, quant)
+        (work / _UNQUANTISED).unlink()
+        step(1, 1)
+        info["llama_cpp"] = _dist_version("llama-cpp-python")
+    assert (work / MMPROJ_GGUF).is_file()
+    return info
+
+
+def _dist_version(name: str) -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def installed_model(model_id: str, target: Optional[str] = None, quant: Optional[str] = None,
+                    cache: Optional[PathLike] = None, catalog: Optional[Catalog] = None,
+                    backends: tuple[str, ...] = ()) -> Optional[InstalledModel]:
+    """The model already got with that choice, or None."""
+    catalog = catalog or load_catalog()
+    entry = catalog.get(model_id)
+    target, quant = check_choice(entry, target, quant)
+    needs = [catalog.get(n) for n in (entry.convert or {}).get("requires", [])]
+    sources = tuple(e.local_dir(cache) for e in [entry, *needs])
+    if target == "download":
+        from .store import model_status
+
+        if model_status(entry, cache) != "installed":
+            return None
+        folder = entry.local_dir(cache)
+        model = folder / entry.file("model").path if any(f.role == "model" for f in entry.files) else folder
+        mmproj = folder / entry.file("mmproj").path if any(f.role == "mmproj" for f in entry.files) else None
+        from .provenance import provenance_attributes
+
+        return InstalledModel(entry.name, target, None, folder, model, mmproj, backends,
+                              provenance_attributes(model), ())
+    folder = converted_dir(entry, target, quant, cache)
+    if not is_installed(folder):
+        return None
+    from .gguf_writer import MMPROJ_GGUF, TEXT_GGUF
+
+    gguf = target == "gguf"
+    return InstalledModel(entry.name, target, quant, folder, folder / TEXT_GGUF if gguf else folder,
+                          folder / MMPROJ_GGUF if gguf else None, backends,
+                          read_provenance(folder) or {}, tuple(p for p in sources if p.exists()))
+
+
+def get_model(model_id: str, target: Optional[str] = None, quant: Optional[str] = None,
+              cache: Optional[PathLike] = None, on_progress: Optional[OnProgress] = None,
+              cancel: Optional["CancelToken"] = None, *, catalog: Optional[Catalog] = None,
+              endpoint: Optional[str] = None, hf_cache: Optional[PathLike] = None,
+              ignore_memory: bool = False, retries: int = 3) -> InstalledModel:
+    """Download and convert ``model_id`` as ``target`` (gguf | hf) with ``quant`` (gguf:
+    q4_k_m | q8_0 | f16); returns the ready model (at once when it is already there).
+
+    Raises GetRefused (with ``.plan``) before any download when the disk or memory do not
+    suffice, DownloadError (offline, missing file, refused), ModelError (a broken checkpoint),
+    Cancelled (downloads are kept and resume; the conversion leaves nothing).
+    """
+    catalog = catalog or load_catalog()
+    plan, sources = resolve_get(model_id, target, quant, cache, catalog=catalog,
+                                endpoint=endpoint, hf_cache=hf_cache, ignore_memory=ignore_memory)
+    chosen = next(c for c in plan.choices if (c.target, c.quant) == (plan.target, plan.quant))
+    found = installed_model(model_id, plan.target, plan.quant, cache, catalog, chosen.backends)
+    if found is not None:
+        return found
+    if plan.problems:
+        raise GetRefused(plan)
+    entry = catalog.get(model_id)
+    out = converted_dir(entry, plan.target, plan.quant, cache)
+    with _exclusive(out):
+        total = sum(s.total_bytes for s in plan.sources)
+        offset = 0
+        meter = _Meter(on_progress, "download", cancel)
+        for (source, remote), summary in zip(sources, plan.sources):
+            def progress(done: int, _total: Optional[int], base: int = offset) -> None:
+                meter(base + done, total)
+
+            fetch_files(source, remote.files, remote.commit, cache, endpoint, progress, cancel,
+                        retries, hf_cache)
+            offset += summary.total_bytes
+        if plan.target == "download":
+            found = installed_model(model_id, plan.target, None, cache, catalog, chosen.backends)
+            if found is None:
+                raise ModelError(f"{model_id}: the download finished but files are missing in "
+                                 f"{entry.local_dir(cache)}; run `models verify {model_id}`.")
+            return found
+        _clean_stale(out)
+        src = entry.local_dir(cache)
+        clip = sources[1][0].local_dir(cache)
+        from .output_dir import staged_output_dir
+
+        with staged_output_dir(out) as stage:
+            work = stage / "converted"
+            converter = _convert(entry, plan.target, plan.quant, src, clip, work, on_progress, cancel)
+            for item in work.iterdir():
+                os.replace(item, stage / item.name)
+            work.rmdir()
+            outputs = _hash_outputs(stage, _Meter(on_progress, "verify", cancel))
+            weights = {n: o["sha256"] for n, o in outputs.items() if n.endswith(WEIGHT_SUFFIXES)}
+            write_provenance(stage, {
+                "schema": 1, "model_id": entry.name, "target": plan.target, "quant": plan.quant,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "source": [_source_record(e, e.local_dir(cache)) for e, _ in sources],
+                "converter": converter, "outputs": outputs, "model_hash": combined_hash(weights),
+            })
+    found = installed_model(model_id, plan.target, plan.quant, cache, catalog, chosen.backends)
+    assert found is not None
+    return found
+
+
+@dataclass(frozen=True)
+class SourceCleanup:
+    """What deleting a converted model's original downloads would free."""
+
+    folders: tuple[Path, ...]
+    bytes: int  # linked files (Hugging Face cache) free nothing and are not counted
+
+
+def _own_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*")
+               if p.is_file() and not p.is_symlink() and p.stat().st_nlink == 1)
+
+
+def source_cleanup(model_id: str, cache: Optional[PathLike] = None,
+                   catalog: Optional[Catalog] = None) -> SourceCleanup:
+    """The offer to make once a model is converted: its downloads and what deleting them frees."""
+    catalog = catalog or load_catalog()
+    entry = catalog.get(model_id)
+    if not entry.convert:
+        return SourceCleanup((), 0)
+    names = [entry.name, *(entry.convert.get("requires") or [])]
+    folders = tuple(f for f in (catalog.get(n).local_dir(cache) for n in names) if f.is_dir())
+    return SourceCleanup(folders, sum(_own_bytes(f) for f in folders))
+
+
+def delete_sources(model_id: str, cache: Optional[PathLike] = None,
+                   catalog: Optional[Catalog] = None) -> int:
+    """Delete the original downloads of a converted model (the converted one keeps working);
+    returns the bytes freed. Refused while no converted copy of it is installed."""
+    catalog = catalog or load_catalog()
+    entry = catalog.get(model_id)
+    if not entry.convert:
+        raise ModelError(f"Model '{model_id}' is used as downloaded; remove it with "
+                         f"`models remove {model_id}`.")
+    root = converted_dir(entry, "hf", None, cache).parent
+    if not (root.is_dir() and any(is_installed(p) for p in root.iterdir())):
+        raise ModelError(f"No converted copy of '{model_id}' is installed yet; deleting its "
+                         "downloads would leave nothing to run. Get it first.")
+    offer = source_cleanup(model_id, cache, catalog)
+    for folder in offer.folders:
+        shutil.rmtree(folder)
+    return offer.bytes

@@ -37,6 +37,7 @@ class PlanResult:
     message: str  # one sentence: how many tiles, or how the extent is shown to the model
     family: str = ""
     tiled: bool = True  # False: a question about one (overview) tile
+    tile_ids: list[str] = field(default_factory=list)  # beside footprints_wkt, same order
 
 
 @dataclass

@@ -75,7 +75,8 @@ def plan(request: dict[str, Any], ctx: Context) -> dict[str, Any]:
     message = how or (f"{len(tiles)} tile(s) of {tiles.spec.tile_size} px at {gsd:.3g} m per "
                       "pixel")
     return {"tiles": len(tiles), "skipped": int(skipped), "footprints_wkt":
-            [f.wkt for f in footprints], "crs_wkt": _wkt(crs), "tile_size": tiles.spec.tile_size,
+            [f.wkt for f in footprints], "tile_ids": [t.tile_id for t in tiles.tiles],
+            "crs_wkt": _wkt(crs), "tile_size": tiles.spec.tile_size,
             "gsd_m": gsd, "message": message, "family": family, "tiled": is_tiled(task)}
 
 

@@ -42,6 +42,13 @@ def is_tiled(task: str) -> bool:
     return task in TILED_TASKS
 
 
+def runs_per_tile(request: Request) -> bool:
+    """True when ``request`` runs over every tile: a tiled task, or a question asked of each
+    tile on its own (``tiling.per_tile``) instead of one overview of the area."""
+    tiling = request.get("tiling") or {}
+    return is_tiled(str(request.get("task") or "refer")) or bool(tiling.get("per_tile"))
+
+
 def backend_spec(request: Request) -> BackendSpec:
     """The BackendSpec of ``request["model"]`` (and ``request["family"]`` when given)."""
     model = dict(request.get("model") or {})
@@ -197,7 +204,8 @@ def build_job(request: Request, spec: Optional[BackendSpec] = None) -> Job:
     if prompts is None and request.get("question"):
         prompts = [request["question"]]
     extent, extent_crs, aoi = area(request)
-    tiles = tile_spec(request, family, True) if is_tiled(task) else overview(request, spec)[0]
+    tiles = (tile_spec(request, family, True) if runs_per_tile(request)
+             else overview(request, spec)[0])
     job = Job(
         raster=str(request["raster"]), task=task, prompts=list(prompts or []), family=family,
         extent=extent, extent_crs=extent_crs, aoi=aoi, tile_spec=tiles,

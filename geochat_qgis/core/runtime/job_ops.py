@@ -13,7 +13,7 @@ from ..backends.base import Backend, CancelToken
 from ..backends.factory import BackendSpec
 from ..errors import GeoChatError
 from ..export import export_detections
-from ..jobs import area, backend_spec, build_chat, build_job, is_tiled, tile_spec
+from ..jobs import area, backend_spec, build_chat, build_job, runs_per_tile, tile_spec
 from ..merge import merge_detections
 from ..pipeline import Progress, run_job
 from ..results import Detection
@@ -53,7 +53,7 @@ def plan(request: dict[str, Any], ctx: Context) -> dict[str, Any]:
     family = _family(request)
     task = str(request.get("task") or "refer")
     extent, extent_crs, aoi = area(request)
-    if is_tiled(task):
+    if runs_per_tile(request):
         tiles = plan_tiles(raster, tile_spec(request, family, True), extent=extent,
                            extent_crs=extent_crs, aoi=aoi)
         how = ""
@@ -77,7 +77,7 @@ def plan(request: dict[str, Any], ctx: Context) -> dict[str, Any]:
     return {"tiles": len(tiles), "skipped": int(skipped), "footprints_wkt":
             [f.wkt for f in footprints], "tile_ids": [t.tile_id for t in tiles.tiles],
             "crs_wkt": _wkt(crs), "tile_size": tiles.spec.tile_size,
-            "gsd_m": gsd, "message": message, "family": family, "tiled": is_tiled(task)}
+            "gsd_m": gsd, "message": message, "family": family, "tiled": runs_per_tile(request)}
 
 
 def _wkt(crs: Optional[str]) -> Optional[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .detect import add_area_arguments, add_model_arguments, backend_spec, tile_spec
+from .detect import add_area_arguments, add_model_arguments, job_request
 
 HELP = "ask a model a question about a raster extent and print its answer"
 
@@ -23,25 +23,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", help="classify: comma-separated class names")
 
 
-def overview_spec(args: argparse.Namespace, family: str):
-    """A TileSpec that covers the extent with one tile, and a sentence saying how."""
-    from ..core.chat import overview_spec as one_tile_spec
-
-    return one_tile_spec(args.raster, tile_spec(args, family, overlap=0.0), args.extent,
-                         args.extent_crs, args.aoi)
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..core.pipeline import Job, run_job
+    from ..core.jobs import build_job, overview
+    from ..core.pipeline import run_job
     from ..core.runtime.backend import open_backend
 
-    spec = backend_spec(args)
-    tiles, how = overview_spec(args, spec.family)
-    classes = [c.strip() for c in (args.classes or "").split(",") if c.strip()]
-    job = Job(raster=args.raster, task=args.task, prompts=[args.prompt], family=spec.family,
-              extent=args.extent, extent_crs=args.extent_crs, aoi=args.aoi, tile_spec=tiles,
-              classes=classes, backend=spec, max_new_tokens=args.max_new_tokens,
-              temperature=args.temperature)
+    request = job_request(args)
+    job = build_job(request)  # a question: the one-tile overview of the extent
+    spec = job.backend
+    how = overview(request, spec)[1]
     backend = open_backend(spec, args.runtime)
     try:
         result = run_job(job, backend, on_token=_echo if sys.stdout.isatty() else None)

@@ -93,49 +93,40 @@ def _bands(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError("give band numbers like 1,2,3") from None
 
 
-def backend_spec(args: argparse.Namespace):
-    """The BackendSpec the arguments describe (API key from $GEOCHAT_API_KEY)."""
-    from dataclasses import replace
-
-    from ..core.backends.factory import resolve_spec
+def job_request(args: argparse.Namespace) -> dict:
+    """The arguments as a runtime request: core/jobs.py resolves it, as for the plugin (API key
+    from $GEOCHAT_API_KEY)."""
     from ..core.backends.openai_http import API_KEY_ENV
 
-    options = {
-        "base_url": args.server_url, "max_in_flight": args.max_in_flight,
+    model = {
+        "name": args.model, "backend": args.backend, "mmproj_path": args.mmproj,
+        "server_url": args.server_url, "max_in_flight": args.max_in_flight,
         "timeout": args.timeout, "n_threads": args.threads, "n_ctx": args.n_ctx,
         "n_gpu_layers": args.gpu_layers, "device": args.device, "batch_size": args.batch_size,
         "source": args.geopixel_source,
     }
     if args.server_url or args.backend == "openai":
-        options["api_key"] = os.environ.get(API_KEY_ENV)
-    kind = args.backend or ("openai" if args.server_url else None)
-    settings = {key: value for key, value in options.items() if value is not None}
-    spec = resolve_spec(args.model, kind, args.mmproj, args.family)
-    allowed = _SETTINGS_BY_KIND[spec.kind]
-    return replace(spec, settings={k: v for k, v in settings.items() if k in allowed})
+        model["api_key"] = os.environ.get(API_KEY_ENV)
+    prompts = args.prompt if isinstance(args.prompt, list) else [args.prompt]
+    return {
+        "raster": args.raster, "task": args.task, "prompts": prompts, "family": args.family,
+        "classes": getattr(args, "classes", None) or [], "extent": args.extent,
+        "extent_crs": args.extent_crs, "aoi_path": args.aoi, "model": model,
+        "tiling": {"tile_size": args.tile_size, "gsd": args.gsd, "bands": args.bands,
+                   "overlap": getattr(args, "overlap", 0.0)},
+        "output": {"crs": getattr(args, "output_crs", None)},
+        "options": {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                    "grammar": getattr(args, "grammar", False),
+                    "iou_threshold": getattr(args, "iou", 0.5),
+                    "angle_convention": getattr(args, "angle", None)},
+    }
 
 
-_SETTINGS_BY_KIND = {
-    "llama.cpp": {"n_threads", "n_ctx", "n_gpu_layers"},
-    "transformers": {"device", "batch_size"},
-    "openai": {"base_url", "max_in_flight", "timeout", "api_key"},
-    "geopixel": {"source"},
-}
+def backend_spec(args: argparse.Namespace):
+    """The BackendSpec the arguments describe (API key from $GEOCHAT_API_KEY)."""
+    from ..core.jobs import backend_spec as resolve
 
-
-def tile_spec(args: argparse.Namespace, family: str, overlap: float):
-    """The TileSpec for the family, with the user's size, GSD, bands and overlap."""
-    from dataclasses import replace
-
-    from ..core.families import get_family
-    from ..core.pipeline import Job, default_tile_spec
-
-    spec = default_tile_spec(Job(raster=args.raster), get_family(family))
-    changes = {"overlap": overlap}
-    for name, value in (("tile_size", args.tile_size), ("gsd", args.gsd), ("bands", args.bands)):
-        if value is not None:
-            changes[name] = value
-    return replace(spec, **changes)
+    return resolve(job_request(args))
 
 
 class ProgressBar:
@@ -165,20 +156,14 @@ def run(args: argparse.Namespace) -> int:
     from ..core.backends.base import CancelToken
     from ..core.errors import GeoChatError
     from ..core.export import export_detections
-    from ..core.pipeline import Job, run_job
+    from ..core.jobs import build_job
+    from ..core.pipeline import run_job
     from ..core.runtime.backend import open_backend
 
     if not args.prompt:
         raise GeoChatError("Say what to find with --prompt TEXT (repeat it for several things).")
-    spec = backend_spec(args)
-    job = Job(
-        raster=args.raster, task=args.task, prompts=args.prompt, family=spec.family,
-        extent=args.extent, extent_crs=args.extent_crs, aoi=args.aoi,
-        tile_spec=tile_spec(args, spec.family, args.overlap), backend=spec,
-        output_crs=args.output_crs, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, grammar=args.grammar, iou_threshold=args.iou,
-        family_settings={"angle_convention": args.angle} if spec.family == "geochat" else {},
-    )
+    job = build_job(job_request(args))
+    spec = job.backend
     cancel = CancelToken()
     bar = ProgressBar(not args.quiet)
     backend = open_backend(spec, args.runtime)

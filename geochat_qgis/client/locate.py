@@ -107,6 +107,6 @@ def _probe(command: Sequence[str], modules: list[str],
         return RuntimeState(False, exe, modules,
                             f"The GeoChat runtime {exe} failed to start ({tail}). " + INSTALL_HINT)
     if missing:
-        return RuntimeState(False, exe, missing,
-                            f"The GeoChat runtime {exe} lacks {', '.join(missing)}. " + INSTALL_HINT)
+        return RuntimeState(False, exe, missing, f"The GeoChat runtime {exe} lacks "
+                                                 f"{', '.join(missing)}. " + INSTALL_HINT)
     return RuntimeState(True, exe, [], f"The GeoChat runtime is ready ({exe}).")

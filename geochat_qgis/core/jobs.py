@@ -60,7 +60,8 @@ def backend_spec(request: Request) -> BackendSpec:
     if kind == "openai":
         name = model.get("server_model") or model.get("name")
         if not name:
-            raise GeoChatError("name the server's model (model.server_model) for the openai backend")
+            raise GeoChatError("name the server's model (model.server_model) for the openai "
+                               "backend")
         return BackendSpec("openai", str(name), family or _catalog_family(str(name)), None,
                            {**settings, **explicit})
     reference = model.get("model_path") or model.get("name")

@@ -17,13 +17,17 @@ import psutil
 import pytest
 from chat_server import serve_chat
 
+from geochat_qgis.client.errors import RuntimeClientError
+from geochat_qgis.client.process import ChildProcess, describe_exit
 from geochat_qgis.core.backends.base import CancelToken, Conversation, GenerateOptions
 from geochat_qgis.core.backends.factory import BackendSpec
 from geochat_qgis.core.errors import BackendError, Cancelled, GeoChatError, ModelError
 from geochat_qgis.core.runtime import protocol
-from geochat_qgis.core.runtime.backend import RuntimeSettings, SubprocessBackend, open_backend
-from geochat_qgis.client.errors import RuntimeClientError
-from geochat_qgis.client.process import ChildProcess, describe_exit
+from geochat_qgis.core.runtime.backend import (
+    RuntimeSettings,
+    SubprocessBackend,
+    open_backend,
+)
 
 pytestmark = pytest.mark.slow
 chat = pytest.fixture(serve_chat)

@@ -168,6 +168,26 @@ def test_failed_tiles_are_reported_and_the_run_goes_on(client, chat, demo_raster
     assert result.tiles_done == 15 and result.features == 15 and result.complete
 
 
+def test_ask_writes_its_boxes_georeferenced(client, chat, demo_raster, tmp_path):
+    chat.tokens = [BOX]
+    request = http_request(chat, demo_raster, tmp_path / "ask.gpkg", task="refer",
+                           question="car")
+    request["output"]["crs"] = "EPSG:4326"
+    answer = client.ask(request)
+    assert answer.raw == BOX and answer.features == 1 and answer.counts == {"car": 1}
+    assert answer.user_text == "[refer] Give me the location of <p> car </p>"
+    assert "downsampled to one 256 px tile" in answer.how
+    (label, wkt), = features(answer.output)
+    with rasterio.open(demo_raster) as ds:
+        from rasterio.warp import transform_bounds
+
+        west, south, east, north = transform_bounds(ds.crs, "EPSG:4326", *ds.bounds)
+    lon, lat = shapely.from_wkt(wkt).centroid.coords[0]
+    assert label == "car" and west < lon < east and south < lat < north
+    chat.tokens = ["no boxes here"]
+    assert client.ask(request).output is None
+
+
 def test_light_requests_are_answered_while_a_run_goes_on(client, chat, demo_raster, tmp_path):
     chat.tokens, chat.delay = [BOX], 0.15
     started = threading.Event()

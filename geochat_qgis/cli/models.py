@@ -1,4 +1,10 @@
-"""``models list|download|verify|remove|add``: the model catalog and the local model cache."""
+"""``models list|get|download|verify|remove|add``: the model catalog and the local model cache.
+
+``models get NAME --to gguf --quant q4_k_m`` does what the dock's Get button does (the same core
+function, ``core/weights/get.py``): it shows the plan, downloads, converts and reports the ready
+model. The hub, token, offline mode and proxies come from the environment (HF_ENDPOINT,
+HF_TOKEN, HF_HUB_OFFLINE, HTTPS_PROXY / HTTP_PROXY / NO_PROXY).
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional, TextIO
 
-HELP = "list, download, verify, remove or add models (catalog in models/catalog.json)"
+HELP = "list, get (download + convert), download, verify, remove or add models"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +25,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = sub.add_parser("list", help="the catalog with sizes and what is downloaded")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
+    get = sub.add_parser("get", help="download and convert a model so it runs (resumes)")
+    get.add_argument("name")
+    get.add_argument("--to", choices=["gguf", "hf"], help="gguf (llama.cpp) or hf "
+                     "(transformers, vLLM); models used as downloaded take none")
+    get.add_argument("--quant", choices=["q4_k_m", "q8_0", "f16"], help="GGUF only "
+                     "(default q4_k_m)")
+    get.add_argument("--endpoint", help="hub URL (default $GEOCHAT_HF_ENDPOINT, $HF_ENDPOINT "
+                     "or https://huggingface.co)")
+    get.add_argument("--hf-cache", help="Hugging Face cache to reuse files from (default "
+                     "$HF_HUB_CACHE or ~/.cache/huggingface/hub)")
+    get.add_argument("--plan", action="store_true", help="only show what it takes")
+    get.add_argument("--json", action="store_true", help="machine-readable output")
+    get.add_argument("--ignore-memory", action="store_true",
+                     help="convert even when memory looks too small (it may swap)")
+    get.add_argument("--delete-source", action="store_true",
+                     help="delete the original downloads once converted")
     download = sub.add_parser("download", help="download a model (resumes partial files)")
     download.add_argument("name")
     download.add_argument("--endpoint", help="hub URL (default $GEOCHAT_HF_ENDPOINT or "
@@ -46,8 +68,10 @@ class ProgressBar:
     On a non-terminal stream it prints a plain line every 10 %.
     """
 
-    def __init__(self, label: str, stream: Optional[TextIO] = None, width: int = 30) -> None:
+    def __init__(self, label: str, stream: Optional[TextIO] = None, width: int = 30,
+                 unit: str = "GB") -> None:
         self.label, self.stream, self.width = label, stream or sys.stderr, width
+        self.unit = unit  # "GB" for bytes, else a count of that unit (e.g. "tensors")
         self.started = time.monotonic()
         self.first_done: Optional[int] = None
         self.last_decile = -1
@@ -63,13 +87,18 @@ class ProgressBar:
             decile = int(fraction * 10)
             if decile != self.last_decile:
                 self.last_decile = decile
-                print(f"{self.label}: {fraction:4.0%} {done / 1e9:.2f} GB", file=self.stream)
+                print(f"{self.label}: {fraction:4.0%} {self._amount(done, None)}", file=self.stream)
             return
         filled = int(self.width * fraction)
         bar = "#" * filled + "." * (self.width - filled)
-        size = f"{done / 1e9:.2f}/{total / 1e9:.2f} GB" if total else f"{done / 1e9:.2f} GB"
-        self.stream.write(f"\r{self.label} [{bar}] {fraction:4.0%}  {size}  {speed:6.1f} MB/s")
+        rate = f"  {speed:6.1f} MB/s" if self.unit == "GB" else ""
+        self.stream.write(f"\r{self.label} [{bar}] {fraction:4.0%}  {self._amount(done, total)}{rate}")
         self.stream.flush()
+
+    def _amount(self, done: int, total: Optional[int]) -> str:
+        if self.unit != "GB":
+            return f"{done}/{total} {self.unit}" if total else f"{done} {self.unit}"
+        return f"{done / 1e9:.2f}/{total / 1e9:.2f} GB" if total else f"{done / 1e9:.2f} GB"
 
     def close(self) -> None:
         if self.tty:
@@ -80,23 +109,39 @@ def _size(entry) -> str:
     return f"{entry.total_bytes / 1e9:.1f} GB" if entry.total_bytes else "?"
 
 
+def _runs_here(listed: dict) -> str:
+    """``gguf q4_k_m: llama.cpp`` for what is got, else what a get would give, per choice."""
+    parts = []
+    for choice in listed.get("choices", []):
+        name = choice["target"] if choice["quant"] is None else f"{choice['target']}-{choice['quant']}"
+        if choice["target"] == "download":
+            name = "as is"
+        ready = "ready: " if choice["installed"] else ""
+        parts.append(f"{ready}{name}: {','.join(choice['backends']) or '-'}")
+    return "; ".join(parts)
+
+
 def _list(catalog, cache, as_json: bool) -> int:
+    from ..core.weights.listing import model_list
     from ..core.weights.store import model_status
 
+    listed = {row["name"]: row for row in model_list(cache, catalog)}
     rows = [{
         "name": e.name, "family": e.family, "backends": list(e.backends), "size": _size(e),
         "status": model_status(e, cache), "license": e.license, "min_ram_gb": e.min_ram_gb,
         "min_vram_gb": e.min_vram_gb, "source": str(e.local_path or e.repo), "title": e.title,
         "folder": str(e.local_dir(cache)), "convert": e.convert,
+        "ready": listed[e.name]["status"] == "ready", "choices": listed[e.name]["choices"],
     } for e in catalog]
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'NAME':28} {'FAMILY':11} {'SIZE':>8} {'STATUS':10} {'BACKENDS':16} LICENCE")
+    print(f"{'NAME':28} {'FAMILY':11} {'SIZE':>8} {'STATUS':10} {'BACKENDS':16} {'LICENCE':14} "
+          "RUNS HERE")
     for row in rows:
         backends = ",".join(row["backends"]) or ("(convert)" if row["convert"] else "-")
         print(f"{row['name']:28} {row['family']:11} {row['size']:>8} {row['status']:10} "
-              f"{backends:16} {row['license'] or '?'}")
+              f"{backends:16} {row['license'] or '?':14} {_runs_here(listed[row['name']])}")
     return 0
 
 
@@ -127,6 +172,10 @@ def run(args: argparse.Namespace) -> int:
     catalog = load_catalog(args.user_catalog)
     if args.action == "list":
         return _list(catalog, args.cache, args.json)
+    if args.action == "get":
+        from .models_get import run_get
+
+        return run_get(args, catalog, ProgressBar)
     entry = catalog.get(args.name)
     if args.action == "download":
         bar = ProgressBar(entry.name)

@@ -307,7 +307,8 @@ def _choices(entry: ModelEntry, needs: list[ModelEntry], sources: list, cache: O
         size = sources[0][0].total_bytes
         ok, why = runnable_backends(fmt, size + RUNTIME_MEMORY_EXTRA, here)
         folder = entry.local_dir(cache)
-        done = all(is_complete(folder, f, _read_manifest(folder)) for f in sources[0][1].files)
+        files = sources[0][1].files
+        done = bool(files) and all(is_complete(folder, f, _read_manifest(folder)) for f in files)
         return [OutputChoice("download", None, 0, 0, tuple(ok), why, str(folder) if done else None)]
     plan, remote = sources[0]
     config = _config(entry, remote.commit, cache, endpoint, hf_cache)
@@ -323,7 +324,7 @@ def _choices(entry: ModelEntry, needs: list[ModelEntry], sources: list, cache: O
         notes.append("Output sizes are rough: the checkpoint's config.json could not be read.")
         weights = _rough_weights(plan.total_bytes, src_bytes)
     choices = []
-    for target in entry.convert.get("to") or TARGETS:
+    for target in sorted(entry.convert.get("to") or TARGETS, key=TARGETS.index):
         for quant in (QUANTS if target == "gguf" else (None,)):
             size, temp = output_sizes(target, quant, weights, src_bytes)
             ok, why = runnable_backends(target, size + RUNTIME_MEMORY_EXTRA, here)

@@ -1,0 +1,90 @@
+"""A full disk (a small tmpfs as the model cache) is refused before any byte is downloaded."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+from hub_repos import CLIP_REPO, GEOCHAT_REPO, serve_repo_hub, tiny_geochat_repos
+
+from geochat_qgis.core.weights import get_plan
+from geochat_qgis.core.weights.catalog import load_catalog
+from geochat_qgis.core.weights.get import GetRefused, get_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    geochat, clip = tiny_geochat_repos(tmp_path_factory.mktemp("repos"))
+    server = next(generator := serve_repo_hub())
+    server.add_folder(GEOCHAT_REPO, geochat)
+    server.add_folder(CLIP_REPO, clip)
+    yield server
+    generator.close()
+
+
+@pytest.fixture
+def env(hub, monkeypatch, tmp_path):
+    for name in ("HF_HUB_OFFLINE", "HTTP_PROXY", "http_proxy", "HF_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GEOCHAT_HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    hub.requests.clear()
+    return hub
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """Mount a tmpfs of the given size (root only); unmounted afterwards."""
+    mounted = []
+
+    def mount(size: str):
+        folder = tmp_path / f"disk-{size}"
+        folder.mkdir()
+        if shutil.which("mount") is None:
+            pytest.skip("no mount command here")
+        run = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+        if run.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {run.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def _contents(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+def test_full_disk_is_refused_before_any_byte_is_downloaded(env, small_disk):
+    cache = small_disk("4m")
+    with pytest.raises(GetRefused) as info:
+        get_model("geochat-7b", "gguf", "q8_0", cache, catalog=load_catalog(include_user=False))
+    assert "Not enough free disk space" in str(info.value) and str(cache) in str(info.value)
+    assert not info.value.plan.ok and info.value.plan.disk_free <= 4 << 20
+    assert env.weight_requests() == [] or all(p.endswith("config.json")
+                                              for _, p, _ in env.weight_requests())
+    assert _contents(cache) == []  # nothing written
+
+
+def test_downloads_that_fit_are_refused_when_output_and_temporary_files_do_not(
+        env, small_disk, monkeypatch):
+    """The check counts downloads + output + temporary: downloads alone would fit here."""
+    monkeypatch.setattr(get_plan, "SPACE_MARGIN_BYTES", 0)
+    catalog = load_catalog(include_user=False)
+    cache = small_disk("2m")
+    plan = get_plan.plan_get("geochat-7b", "gguf", "q8_0", cache, catalog=catalog)
+    assert plan.download_bytes < plan.disk_free < plan.disk_needed
+    with pytest.raises(GetRefused, match="temporary"):
+        get_model("geochat-7b", "gguf", "q8_0", cache, catalog=catalog)
+    assert _contents(cache) == []
+
+
+def test_the_same_get_succeeds_on_a_disk_big_enough(env, small_disk):
+    cache = small_disk("96m")
+    model = get_model("geochat-7b", "hf", cache=cache, catalog=load_catalog(include_user=False))
+    assert model.folder.is_relative_to(cache) and (model.folder / "provenance.json").is_file()

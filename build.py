@@ -1,23 +1,25 @@
 #!/usr/bin/env python3
 """Build, install, run and test GeoChat for QGIS. Standard library only.
 
-    python3 build.py setup                 QGIS, Xvfb and the .venv with every dependency
+    python3 build.py setup                 QGIS, Xvfb, build tools and the two test environments
     python3 build.py package               dist/geochat_qgis-<version>.zip, checked
     python3 build.py install [--profile NAME] [--qgis-dir DIR]
     python3 build.py run                   the plugin in the QGIS desktop with the demo raster
-    python3 build.py test [pytest args]    every test tier, offscreen
+    python3 build.py test [pytest args]    every test tier (unit, qgis, installed), offscreen
+    python3 build.py test-debian13         the whole suite in a fresh Debian 13 chroot (QGIS 3.40)
 """
 from __future__ import annotations
 
 import argparse
 import configparser
 import hashlib
+import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import textwrap
 import time
@@ -26,15 +28,32 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 PACKAGE = "geochat_qgis"
+SYSTEM_PYTHON = "/usr/bin/python3"  # QGIS binds to Debian's Python, not the first on PATH
+# .venv: the runtime's own environment (no system site packages), as the plugin's managed
+# runtime is: the core, the backends, the test tools. The unit tier runs here.
 VENV = ROOT / ".venv"
 VENV_PYTHON = VENV / "bin" / "python"
-REQUIREMENTS = ROOT / "requirements.txt"
-STAMP = VENV / ".requirements.sha256"
-LLAMA_STAMP = VENV / ".llama_cpp.sha256"
-SYSTEM_PYTHON = "/usr/bin/python3"  # QGIS binds to Debian's Python, not the first on PATH
-DEBIAN_PACKAGES = ["qgis", "python3-qgis", "qgis-providers", "python3-venv", "python3-pyproj", "xvfb",
-                   "xauth"]
-NO_DEPS_PACKAGES = ["geopandas==1.2.0"]  # see requirements.txt: never a second PROJ in QGIS
+# .venv-qgis: QGIS's Python (system site packages) plus the test tools only, nothing of the
+# core: what QGIS's process looks like for a user. The qgis and installed tiers run here.
+QGIS_VENV = ROOT / ".venv-qgis"
+QGIS_VENV_PYTHON = QGIS_VENV / "bin" / "python"
+# .venv-qt6check: QGIS's migration checker (pyqt5_to_pyqt6) needs Python >= 3.12.
+QT6_VENV = ROOT / ".venv-qt6check"
+REQUIREMENTS = ROOT / "requirements.txt"  # what the runtime needs (core, backends, server)
+TEST_REQUIREMENTS = ROOT / "requirements-test.txt"  # the test tools beside it
+QGIS_REQUIREMENTS = ROOT / "requirements-qgis.txt"  # the test tools in QGIS's Python
+QT6_REQUIREMENTS = ROOT / "requirements-qt6check.txt"
+DEBIAN_PACKAGES = ["qgis", "python3-qgis", "qgis-providers", "python3-venv", "xvfb", "xauth"]
+# llama-cpp-python ships as an sdist only: it compiles llama.cpp (C/C++ compiler, make, CMake).
+BUILD_TOOLS = ["build-essential", "cmake"]
+# Built from its sdist (never a build tool: `--no-binary :all:` would compile CMake too).
+NO_BINARY = "llama-cpp-python"
+# torch: only a CPU build. The package index's Linux torch is a CUDA build of several GB; where
+# no CPU build resolves (Python 3.13 here) the torch-only tests skip, saying why.
+# GEOCHAT_TORCH=any takes whatever build the index has, GEOCHAT_TORCH=none never installs it.
+TORCH_ENV = "GEOCHAT_TORCH"
+NO_TORCH_REASON_ENV = "GEOCHAT_NO_TORCH_REASON"  # set for the tests when torch was left out
+MIN_QT6CHECK_PYTHON = (3, 12)
 DIST = ROOT / "dist"
 OUT = ROOT / "out"
 DEMO_RASTER = ROOT / "resources" / "demo" / "cogeo.tif"
@@ -71,61 +90,46 @@ class BuildError(Exception):
     """A step failed; the message says which and what to do."""
 
 
-# ---------------------------------------------------------------- setup
+# ---------------------------------------------------------------- setup: system packages
 def qgis_importable() -> bool:
     probe = [SYSTEM_PYTHON, "-c", "import qgis.core"]
     return subprocess.run(probe, capture_output=True).returncode == 0
 
 
-def missing_debian_packages() -> list[str]:
-    missing = []
-    for name in DEBIAN_PACKAGES:
-        result = subprocess.run(
-            ["dpkg-query", "-W", "-f=${Status}", name], capture_output=True, text=True
-        )
-        if "install ok installed" not in result.stdout:
-            missing.append(name)
-    return missing
+def missing_debian_packages(names: list[str]) -> list[str]:
+    """Those of ``names`` dpkg does not list as installed (all of them without dpkg)."""
+    if not shutil.which("dpkg-query"):
+        return list(names)
+    result = subprocess.run(["dpkg-query", "-W", "-f=${Package} ${Status}\n", *names],
+                            capture_output=True, text=True)
+    installed = {line.split()[0] for line in result.stdout.splitlines()
+                 if line.endswith("install ok installed")}
+    return [name for name in names if name not in installed]
 
 
 def install_debian_packages() -> None:
-    missing = missing_debian_packages() if shutil.which("dpkg-query") else DEBIAN_PACKAGES
+    """QGIS, python3-venv, Xvfb and the C/C++ build tools, each only when absent."""
+    missing = missing_debian_packages(DEBIAN_PACKAGES + BUILD_TOOLS)
     if not missing and qgis_importable():
         return
     if not shutil.which("apt-get"):
         raise BuildError(
-            "QGIS is not installed and this is not a Debian/Ubuntu system: install QGIS "
-            f"{'/'.join(missing)} with your package manager, then run this again."
+            "this is not a Debian/Ubuntu system: install QGIS (with its Python bindings), "
+            f"Xvfb, a C/C++ compiler and CMake ({' '.join(missing)}) with your package "
+            "manager, then run this again."
         )
     sudo = [] if os.geteuid() == 0 else ["sudo"]
     say(f"installing Debian packages: {' '.join(missing)} (about 2 min)")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(sudo + ["apt-get", "update", "-q"], check=True, env=env)
-    subprocess.run(
-        sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
-        + (["qgis"] if "qgis" not in missing and not qgis_importable() else []),
-        check=True,
-        env=env,
-    )
+    reinstall = ["qgis"] if "qgis" not in missing and not qgis_importable() else []
+    subprocess.run(sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends",
+                           *missing, *reinstall], check=True, env=env)
     if not qgis_importable():
         raise BuildError(f"QGIS installed but `{SYSTEM_PYTHON} -c 'import qgis.core'` fails.")
 
 
-# llama-cpp-python ships only as an sdist that compiles llama.cpp. Its LLaVA vision graph puts
-# CLIP's CLS embedding after the patches while the rest of the code expects it first: every
-# patch gets its neighbour's position embedding, the first patch is dropped and CLS reaches the
-# language model. GeoChat (LLaVA-1.5) GGUF answers then differ from the original model. We build
-# it with CLS first, as CLIP and transformers do (checked by tests/unit/test_convert_parity.py).
-LLAMA_CPP = "llama-cpp-python==0.3.36"
-LLAMA_CPP_PATCHES = [
-    (
-        "vendor/llama.cpp/tools/mtmd/models/llava.cpp",
-        "inp = ggml_concat(ctx0, inp, model.class_embedding, 1);",
-        "inp = ggml_concat(ctx0, model.class_embedding, inp, 1);  // CLS first (GeoChat for QGIS)",
-    ),
-]
-
-
+# ---------------------------------------------------------------- setup: Python environments
 def digest(*parts: object) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
@@ -135,55 +139,177 @@ def stamped(stamp: Path, key: str) -> bool:
     return stamp.exists() and stamp.read_text().strip() == key
 
 
-def install_patched_llama_cpp(pip: list[str], env: dict[str, str]) -> None:
-    """Download the llama-cpp-python sdist, apply LLAMA_CPP_PATCHES, build and install it."""
-    with tempfile.TemporaryDirectory(prefix="geochat-llama-") as tmp:
-        subprocess.run([str(VENV_PYTHON), "-m", "pip", "download", "--disable-pip-version-check",
-                        "--no-deps", "--no-binary", ":all:", LLAMA_CPP, "-d", tmp], check=True)
-        archive = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        with tarfile.open(archive) as tar:
-            if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4: refuse unsafe members
-                tar.extractall(tmp, filter="data")
-            else:
-                tar.extractall(tmp)
-        source = next(p for p in Path(tmp).iterdir() if p.is_dir())
-        for relative, old, new in LLAMA_CPP_PATCHES:
-            path = source / relative
-            text = path.read_text(encoding="utf-8")
-            if text.count(old) != 1:
-                raise BuildError(f"cannot patch {relative} of {LLAMA_CPP}: the line to fix is not "
-                                 "there once; update LLAMA_CPP_PATCHES in build.py")
-            path.write_text(text.replace(old, new), encoding="utf-8")
-        say(f"building {LLAMA_CPP} with the LLaVA CLS-order fix (~6 min on 2 cores)")
-        # its dependencies and server extras come from requirements.txt
-        subprocess.run(pip + ["--force-reinstall", "--no-deps", str(source)], check=True, env=env)
+def python_version(python: Path | str) -> tuple[int, int]:
+    out = subprocess.run([str(python), "-c", "import sys; print(*sys.version_info[:2])"],
+                         capture_output=True, text=True, check=True).stdout
+    major, minor = out.split()
+    return int(major), int(minor)
 
 
-def ensure_venv() -> None:
-    if not VENV_PYTHON.exists():
-        say(f"creating {VENV.name} over {SYSTEM_PYTHON} (sees QGIS's Python packages)")
-        subprocess.run([SYSTEM_PYTHON, "-m", "venv", "--system-site-packages", str(VENV)], check=True)
+def make_venv(venv: Path, base: str, system_site: bool) -> Path:
+    """``venv`` over ``base`` (rebuilt when it was made otherwise); its python."""
+    python = venv / "bin" / "python"
+    config = venv / "pyvenv.cfg"
+    wanted = f"include-system-site-packages = {'true' if system_site else 'false'}"
+    if python.exists() and config.exists() and wanted in config.read_text():
+        return python
+    say(f"creating {venv.name} over {base}" + (" (sees QGIS's Python)" if system_site else ""))
+    subprocess.run([base, "-m", "venv", "--clear", *(["--system-site-packages"] if system_site
+                                                     else []), str(venv)], check=True)
+    # pip >= 23.1 keeps the wheels it builds from sdists (llama-cpp-python) in its cache even
+    # with --no-binary; Debian 12's venv brings 23.0
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                    "--upgrade", "pip>=23.1"], check=True)
+    return python
+
+
+def requirement_lines(path: Path) -> list[str]:
+    """The requirement specifiers of a requirements file (comments and blanks dropped)."""
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line]
+
+
+def resolved_version(python: Path, requirement: str) -> str | None:
+    """The version pip would install for ``requirement`` (metadata only, nothing downloaded
+    when the index serves it); None when nothing matches."""
+    with tempfile.TemporaryDirectory(prefix="geochat-resolve-") as tmp:
+        report = Path(tmp) / "report.json"
+        result = subprocess.run(
+            [str(python), "-m", "pip", "install", "--dry-run", "--no-deps", "--ignore-installed",
+             "--quiet", "--disable-pip-version-check", "--report", str(report), requirement],
+            capture_output=True, text=True)
+        if result.returncode != 0 or not report.exists():
+            return None
+        installs = json.loads(report.read_text()).get("install", [])
+    return installs[0]["metadata"]["version"] if installs else None
+
+
+def torch_decision(python: Path, requirement: str) -> str | None:
+    """None to install ``requirement`` (torch); else the reason it is left out."""
+    choice = os.environ.get(TORCH_ENV, "cpu").strip().lower()
+    if choice == "none":
+        return f"torch left out ({TORCH_ENV}=none)"
+    if choice == "any":
+        return None
+    version = resolved_version(python, requirement)
+    if version is None:
+        return f"no build of {requirement} for Python {'.'.join(map(str, python_version(python)))}"
+    if "+cpu" not in version:
+        return (f"only a CUDA build of {requirement} ({version}, several GB) exists for Python "
+                f"{'.'.join(map(str, python_version(python)))} here, no CPU build; "
+                f"`{TORCH_ENV}=any python3 build.py setup` installs it")
+    return None
+
+
+def torch_reason_path() -> Path:
+    return VENV / ".geochat-no-torch"
+
+
+def ensure_runtime_venv() -> None:
+    """.venv: requirements.txt + requirements-test.txt in one pip command (one resolution)."""
+    python = make_venv(VENV, SYSTEM_PYTHON, system_site=False)
+    runtime = requirement_lines(REQUIREMENTS)
+    torch = [line for line in runtime if re.match(r"^torch\b", line)]
+    key = digest(runtime, requirement_lines(TEST_REQUIREMENTS), python_version(python),
+                 os.environ.get(TORCH_ENV, "cpu"))
+    stamp = VENV / ".geochat-requirements.sha256"
+    if stamped(stamp, key):
+        return
+    reason = torch_decision(python, torch[0]) if torch else None
+    wanted = [line for line in runtime if line not in torch] if reason else runtime
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="geochat-req-", delete=False) as handle:
+        handle.write("\n".join(wanted) + "\n")
     env = dict(os.environ)
-    # a portable llama.cpp build whose wheel pip caches for other CPUs too
-    env.setdefault("CMAKE_ARGS", "-DGGML_NATIVE=OFF")
-    pip = [str(VENV_PYTHON), "-m", "pip", "install", "--disable-pip-version-check"]
-    requirements = digest(REQUIREMENTS.read_text(), NO_DEPS_PACKAGES)
-    if not stamped(STAMP, requirements):
-        say("installing Python dependencies")
-        subprocess.run(pip + ["-r", str(REQUIREMENTS)], check=True, env=env)
-        subprocess.run(pip + ["--no-deps", *NO_DEPS_PACKAGES], check=True, env=env)
-        STAMP.write_text(requirements + "\n")
-    llama = digest(LLAMA_CPP, LLAMA_CPP_PATCHES)
-    if not stamped(LLAMA_STAMP, llama):
-        install_patched_llama_cpp(pip, env)
-        LLAMA_STAMP.write_text(llama + "\n")
+    env.setdefault("CMAKE_ARGS", "-DGGML_NATIVE=OFF")  # a portable llama.cpp pip's cache can reuse
+    say("installing the runtime and test packages into .venv (llama-cpp-python compiles once, "
+        "~6 min on 2 cores; pip caches the wheel)")
+    try:
+        subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check",
+                        "--no-binary", NO_BINARY, "-r", handle.name, "-r", str(TEST_REQUIREMENTS)],
+                       check=True, env=env)
+    finally:
+        os.unlink(handle.name)
+    if reason:
+        say(f"torch not installed: {reason}")
+        torch_reason_path().write_text(reason + "\n")
+    else:
+        torch_reason_path().unlink(missing_ok=True)
+    check_proj(python)
+    stamp.write_text(key + "\n")
+
+
+def check_proj(python: Path) -> None:
+    """pyproj finds its PROJ data with no warning (the wheel's own, nothing of Debian's)."""
+    probe = "import pyproj; pyproj.CRS('EPSG:3857').to_wkt(); print(pyproj.datadir.get_data_dir())"
+    env = {k: v for k, v in os.environ.items() if k not in ("PROJ_DATA", "PROJ_LIB")}
+    result = subprocess.run([str(python), "-W", "error", "-c", probe], capture_output=True,
+                            text=True, env=env)
+    if result.returncode != 0 or result.stderr.strip():
+        raise BuildError(f"pyproj in {shown(python)} does not find its PROJ data cleanly: "
+                         f"{(result.stderr or result.stdout).strip()[-600:]}")
+
+
+def ensure_qgis_venv() -> None:
+    """.venv-qgis: QGIS's Python with the test tools only."""
+    python = make_venv(QGIS_VENV, SYSTEM_PYTHON, system_site=True)
+    key = digest(requirement_lines(QGIS_REQUIREMENTS), python_version(python))
+    stamp = QGIS_VENV / ".geochat-requirements.sha256"
+    if stamped(stamp, key):
+        return
+    say("installing the test tools into .venv-qgis")
+    subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check",
+                    "-r", str(QGIS_REQUIREMENTS)], check=True)
+    stamp.write_text(key + "\n")
+
+
+def qt6check_base_python() -> str | None:
+    """A Python >= 3.12 for QGIS's migration checker: the system's, then pyenv's, then uv's."""
+    candidates = [SYSTEM_PYTHON, "python3.14", "python3.13", "python3.12"]
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    candidates += sorted((str(p / "bin" / "python3") for p in pyenv.glob("3.1[2-9]*")), reverse=True)
+    for candidate in candidates:
+        exe = shutil.which(candidate)
+        if exe:
+            try:
+                if python_version(exe) >= MIN_QT6CHECK_PYTHON:
+                    return exe
+            except (OSError, subprocess.CalledProcessError, ValueError):
+                continue
+    uv = shutil.which("uv")
+    if uv:
+        found = subprocess.run([uv, "python", "find", ">=3.12"], capture_output=True, text=True)
+        if found.returncode == 0 and found.stdout.strip():
+            return found.stdout.strip()
+    return None
+
+
+def ensure_qt6check_venv() -> None:
+    """.venv-qt6check: qgis-pyqt5to6 with PyQt6 beside it; skipped (saying so) without a
+    Python >= 3.12 (the test then skips with that reason)."""
+    base = qt6check_base_python()
+    if base is None:
+        say("no Python >= 3.12 found (system, pyenv, uv): the Qt6 migration check will skip")
+        return
+    python = QT6_VENV / "bin" / "python"
+    key = digest(requirement_lines(QT6_REQUIREMENTS), base, python_version(base))
+    stamp = QT6_VENV / ".geochat-requirements.sha256"
+    if python.exists() and stamped(stamp, key):
+        return
+    shutil.rmtree(QT6_VENV, ignore_errors=True)
+    make_venv(QT6_VENV, base, system_site=False)
+    say(f"installing QGIS's Qt6 migration checker into {QT6_VENV.name}")
+    subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check",
+                    "-r", str(QT6_REQUIREMENTS)], check=True)
+    stamp.write_text(key + "\n")
 
 
 def setup() -> None:
     """Idempotent: a second run with nothing changed returns in seconds."""
     started = time.monotonic()
     install_debian_packages()
-    ensure_venv()
+    ensure_runtime_venv()
+    ensure_qgis_venv()
+    ensure_qt6check_venv()
     say(f"set-up ready ({time.monotonic() - started:.1f} s)")
 
 
@@ -328,25 +454,17 @@ def install(zip_path: Path, qgis_dir: Path = DEFAULT_QGIS_DIR, profile: str = DE
 
 
 # ---------------------------------------------------------------- run
-def venv_site_packages() -> Path:
-    found = sorted((VENV / "lib").glob("python3*/site-packages"))
-    if not found:
-        raise BuildError(f"{VENV} has no site-packages: run `python3 build.py setup`")
-    return found[0]
-
-
 def qgis_env(headless: bool) -> dict[str, str]:
-    """QGIS runs Debian's Python: put the venv's packages on its path.
+    """The environment QGIS runs in: nothing of .venv on its path (QGIS's process holds only
+    QGIS and the plugin's Qt code); the plugin's runtime child runs .venv's Python.
 
     QGIS's embedded Python finds its prefix from the first ``python3`` on PATH: a pyenv or other
     interpreter there makes it lose the qgis module, so Debian's /usr/bin comes first.
     """
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "QT_QPA_PLATFORM")}
     env["PATH"] = os.pathsep.join(["/usr/bin", "/bin", env.get("PATH", "")])
-    env.pop("QT_QPA_PLATFORM", None)  # a real window, on the real or the virtual display
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(venv_site_packages())] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    )
+    env["GEOCHAT_RUNTIME_PYTHON"] = str(VENV_PYTHON)
     if headless:
         env["GEOCHAT_DEMO_HEADLESS"] = "1"
     return env
@@ -475,26 +593,38 @@ def run(qgis_dir: Path, profile: str) -> int:
 
 
 # ---------------------------------------------------------------- test
+# (name, interpreter, folder, pytest flags, extra environment)
 TIERS = [
-    ("unit", ["tests/unit", "-p", "no:pytest_qgis"]),
-    ("qgis", ["tests/qgis"]),
+    ("unit", VENV_PYTHON, "tests/unit", ["-p", "no:pytest_qgis"], {}),
+    ("qgis", QGIS_VENV_PYTHON, "tests/qgis", [], {"GEOCHAT_RUNTIME_PYTHON": str(VENV_PYTHON)}),
+    # the zip in a fresh profile of the real QGIS desktop, nothing of .venv visible
+    ("installed", QGIS_VENV_PYTHON, "tests/installed", ["-p", "no:pytest_qgis"], {}),
 ]
+
+
+def tier_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(QT_QPA_PLATFORM="offscreen", PYTHONDONTWRITEBYTECODE="1", **extra)
+    if torch_reason_path().exists():
+        env[NO_TORCH_REASON_ENV] = torch_reason_path().read_text().strip()
+    return env
 
 
 def test(pytest_args: list[str]) -> int:
     setup()
-    env = dict(os.environ, QT_QPA_PLATFORM="offscreen", PYTHONDONTWRITEBYTECODE="1")
-    env.pop("DISPLAY", None)
     failed = []
     paths = [a for a in pytest_args if a.startswith("tests")]
-    for name, (tier_dir, *tier_flags) in TIERS:
+    for name, python, tier_dir, tier_flags, extra in TIERS:
         tier_paths = [p for p in paths if p.startswith(tier_dir)]
         if paths and not tier_paths:
             continue  # the caller named tests of other tiers only
         options = [a for a in pytest_args if a not in paths]
         args = tier_flags + (tier_paths or [tier_dir]) + options
-        say(f"test tier {name}: pytest {' '.join(args)}")
-        code = subprocess.run([str(VENV_PYTHON), "-m", "pytest", *args], cwd=ROOT, env=env).returncode
+        say(f"test tier {name}: {shown(python)} -m pytest {' '.join(args)}")
+        started = time.monotonic()
+        code = subprocess.run([str(python), "-m", "pytest", *args], cwd=ROOT,
+                              env=tier_env(extra)).returncode
+        say(f"test tier {name}: pytest exit {code} ({time.monotonic() - started:.0f} s)")
         if code != 0:  # 5 = no tests collected: a failure too
             failed.append(f"{name} (pytest exit {code}{', no tests ran' if code == 5 else ''})")
     if failed:
@@ -502,6 +632,118 @@ def test(pytest_args: list[str]) -> int:
         return 1
     say("all test tiers passed")
     return 0
+
+
+# ---------------------------------------------------------------- Debian 13 tier
+DEBIAN13_DIR = Path(os.environ.get("GEOCHAT_DEBIAN13_DIR", "/var/tmp/geochat-debian13"))
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+CHROOT_CA = "/etc/geochat-host-ca.crt"  # a copy apt's ca-certificates never regenerates
+CHROOT_CHECKOUT = "/work/geochat"
+BINDS = ["/proc", "/sys", "/dev", "/dev/pts", "/dev/shm"]
+
+
+def chroot_copy_config(root: Path) -> None:
+    """What a chroot needs to reach the package indexes: DNS, the host's CA bundle, pip's
+    configuration."""
+    for source in (Path("/etc/resolv.conf"), Path("/etc/pip.conf")):
+        if source.exists():
+            shutil.copy2(source, root / source.relative_to("/"), follow_symlinks=True)
+    if Path("/etc/xdg/pip").is_dir():
+        shutil.copytree("/etc/xdg/pip", root / "etc/xdg/pip", dirs_exist_ok=True)
+    if HOST_CA.exists():
+        shutil.copy2(HOST_CA, root / CHROOT_CA.lstrip("/"))
+        (root / HOST_CA.relative_to("/")).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(HOST_CA, root / HOST_CA.relative_to("/"))
+
+
+def chroot_copy_checkout(root: Path) -> Path:
+    """The checkout's files (tracked and untracked, not ignored) into the chroot; the
+    chroot's own .venv* stay (its set-up is stamped)."""
+    target = root / CHROOT_CHECKOUT.lstrip("/")
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    for name in (n for n in listed if n):
+        source = ROOT / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    return target
+
+
+def mounted(path: Path) -> bool:
+    return subprocess.run(["mountpoint", "-q", str(path)]).returncode == 0
+
+
+def chroot_run(root: Path, command: str, log, check: bool = True) -> int:
+    """``command`` (bash) as root inside the chroot, with a clean environment."""
+    env = ["env", "-i", "HOME=/root", "LANG=C.UTF-8", "TERM=dumb", "DEBIAN_FRONTEND=noninteractive",
+           "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+           f"PIP_CERT={CHROOT_CA}", f"SSL_CERT_FILE={CHROOT_CA}", f"REQUESTS_CA_BUNDLE={CHROOT_CA}"]
+    if os.environ.get("CI"):
+        env.append(f"CI={os.environ['CI']}")
+    process = subprocess.Popen(["chroot", str(root), *env, "bash", "-c", command],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:
+        print(line, end="", flush=True)
+        log.write(line)
+    code = process.wait()
+    if check and code != 0:
+        raise BuildError(f"in the Debian 13 chroot `{command}` failed with exit {code}")
+    return code
+
+
+def test_debian13(fresh: bool, pytest_args: list[str]) -> int:
+    """Make a trixie chroot with debootstrap (QGIS 3.40, Python 3.13), run set-up from nothing
+    and then the whole test suite in it. Needs root. Log: out/debian13.log."""
+    if os.geteuid() != 0:
+        raise BuildError("the Debian 13 tier needs root (debootstrap, chroot, mount)")
+    root = DEBIAN13_DIR / "root"
+    if fresh and root.exists():
+        for point in reversed(BINDS):
+            subprocess.run(["umount", "-l", str(root / point.lstrip("/"))], capture_output=True)
+        shutil.rmtree(root)
+    OUT.mkdir(exist_ok=True)
+    times: dict[str, float] = {}
+    with open(OUT / "debian13.log", "w", encoding="utf-8") as log:
+        started = time.monotonic()
+        if not (root / "etc" / "debian_version").exists():
+            if not shutil.which("debootstrap"):
+                subprocess.run(["apt-get", "install", "-y", "-q", "debootstrap"], check=True)
+            say(f"debootstrap trixie into {root} (~2 min)")
+            root.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["debootstrap", "--variant=minbase", "trixie", str(root), DEBIAN_MIRROR],
+                           check=True, stdout=log, stderr=subprocess.STDOUT)
+        times["debootstrap"] = time.monotonic() - started
+        chroot_copy_config(root)
+        chroot_copy_checkout(root)
+        done: list[Path] = []
+        try:
+            for point in BINDS:
+                target = root / point.lstrip("/")
+                target.mkdir(parents=True, exist_ok=True)
+                if not mounted(target):
+                    subprocess.run(["mount", "--bind", point, str(target)], check=True)
+                    done.append(target)
+            started = time.monotonic()
+            chroot_run(root, "command -v python3 >/dev/null || "
+                       "(apt-get update -q && apt-get install -y -q --no-install-recommends "
+                       "python3 git ca-certificates)", log)
+            chroot_run(root, f"cp {CHROOT_CA} /etc/ssl/certs/ca-certificates.crt && cd "
+                       f"{CHROOT_CHECKOUT} && python3 build.py setup", log)
+            times["setup"] = time.monotonic() - started
+            started = time.monotonic()
+            code = chroot_run(root, f"cd {CHROOT_CHECKOUT} && python3 build.py test "
+                              + " ".join(map(shlex.quote, pytest_args)), log, check=False)
+            times["test"] = time.monotonic() - started
+        finally:
+            for target in reversed(done):
+                subprocess.run(["umount", "-l", str(target)], capture_output=True)
+        summary = ", ".join(f"{step} {seconds / 60:.1f} min" for step, seconds in times.items())
+        say(f"Debian 13 tier: exit {code}; {summary} (log: {shown(OUT / 'debian13.log')})")
+        log.write(f"[build] Debian 13 tier: exit {code}; {summary}\n")
+    return code
 
 
 # ---------------------------------------------------------------- main
@@ -517,8 +759,11 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("--qgis-dir", type=Path, default=DEFAULT_QGIS_DIR,
                              help=f"QGIS settings folder holding profiles/ (default {DEFAULT_QGIS_DIR})")
     sub.add_parser("test", help="every test tier offscreen; extra args go to pytest")
+    debian13 = sub.add_parser("test-debian13", help="set-up and every test tier in a fresh "
+                              "Debian 13 chroot (root; extra args go to pytest)")
+    debian13.add_argument("--fresh", action="store_true", help="debootstrap anew")
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "test":
+    if rest and args.command not in ("test", "test-debian13"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "setup":
@@ -531,6 +776,8 @@ def main(argv: list[str] | None = None) -> int:
             return run(args.qgis_dir, args.profile)
         elif args.command == "test":
             return test(rest)
+        elif args.command == "test-debian13":
+            return test_debian13(args.fresh, rest)
     except BuildError as exc:
         print(f"[build] error: {exc}", file=sys.stderr)
         return 1

@@ -15,7 +15,7 @@ from geochat_qgis.core.deps.diagnostics import diagnostics_text, record_error, r
 from geochat_qgis.core.deps.environment import ManagedEnv, find_base_python, platform_tag
 from geochat_qgis.core.deps.gpu import nvidia_gpus
 from geochat_qgis.core.deps.pip import install_backend, install_packages, probe_imports
-from geochat_qgis.core.deps.requirements import BackendRequirements, PipStep, requirements_for
+from geochat_qgis.core.deps.requirements import BackendRequirements, PipStep, core_step, requirements_for
 from geochat_qgis.core.errors import Cancelled
 
 pytestmark = pytest.mark.slow
@@ -30,6 +30,8 @@ def env(tmp_path_factory) -> ManagedEnv:
 
 def test_environment_matches_this_python_and_is_reused(env):
     assert env.exists and env.stamp()["platform"] == platform_tag()
+    assert env.isolated  # QGIS's site packages are not visible in the runtime's environment
+    assert not probe_imports(env.python, ["qgis"])[0].ok
     assert Path(find_base_python()).name.startswith("python")
     before = env.python.stat().st_mtime_ns
     env.create()  # second call: reused, not rebuilt
@@ -75,12 +77,20 @@ def test_probe_reports_missing_modules(env):
     assert not check.ok and "ModuleNotFoundError" in check.error
 
 
-def test_requirements_choose_cpu_or_cuda_builds():
+def test_requirements_choose_cpu_or_cuda_builds(monkeypatch):
+    monkeypatch.delenv("GEOCHAT_LLAMA_CPP_INDEX", raising=False)
     cpu = requirements_for("transformers", "cpu")
-    assert cpu.steps[0].index_url == "https://download.pytorch.org/whl/cpu"
-    assert "numpy<2" in cpu.steps[1].packages and "torch" in cpu.imports
+    assert cpu.steps[0] == core_step()  # the runtime's core first, for every backend
+    assert cpu.steps[1].index_url == "https://download.pytorch.org/whl/cpu"
+    assert "torch" in cpu.imports and "rasterio" in cpu.imports
     cuda = requirements_for("llama.cpp", "cuda")
-    assert cuda.steps[0].extra_index_urls[0].endswith("/cu124")
+    assert cuda.steps[1].packages == ("llama-cpp-python==0.3.36",)  # stock, no patch
+    assert cuda.steps[1].extra_index_urls[0].endswith("/cu124")
+    assert dict(cuda.steps[1].env) == {"CMAKE_ARGS": "-DGGML_CUDA=on"}  # a source build: CUDA too
+    assert requirements_for("llama.cpp", "cpu").steps[1].env == ()
+    monkeypatch.setenv("GEOCHAT_LLAMA_CPP_INDEX", "none")
+    assert requirements_for("llama.cpp", "cpu").steps[1].extra_index_urls == ()
+    assert requirements_for("openai", "cpu").steps == (core_step(),)
     with pytest.raises(DepsError, match="NVIDIA GPU only"):
         requirements_for("geopixel", "cpu")
     with pytest.raises(DepsError, match="Unknown backend"):
@@ -112,11 +122,13 @@ def test_diagnostics_redact_the_home_folder(tmp_path, monkeypatch):
     assert redact(str(Path.home() / "a")) == os.path.join("~", "a")
 
 
-def test_cli_install_dry_run_and_unknown_backend(tmp_path, capsys):
+def test_cli_install_dry_run_and_unknown_backend(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("GEOCHAT_LLAMA_CPP_INDEX", raising=False)
     assert main(["deps", "--env", str(tmp_path / "e"), "install", "llama.cpp", "--cpu",
                  "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "pip install llama-cpp-python numpy<2" in out
+    assert "pip install numpy pillow rasterio shapely pyproj pyogrio" in out
+    assert "pip install llama-cpp-python==0.3.36 --extra-index-url" in out
     assert ("/whl/metal" if sys.platform == "darwin" else "/whl/cpu") in out
     assert not (tmp_path / "e").exists()  # a dry run creates nothing
     assert main(["deps", "install", "nope", "--cpu"]) == 1

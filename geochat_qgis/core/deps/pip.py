@@ -1,4 +1,7 @@
-"""Running pip with live output, and verifying installs by importing in a fresh process."""
+"""Running pip with live output, and verifying installs by importing in a fresh process.
+
+Everything goes into the managed environment's own interpreter, never into QGIS's Python.
+"""
 from __future__ import annotations
 
 import collections
@@ -13,8 +16,11 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 from ..errors import Cancelled
 from . import DepsError
-from .environment import LineFn, ManagedEnv
-from .requirements import BackendRequirements, PipStep
+from .environment import LineFn, ManagedEnv, _no_window
+from .requirements import CORE_IMPORTS, CORE_MODULE, BackendRequirements, PipStep
+
+# the folder holding geochat_qgis/: on the verification's path, as on the runtime child's
+PLUGIN_PARENT = Path(__file__).resolve().parents[3]
 
 if TYPE_CHECKING:
     from ..backends.base import CancelToken
@@ -42,10 +48,20 @@ class ImportCheck:
     error: str = ""
 
 
-def clean_env() -> dict[str, str]:
-    """This process's environment without what would leak QGIS's own Python paths."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+# set by QGIS (or the OS) for QGIS's own Python and libraries; the runtime's wheels bring theirs
+_QGIS_ONLY = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONEXECUTABLE", "VIRTUAL_ENV",
+              "__PYVENV_LAUNCHER__", "PROJ_LIB", "PROJ_DATA", "GDAL_DATA", "GDAL_DRIVER_PATH")
+
+
+def clean_env(extra: Sequence[tuple[str, str]] = (), pythonpath: Sequence[str | Path] = ()
+              ) -> dict[str, str]:
+    """This process's environment without what would leak QGIS's own Python and library
+    paths into the managed environment, plus ``extra`` and ``pythonpath``."""
+    env = {k: v for k, v in os.environ.items() if k not in _QGIS_ONLY}
     env["PYTHONNOUSERSITE"] = "1"
+    env.update(dict(extra))
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(str(p) for p in pythonpath)
     return env
 
 
@@ -55,6 +71,7 @@ def run_pip(
     on_line: Optional[LineFn] = None,
     cancel: Optional["CancelToken"] = None,
     log_path: Optional[Path] = None,
+    env: Sequence[tuple[str, str]] = (),
 ) -> None:
     """Run ``python -m pip ARGS``, passing each output line to ``on_line`` as it comes.
 
@@ -68,7 +85,8 @@ def run_pip(
         if log:
             log.write(f"\n$ {' '.join(command)}\n")
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True, bufsize=1, env=clean_env())
+                                   text=True, bufsize=1, env=clean_env(env),
+                                   **_no_window())
         watcher = _cancel_watcher(process, cancel)
         assert process.stdout is not None
         for raw in process.stdout:
@@ -107,9 +125,10 @@ def _cancel_watcher(process: subprocess.Popen, cancel: Optional["CancelToken"]) 
     return done
 
 
-def probe_imports(python: str | Path, modules: Sequence[str], timeout: float = 300.0
-                  ) -> list[ImportCheck]:
-    """Import ``modules`` in a fresh ``python`` process; one check per module.
+def probe_imports(python: str | Path, modules: Sequence[str], timeout: float = 300.0,
+                  pythonpath: Sequence[str | Path] = ()) -> list[ImportCheck]:
+    """Import ``modules`` in a fresh ``python`` process (``pythonpath`` its only extra path);
+    one check per module.
 
     A native crash while importing (a broken wheel) marks every module failed with the signal.
     """
@@ -117,7 +136,8 @@ def probe_imports(python: str | Path, modules: Sequence[str], timeout: float = 3
         return []
     try:
         result = subprocess.run([str(python), "-c", _PROBE, *modules], capture_output=True,
-                                text=True, timeout=timeout, env=clean_env())
+                                text=True, timeout=timeout, env=clean_env(pythonpath=pythonpath),
+                                **_no_window())
     except (OSError, subprocess.SubprocessError) as exc:
         return [ImportCheck(m, False, error=f"could not run {python}: {exc}") for m in modules]
     for line in result.stdout.splitlines():
@@ -136,7 +156,9 @@ def install_packages(
 ) -> None:
     """Create ``env`` if needed and pip-install one step into it."""
     env.create(on_line=on_line)
-    run_pip(env.python, step.pip_args(), on_line, cancel, env.log_path)
+    # a wheel where one exists beats compiling a newer release from source
+    run_pip(env.python, [*step.pip_args(), "--prefer-binary"], on_line, cancel, env.log_path,
+            step.env)
 
 
 def install_backend(
@@ -145,12 +167,17 @@ def install_backend(
     on_line: Optional[LineFn] = None,
     cancel: Optional["CancelToken"] = None,
 ) -> list[ImportCheck]:
-    """Install every step of ``requirements`` and verify its imports in a fresh process."""
+    """Install every step of ``requirements`` and verify its imports in a fresh process; when
+    the core's packages are among them, the core itself (``geochat_qgis.core.pipeline``, the
+    plugin's parent folder on the path) must import there too."""
     for step in requirements.steps:
         install_packages(env, step, on_line, cancel)
+    modules = list(requirements.imports)
+    if set(CORE_IMPORTS) <= set(modules):
+        modules.append(CORE_MODULE)
     if on_line:
-        on_line(f"Verifying: import {', '.join(requirements.imports)} in a fresh process")
-    checks = probe_imports(env.python, requirements.imports)
+        on_line(f"Verifying: import {', '.join(modules)} in a fresh process")
+    checks = probe_imports(env.python, modules, pythonpath=[PLUGIN_PARENT])
     failed = [c for c in checks if not c.ok]
     if failed:
         raise DepsError(

@@ -1,4 +1,10 @@
-"""What each backend needs installed, with CUDA or CPU builds chosen from the machine."""
+"""What the runtime needs installed: the core's packages plus one backend's, CPU or CUDA builds.
+
+The runtime is the managed environment the runtime child runs (never QGIS's own Python), so its
+packages follow their own needs: numpy 2, current shapely, and rasterio/pyproj/pyogrio wheels
+that bring their own GDAL, PROJ (with its data) and GEOS. The repository's requirements.txt
+lists the same core (tests/unit/test_deps_requirements.py keeps them in step).
+"""
 from __future__ import annotations
 
 import os
@@ -13,8 +19,19 @@ CUDA_TAG_ENV = "GEOCHAT_CUDA_TAG"  # e.g. cu121, cu124: which CUDA build of torc
 DEFAULT_CUDA_TAG = "cu124"
 TORCH_INDEX = "https://download.pytorch.org/whl/{tag}"
 LLAMA_CPP_INDEX = "https://abetlen.github.io/llama-cpp-python/whl/{tag}"
-BASE = ("numpy<2", "pillow")  # numpy 2 breaks the GDAL/matplotlib QGIS ships
-TRANSFORMERS = ("transformers", "safetensors", "sentencepiece", "protobuf", "jinja2>=3.1.6")
+# "none" (or empty) installs llama-cpp-python from the package index alone (a source build, or a
+# wheel pip has cached); another value is the prebuilt-wheel index URL template ({tag}).
+LLAMA_CPP_INDEX_ENV = "GEOCHAT_LLAMA_CPP_INDEX"
+# the stock release the project is tested with (an sdist on the package index)
+LLAMA_CPP = "llama-cpp-python==0.3.36"
+# what the core imports (geochat_qgis.core.pipeline and its readers, writers, tokenizers)
+CORE = ("numpy", "pillow", "rasterio", "shapely", "pyproj", "pyogrio", "gguf", "psutil",
+        "huggingface_hub", "sentencepiece", "protobuf")
+CORE_IMPORTS = ("numpy", "PIL", "rasterio", "shapely", "pyproj", "pyogrio", "gguf")
+CORE_MB = 350  # the core's wheels installed (about 110 MB to download)
+# verified in a fresh process with the plugin's parent folder on its path
+CORE_MODULE = "geochat_qgis.core.pipeline"
+TRANSFORMERS = ("transformers", "safetensors", "jinja2>=3.1.6")
 
 
 @dataclass(frozen=True)
@@ -24,6 +41,7 @@ class PipStep:
     packages: tuple[str, ...]
     index_url: Optional[str] = None
     extra_index_urls: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()  # environment for pip (a source build's CMAKE_ARGS)
 
     def pip_args(self) -> list[str]:
         args = ["install", *self.packages]
@@ -57,28 +75,42 @@ def default_accelerator() -> str:
     return "cuda" if nvidia_gpus() else "cpu"
 
 
+def core_step() -> PipStep:
+    """The core's packages: the first step of every backend's install."""
+    return PipStep(CORE)
+
+
+def llama_cpp_step(accelerator: str, tag: str) -> PipStep:
+    """Stock llama-cpp-python; prebuilt wheels from its index when that is set (CUDA, Metal or
+    CPU builds), else a source build (CUDA on when asked for)."""
+    template = os.environ.get(LLAMA_CPP_INDEX_ENV, LLAMA_CPP_INDEX).strip()
+    wheels = "metal" if sys.platform == "darwin" else tag  # Apple GPUs: the Metal build
+    extra = () if template.lower() in ("", "none") else (template.format(tag=wheels),)
+    env = (("CMAKE_ARGS", "-DGGML_CUDA=on"),) if accelerator == "cuda" else ()
+    return PipStep((LLAMA_CPP,), extra_index_urls=extra, env=env)
+
+
 def requirements_for(backend: str, accelerator: Optional[str] = None) -> BackendRequirements:
-    """The packages ``backend`` needs; DepsError for an unknown backend or impossible combo."""
+    """The runtime with ``backend``: the core's packages, then the backend's; DepsError for an
+    unknown backend or an impossible combination."""
     accelerator = accelerator or default_accelerator()
     if accelerator not in ("cuda", "cpu"):
         raise DepsError(f"Accelerator '{accelerator}' is not one of cuda, cpu.")
     tag = os.environ.get(CUDA_TAG_ENV, DEFAULT_CUDA_TAG) if accelerator == "cuda" else "cpu"
+    core = core_step()
     torch = PipStep(("torch",), index_url=TORCH_INDEX.format(tag=tag))
     if backend == "llama.cpp":
-        wheels = "metal" if sys.platform == "darwin" else tag  # Apple GPUs: the Metal build
         return BackendRequirements(
-            backend, accelerator,
-            (PipStep(("llama-cpp-python", *BASE),
-                     extra_index_urls=(LLAMA_CPP_INDEX.format(tag=wheels),)),),
-            ("llama_cpp", "numpy", "PIL"), 600 if accelerator == "cuda" else 60,
+            backend, accelerator, (core, llama_cpp_step(accelerator, tag)),
+            CORE_IMPORTS + ("llama_cpp",), CORE_MB + (600 if accelerator == "cuda" else 60),
             "Without a prebuilt wheel for this platform pip compiles llama.cpp (needs a C++ "
             "compiler and CMake; several minutes).",
         )
     if backend == "transformers":
         return BackendRequirements(
-            backend, accelerator, (torch, PipStep(TRANSFORMERS + BASE)),
-            ("torch", "transformers", "safetensors", "numpy", "PIL"),
-            5000 if accelerator == "cuda" else 1000,
+            backend, accelerator, (core, torch, PipStep(TRANSFORMERS)),
+            CORE_IMPORTS + ("torch", "transformers", "safetensors"),
+            CORE_MB + (5000 if accelerator == "cuda" else 1000),
         )
     if backend == "geopixel":
         if accelerator != "cuda":
@@ -86,11 +118,11 @@ def requirements_for(backend: str, accelerator: Optional[str] = None) -> Backend
                             "(nvidia-smi). Use a GeoChat or Qwen2.5-VL model instead.")
         return BackendRequirements(
             backend, accelerator,
-            (torch, PipStep(TRANSFORMERS + BASE + ("accelerate", "einops", "timm"))),
-            ("torch", "transformers", "einops", "timm", "numpy", "PIL"), 5500,
+            (core, torch, PipStep(TRANSFORMERS + ("accelerate", "einops", "timm"))),
+            CORE_IMPORTS + ("torch", "transformers", "einops", "timm"), CORE_MB + 5500,
             "GeoPixel downloads further weights (IXC CLIP, SAM-2) on first load.",
         )
     if backend == "openai":
-        return BackendRequirements(backend, accelerator, (), (), 0,
-                                   "The server backend needs nothing beyond Python itself.")
+        return BackendRequirements(backend, accelerator, (core,), CORE_IMPORTS, CORE_MB,
+                                   "The server backend needs only the core's packages.")
     raise DepsError(f"Unknown backend '{backend}': choose one of {', '.join(BACKENDS)}.")

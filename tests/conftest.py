@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -130,3 +131,40 @@ def serve_hub():
 
 hub = pytest.fixture(serve_hub)
 cdn = pytest.fixture(serve_hub)
+
+
+# --------------------------------------------------------------- torch left out by build.py
+# Where no CPU build of torch exists for this Python (Debian 13's 3.13: only a CUDA build of
+# several GB), build.py leaves torch out and says why here; a test or fixture that then fails on
+# `import torch` is reported as skipped with that reason. Anywhere else it stays a failure.
+NO_TORCH_REASON = os.environ.get("GEOCHAT_NO_TORCH_REASON", "")
+
+
+def _torch_missing(exc: BaseException | None) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] == "torch":
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+if NO_TORCH_REASON:
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(item, call):
+        outcome = yield
+        report = outcome.get_result()
+        if report.failed and call.excinfo is not None and _torch_missing(call.excinfo.value):
+            report.outcome = "skipped"
+            report.longrepr = (str(item.path), item.location[1] or 0,
+                               f"Skipped: needs torch, not installed: {NO_TORCH_REASON}")
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_make_collect_report(collector):
+        outcome = yield
+        report = outcome.get_result()
+        if report.failed and "No module named 'torch'" in str(report.longrepr):
+            report.outcome = "skipped"
+            report.longrepr = (str(collector.path), 0,
+                               f"Skipped: needs torch, not installed: {NO_TORCH_REASON}")

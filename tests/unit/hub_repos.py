@@ -18,6 +18,7 @@ import hashlib
 import json
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -54,6 +55,7 @@ class RepoHub(ThreadingHTTPServer):
         self.repos: dict[str, Repo] = {}
         self.cut_after: dict[tuple[str, str], int] = {}
         self.cut_always: dict[tuple[str, str], int] = {}
+        self.delay: dict[tuple[str, str], float] = {}  # seconds before answering for a file
         self.requests: list[tuple[str, str, str]] = []  # (method, path, Range header)
         self.auth: list[str] = []
         self.proxied: list[str] = []  # absolute URLs received as a proxy
@@ -154,6 +156,8 @@ class _RepoHandler(BaseHTTPRequestHandler):
         data = repo.files.get(path)
         if data is None:
             return self._error(404, "EntryNotFound", head)
+        if not head and (name, path) in srv.delay:
+            time.sleep(srv.delay[name, path])
         sha256 = hashlib.sha256(data).hexdigest()
         etag = sha256 if repo.is_lfs(path) else git_blob_sha1(data)
         start = 0 if head else _range_start(self.headers.get("Range"))

@@ -218,6 +218,7 @@ def test_clip_in_the_huggingface_cache_is_reused_not_downloaded(hub, catalog, tm
     assert delete_sources("geochat-7b", tmp_path / "cache", catalog) == offer.bytes
     assert not (tmp_path / "cache" / "models" / "geochat-7b").exists()
     assert any(hf_cache.rglob("pytorch_model.bin"))
+    monkeypatch.setenv("GEOCHAT_HF_ENDPOINT", "http://127.0.0.1:9")  # and without the hub
     model = get_model("geochat-7b", "gguf", "q4_k_m", tmp_path / "cache", catalog=catalog)
     assert _answers(model.model_path, model.mmproj_path)  # still runs without the originals
 
@@ -277,3 +278,44 @@ def test_catalog_gguf_models_use_the_same_flow(hub, catalog, tmp_path, repos):
     attributes = provenance_attributes(model.model_path)
     assert attributes["model_src"] == entry.repo and attributes["quant"] == "q4_k_m"
     assert attributes["model_hash"] == hashlib.sha256(model.model_path.read_bytes()).hexdigest()
+
+
+def test_cancel_during_download_keeps_the_bytes_and_the_next_get_fetches_the_rest(hub, catalog,
+                                                                                tmp_path):
+    cancel = CancelToken()
+    files = hub.repos[GEOCHAT_REPO].files
+    order = [f.path for f in catalog.get("geochat-7b").files]
+    before = sum(len(files[name]) for name in order[:order.index(SHARD_2)])
+    hub.delay[GEOCHAT_REPO, SHARD_2] = 0.3  # so the progress call as it starts gets through
+
+    def progress(phase, done, total, rate, eta):
+        if phase == "download" and done >= before:
+            cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        get_model("geochat-7b", "hf", cache=tmp_path, on_progress=progress, cancel=cancel,
+                  catalog=catalog)
+    folder = tmp_path / "models" / "geochat-7b"
+    kept = {p.name for p in folder.iterdir() if not p.name.startswith(".")}
+    assert kept and not (tmp_path / "converted" / "geochat-7b" / "hf").exists()
+    first = {p for _, p, _ in hub.weight_requests()}
+    hub.requests.clear()
+    get_model("geochat-7b", "hf", cache=tmp_path, catalog=catalog)
+    complete = {name for name in kept if not name.endswith(".part")}
+    again = {p.rsplit("/", 1)[1] for _, p, _ in hub.weight_requests() if GEOCHAT_REPO in p}
+    assert "pytorch_model-00001-of-00002.bin" in complete and SHARD_2 not in complete
+    assert first and again and not (again & complete)  # what was complete is not fetched again
+
+
+def test_too_little_memory_for_the_conversion_is_refused_unless_asked(hub, catalog, tmp_path,
+                                                                     monkeypatch):
+    from geochat_qgis.core.weights import get_plan
+    from geochat_qgis.core.weights.get import GetRefused
+
+    monkeypatch.setattr(get_plan, "memory_available", lambda: 1 << 30)  # a 1 GB machine
+    with pytest.raises(GetRefused, match="memory"):
+        get_model("geochat-7b", "hf", cache=tmp_path, catalog=catalog)
+    assert hub.weight_requests() == [] or all(p.endswith("config.json")
+                                              for _, p, _ in hub.weight_requests())
+    plan = plan_get("geochat-7b", "hf", cache=tmp_path, catalog=catalog, ignore_memory=True)
+    assert plan.ok and any("memory" in note for note in plan.notes)

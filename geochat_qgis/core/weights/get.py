@@ -196,11 +196,17 @@ def _dist_version(name: str) -> Optional[str]:
 
 def installed_model(model_id: str, target: Optional[str] = None, quant: Optional[str] = None,
                     cache: Optional[PathLike] = None, catalog: Optional[Catalog] = None,
-                    backends: tuple[str, ...] = ()) -> Optional[InstalledModel]:
-    """The model already got with that choice, or None."""
+                    backends: Optional[tuple[str, ...]] = None) -> Optional[InstalledModel]:
+    """The model already got with that choice, or None (``backends``: those that run it here,
+    found when not given)."""
     catalog = catalog or load_catalog()
     entry = catalog.get(model_id)
     target, quant = check_choice(entry, target, quant)
+    if backends is None:
+        from .machine import runnable_backends
+
+        fmt = target if target != "download" else ("gguf" if entry.format == "gguf" else entry.format)
+        backends = tuple(runnable_backends(fmt)[0])
     needs = [catalog.get(n) for n in (entry.convert or {}).get("requires", [])]
     sources = tuple(e.local_dir(cache) for e in [entry, *needs])
     if target == "download":
@@ -239,12 +245,12 @@ def get_model(model_id: str, target: Optional[str] = None, quant: Optional[str] 
     Cancelled (downloads are kept and resume; the conversion leaves nothing).
     """
     catalog = catalog or load_catalog()
+    found = installed_model(model_id, target, quant, cache, catalog)
+    if found is not None:  # no hub needed, even once the originals are deleted
+        return found
     plan, sources = resolve_get(model_id, target, quant, cache, catalog=catalog,
                                 endpoint=endpoint, hf_cache=hf_cache, ignore_memory=ignore_memory)
     chosen = next(c for c in plan.choices if (c.target, c.quant) == (plan.target, plan.quant))
-    found = installed_model(model_id, plan.target, plan.quant, cache, catalog, chosen.backends)
-    if found is not None:
-        return found
     if plan.problems:
         raise GetRefused(plan)
     entry = catalog.get(model_id)

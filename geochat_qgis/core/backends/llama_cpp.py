@@ -1,9 +1,17 @@
-"""llama.cpp in process (llama-cpp-python 0.3.x, libmtmd): GeoChat and Qwen2.5-VL GGUFs.
+"""llama.cpp in process (llama-cpp-python 0.3.x): GeoChat and Qwen2.5-VL GGUFs.
 
-GeoChat's prompt is exactly :func:`llava_v1_prompt` (not llama-cpp-python's LLaVA template): a
-chat handler renders the prompt text as given and puts the image where ``<image>`` stands. Tiles
-go to libmtmd as raw RGB bitmaps (no PNG round trip). Decoding streams token by token so the
-cancel token is honoured between tokens; a GBNF grammar can constrain the answer.
+GeoChat: the project computes the image embeddings itself, exactly (core/vision: GeoChat's
+padding and resize, the CLIP tower at 504 px with CLS first, layer -2, the exact-GELU projector,
+read from the mmproj GGUF), and hands them to llama.cpp at the image's place in the llava_v1
+prompt (a ``llama_batch`` carrying embeddings). libmtmd encodes GeoChat's images only where the
+start-up self-test (core/vision/selftest.py) proves the installed build right; every release
+since 0.3.10 fails it (CLS appended after the patches, float16 GELU tables). Each tile is
+encoded once per run (cached), and a prompt continues from the longest prefix the context
+already holds: the prompts of a tile share its system text and image, a chat's follow-up turn
+pays only for itself.
+
+Qwen2.5-VL goes through libmtmd and its chat handler (no CLS token). Decoding streams token by
+token so the cancel token is honoured between tokens; a GBNF grammar can constrain the answer.
 """
 from __future__ import annotations
 
@@ -33,6 +41,9 @@ log = logging.getLogger(__name__)
 _IMAGE_KEY = "geochat-tile://{index}"
 
 
+VISION_CHOICES = ("auto", "project", "libmtmd")
+
+
 @dataclass
 class LlamaCppSettings:
     """llama.cpp load settings. ``None`` means: choose for this machine."""
@@ -42,6 +53,11 @@ class LlamaCppSettings:
     n_gpu_layers: Optional[int] = None  # None: all layers when the build and a GPU allow it
     n_batch: int = 512
     verbose: bool = False
+    kv_f32: bool = False  # float32 KV cache: exact work, twice the KV memory (default float16)
+    #: who encodes GeoChat's images: "auto" (libmtmd only when its self-test passes),
+    #: "project" (always the project's encoder), "libmtmd" (always libmtmd: comparisons only)
+    vision: str = "auto"
+    vision_device: Optional[str] = None  # the project's encoder: "cpu", "cuda"; None: CUDA if any
 
 
 def gpu_present() -> bool:
@@ -127,10 +143,17 @@ class LlamaCppBackend(Backend):
         self.mmproj_arg = mmproj
         self.family = family
         self.settings = settings or LlamaCppSettings()
+        if self.settings.vision not in VISION_CHOICES:
+            raise BackendError(f"vision must be one of {', '.join(VISION_CHOICES)}, "
+                               f"not {self.settings.vision!r}.")
         self.text_info: Optional[GGUFInfo] = None
         self.projector_info: Optional[GGUFInfo] = None
         self._llama = None
         self._handler = None
+        self.encoder = None  # the project's ImageEncoder (GeoChat unless libmtmd passed)
+        self.evaluator = None  # PromptEvaluator (with the encoder)
+        self.verdict = None  # the libmtmd self-test's Verdict, when it ran
+        self.vision = ""  # who encodes images, in words
 
     def describe(self) -> str:
         model = self.text_info.path.name if self.text_info else Path(self.model_arg).name
@@ -152,19 +175,17 @@ class LlamaCppBackend(Backend):
         if self.family in LLAVA_V1_FAMILIES and settings.n_ctx < 2048:
             raise BackendError(f"n_ctx {settings.n_ctx} is too small for GeoChat: use >= 2048.")
         gpu_layers = default_gpu_layers() if settings.n_gpu_layers is None else settings.n_gpu_layers
-        handler = _handler_classes()[self.family](
-            clip_model_path=str(projector.path), verbose=settings.verbose
-        )
-        handler.images = {}
+        kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} \
+            if settings.kv_f32 else {}
         try:
             llama = llama_cpp.Llama(
                 model_path=str(text.path),
-                chat_handler=handler,
                 n_ctx=settings.n_ctx,
                 n_threads=settings.n_threads,
                 n_gpu_layers=gpu_layers,
                 n_batch=settings.n_batch,
                 verbose=settings.verbose,
+                **kv,
             )
         except (ValueError, RuntimeError) as exc:
             raise ModelError(
@@ -172,22 +193,58 @@ class LlamaCppBackend(Backend):
                 "GGUF of a supported architecture, or convert it again."
             ) from exc
         try:
-            handler._init_mtmd_context(llama)
-        except (ValueError, RuntimeError) as exc:
+            if self._use_libmtmd(llama, projector.path, gpu_layers != 0):
+                self._handler = self._init_handler(llama, projector.path)
+                self.vision = "libmtmd"
+            else:
+                from ..vision.encoder import ImageEncoder
+                from .llama_prompt import PromptEvaluator
+
+                self.encoder = ImageEncoder(projector.path, settings.vision_device)
+                self.evaluator = PromptEvaluator(llama)
+                self.vision = f"the project's encoder ({self.encoder.device})"
+        except (ValueError, RuntimeError, ModelError) as exc:
             llama.close()
             raise ModelError(
                 f"llama.cpp could not load the vision projector {projector.path.name} with "
                 f"{text.path.name} ({exc}). Use the mmproj made for this model."
             ) from exc
-        log.info("llama.cpp loaded %s + %s (gpu layers %s)", text.path.name,
-                 projector.path.name, gpu_layers)
+        log.info("llama.cpp loaded %s + %s (gpu layers %s, images: %s)", text.path.name,
+                 projector.path.name, gpu_layers, self.vision)
         self.text_info, self.projector_info = text, projector
-        self._llama, self._handler = llama, handler
+        self._llama = llama
+
+    def _use_libmtmd(self, llama, mmproj: Path, use_gpu: bool) -> bool:
+        """libmtmd for Qwen2.5-VL (no own encoder) and where its self-test passes."""
+        choice = self.settings.vision
+        if self.family not in LLAVA_V1_FAMILIES or choice == "libmtmd":
+            return True
+        if choice == "project":
+            return False
+        from ..vision.mmproj import OWN_PROJECTORS, projector_type
+        from ..vision.selftest import libmtmd_verdict
+
+        kind = projector_type(mmproj)
+        if kind not in OWN_PROJECTORS:
+            return True
+        self.verdict = libmtmd_verdict(llama.model, llama.n_embd(), kind, use_gpu)
+        if not self.verdict.ok:
+            log.info("%s", self.verdict.message)
+        return self.verdict.ok
+
+    def _init_handler(self, llama, mmproj: Path):
+        handler = _handler_classes()[self.family](
+            clip_model_path=str(mmproj), verbose=self.settings.verbose)
+        handler.images = {}
+        handler._init_mtmd_context(llama)
+        return handler
 
     def close(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.close()
         if self._llama is not None:
             self._llama.close()
-        self._llama = self._handler = None
+        self._llama = self._handler = self.encoder = self.evaluator = None
 
     def _messages(self, conversation: Conversation, key: str) -> list[dict[str, Any]]:
         if self.family in LLAVA_V1_FAMILIES:
@@ -201,14 +258,56 @@ class LlamaCppBackend(Backend):
     def generate(self, images: Sequence[np.ndarray], conversation: Conversation,
                  options: GenerateOptions) -> list[Generation]:
         self.load()
-        return [self._generate_one(index, image, conversation, options)
-                for index, image in enumerate(images)]
+        run = self._generate_own if self.encoder is not None else self._generate_one
+        return [run(index, image, conversation, options) for index, image in enumerate(images)]
+
+    def segments(self, image: np.ndarray, conversation: Conversation) -> list:
+        """The prompt as [text ids, image embeddings, text ids] (the project's encoder)."""
+        from ..vision.encoder import tile_key
+        from .llama_prompt import ImageSegment
+
+        llama = self._llama
+        prompt = llava_v1_prompt(conversation.pairs())
+        before, after = prompt.split(IMAGE_TOKEN, 1)
+        key = tile_key(image)
+        rows = self.encoder.embed(image, key)
+        return [llama.tokenize(before.encode(), add_bos=True, special=True),
+                ImageSegment(key, rows),
+                llama.tokenize(after.encode(), add_bos=False, special=True)]
+
+    def next_token_logits(self, image: np.ndarray, conversation: Conversation) -> np.ndarray:
+        """The logits after the prompt for ``image`` (project's encoder; tests, diagnostics)."""
+        self.load()
+        if self.evaluator is None:
+            raise BackendError("next_token_logits needs the project's image encoder")
+        self.evaluator.evaluate(self.segments(as_rgb(image), conversation))
+        return self.evaluator.last_logits()
+
+    def _generate_own(self, index: int, image: np.ndarray, conversation: Conversation,
+                      options: GenerateOptions) -> Generation:
+        options.check_cancel()
+        start = time.perf_counter()
+        encoded = self.encoder.encoded
+        prompt = self.evaluator.evaluate(self.segments(as_rgb(image), conversation),
+                                         options.check_cancel)
+        evaluated = self.evaluator.evaluated
+        text, generated, finish = _decode(self._llama, prompt, index, options)
+        return Generation(
+            text=text.strip(), prompt_tokens=len(prompt), generated_tokens=generated,
+            seconds=time.perf_counter() - start,
+            extra={"finish_reason": finish, "evaluated_tokens": evaluated,
+                   "image_encoded": self.encoder.encoded > encoded},
+        )
 
     def _generate_one(self, index: int, image: np.ndarray, conversation: Conversation,
                       options: GenerateOptions) -> Generation:
         options.check_cancel()
         llama, handler = self._llama, self._handler
         key = _IMAGE_KEY.format(index=index)
+        if self.family in LLAVA_V1_FAMILIES:
+            from ..vision.preprocess import geochat_image
+
+            image = geochat_image(image)  # GeoChat's pad-then-resize, not libmtmd's
         handler.images = {key: as_rgb(image)}
         start = time.perf_counter()
         try:
@@ -228,7 +327,7 @@ class LlamaCppBackend(Backend):
             prompt_tokens=len(prompt),
             generated_tokens=generated,
             seconds=time.perf_counter() - start,
-            extra={"finish_reason": finish},
+            extra={"finish_reason": finish, "evaluated_tokens": len(prompt)},
         )
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import BackendError, ModelError
 from ..families.llava_v1 import llava_v1_prompt
+from ..vision.preprocess import geochat_image
 from .base import Backend, Conversation, GenerateOptions, Generation, truncate_at_stop
 from .images import as_rgb
 
@@ -191,7 +192,9 @@ class TransformersBackend(Backend):
         processor, model = self.processor, self.model
         tokenizer = processor.tokenizer
         prompt = llava_v1_prompt(conversation.pairs())
-        pil_images = [Image.fromarray(as_rgb(image), "RGB") for image in images]
+        # GeoChat's pad-to-square (mean colour) and bicubic resize, done by the project: the
+        # processor then finds a 504 px square and changes nothing.
+        pil_images = [Image.fromarray(geochat_image(as_rgb(image)), "RGB") for image in images]
         inputs = processor(images=pil_images, text=[prompt] * len(pil_images),
                            return_tensors="pt", padding=True)
         inputs = inputs.to(self.device)

@@ -1,0 +1,130 @@
+"""Does the installed llama.cpp build encode LLaVA images right? A start-up self-test.
+
+The project writes a tiny random ``mlp`` mmproj, computes its image embeddings exactly with its
+own encoder, asks libmtmd for the same and compares (tolerance :data:`TOLERANCE`). The verdict
+is cached per build (llama-cpp-python version and its shared libraries) in the cache folder
+(``$GEOCHAT_CACHE`` or ``~/.cache/geochat-qgis``). Every llama-cpp-python release since 0.3.10
+fails it (llama.cpp's LLaVA graph appends CLS after the patches, ggml-org/llama.cpp #25814, and
+approximates GELU in float16), so GeoChat then runs on the project's encoder.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+TOLERANCE = 1e-4
+_CACHE_NAME = "libmtmd-selftest.json"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``ok``: libmtmd's embeddings agree with the project's within TOLERANCE."""
+
+    ok: bool
+    projector: str
+    max_error: float
+    build: str
+    message: str
+
+
+def build_id(use_gpu: bool = False) -> str:
+    """llama-cpp-python's version plus the size and mtime of its shared libraries."""
+    import llama_cpp
+
+    lib = Path(llama_cpp.__file__).parent / "lib"
+    parts = [llama_cpp.__version__, f"gpu={use_gpu}"]
+    for item in sorted(lib.glob("*")) if lib.is_dir() else []:
+        if item.is_file() and not item.is_symlink():
+            stat = item.stat()
+            parts.append(f"{item.name}:{stat.st_size}:{int(stat.st_mtime)}")
+    return "|".join(parts)
+
+
+def cache_file() -> Path:
+    root = os.environ.get("GEOCHAT_CACHE") or Path.home() / ".cache" / "geochat-qgis"
+    return Path(root).expanduser() / _CACHE_NAME
+
+
+def _read_cache() -> dict:
+    try:
+        return json.loads(cache_file().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(entries: dict) -> None:
+    path = cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(entries, indent=1), encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:  # a read-only home: the test simply runs again next time
+        log.info("could not cache the libmtmd self-test verdict: %s", exc)
+
+
+def run_selftest(model, n_embd: int, projector: str = "mlp", use_gpu: bool = False) -> Verdict:
+    """Run the self-test now (no cache). ``model``: a loaded llama_model pointer whose
+    embedding width is ``n_embd`` (libmtmd needs a text model to attach the projector to)."""
+    from .encoder import ImageEncoder
+    from .libmtmd import mtmd_embeddings
+    from .tiny_gguf import ClipDims, write_mlp_mmproj
+
+    build = build_id(use_gpu)
+    if projector != "mlp":
+        return Verdict(False, projector, float("inf"), build,
+                       f"no exact reference for projector {projector!r}: not tested")
+    dims = ClipDims()
+    image = np.random.default_rng(5).integers(0, 256, (dims.image_size, dims.image_size, 3),
+                                              dtype=np.uint8)
+    with tempfile.TemporaryDirectory(prefix="geochat-selftest-") as tmp:
+        path = write_mlp_mmproj(Path(tmp) / "mmproj.gguf", n_embd, dims, seed=3)
+        expected = ImageEncoder(path, device="cpu").embed(image)
+        try:
+            got = mtmd_embeddings(model, path, image, n_embd, use_gpu=use_gpu)
+        except RuntimeError as exc:
+            return Verdict(False, projector, float("inf"), build, f"libmtmd failed: {exc}")
+    if got.shape != expected.shape:
+        return Verdict(False, projector, float("inf"), build,
+                       f"libmtmd gave {got.shape[0]} image embeddings, GeoChat has "
+                       f"{expected.shape[0]}")
+    error = float(np.abs(got - expected).max())
+    ok = error <= TOLERANCE
+    message = (f"libmtmd agrees with the project's encoder (max error {error:.2g})" if ok else
+               f"libmtmd's image embeddings are off by up to {error:.3g} (tolerance "
+               f"{TOLERANCE:g}): this llama.cpp build carries the LLaVA CLS-order bug or "
+               "approximate GELU; the project's own encoder is used")
+    return Verdict(ok, projector, error, build, message)
+
+
+def libmtmd_verdict(model, n_embd: int, projector: str = "mlp", use_gpu: bool = False,
+                    refresh: bool = False) -> Verdict:
+    """The cached verdict for this build and projector type, running the self-test once."""
+    key = f"{projector}|{build_id(use_gpu)}"
+    entries = _read_cache()
+    if not refresh and key in entries:
+        try:
+            return Verdict(**entries[key])
+        except TypeError:
+            pass
+    verdict = run_selftest(model, n_embd, projector, use_gpu)
+    log.info("libmtmd self-test (%s): %s", projector, verdict.message)
+    if np.isfinite(verdict.max_error):
+        entries[key] = asdict(verdict)
+        _write_cache(entries)
+    return verdict
+
+
+def cached_verdict(projector: str = "mlp", use_gpu: bool = False) -> Optional[Verdict]:
+    """The cached verdict without running anything (None when not tested yet)."""
+    entry = _read_cache().get(f"{projector}|{build_id(use_gpu)}")
+    return Verdict(**entry) if entry else None

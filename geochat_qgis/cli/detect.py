@@ -5,9 +5,17 @@ import argparse
 import os
 import sys
 import time
-from typing import Optional
+
+from .argtypes import fraction, non_negative_float, positive_float, positive_int
 
 HELP = "find objects in a raster with a vision-language model and write them as vector features"
+EPILOG = (
+    "Exit status: 0 when every tile was processed or skipped for nodata; 1 when a tile failed, "
+    "the run stopped on an error or nothing could be processed; 2 for bad arguments; 130 after "
+    "Ctrl-C and 143 after SIGTERM. Whatever was finished is written: a complete run replaces "
+    "the output, a partial one (cancelled, failed part way) writes NAME-partial-RUNID beside "
+    "an existing output and keeps it; a run that processed no tile writes nothing over it."
+)
 
 TASKS = ("refer", "grounding", "segment")  # segment: GeoPixel referring masks
 
@@ -27,18 +35,25 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="model family (default: from the model)")
     model.add_argument("--server-url", help="OpenAI-compatible server, e.g. "
                                             "http://127.0.0.1:8000/v1 (API key: $GEOCHAT_API_KEY)")
-    model.add_argument("--max-in-flight", type=int, help="openai: requests at once (default 4)")
-    model.add_argument("--timeout", type=float, help="openai: seconds per request (default 300)")
-    model.add_argument("--threads", type=int, help="llama.cpp: CPU threads (default: all)")
-    model.add_argument("--n-ctx", type=int, help="llama.cpp: context size (default 2048)")
+    model.add_argument("--max-in-flight", type=positive_int,
+                       help="openai: requests at once (default 4)")
+    model.add_argument("--timeout", type=positive_float,
+                       help="openai: seconds per request (default 300)")
+    model.add_argument("--threads", type=positive_int, help="llama.cpp: CPU threads (default: all)")
+    model.add_argument("--n-ctx", type=positive_int, help="llama.cpp: context size (default 2048)")
     model.add_argument("--gpu-layers", type=int,
                        help="llama.cpp: layers on the GPU (default: all when there is one)")
+    model.add_argument("--kv-f32", action="store_true",
+                       help="llama.cpp: float32 KV cache (exact; twice the KV memory, a little "
+                            "slower; default float16)")
     model.add_argument("--device", help="transformers: cuda or cpu (default: cuda when present)")
-    model.add_argument("--batch-size", type=int,
+    model.add_argument("--batch-size", type=positive_int,
                        help="transformers: tiles per batch (default 8 on CUDA, 1 on CPU)")
     model.add_argument("--geopixel-source", help="geopixel: a GeoPixel source checkout")
-    model.add_argument("--max-new-tokens", type=int, default=256)
-    model.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    model.add_argument("--max-new-tokens", type=positive_int, default=256,
+                       help="the longest answer, in tokens (default 256)")
+    model.add_argument("--temperature", type=non_negative_float, default=0.0,
+                       help="0 = greedy (default)")
     model.add_argument("--runtime", choices=("inprocess", "subprocess"), default="inprocess",
                        help="run the model here (default) or in a separate runtime process "
                             "that a native crash or out-of-memory kill cannot take down")
@@ -51,14 +66,15 @@ def add_area_arguments(parser: argparse.ArgumentParser) -> None:
     area.add_argument("--extent", type=_extent, help="XMIN,YMIN,XMAX,YMAX (default: all)")
     area.add_argument("--extent-crs", help="CRS of --extent (default: the raster's)")
     area.add_argument("--aoi", help="vector file: only tiles touching its polygons")
-    area.add_argument("--tile-size", type=int, help="tile side in pixels (default: the model's)")
-    area.add_argument("--gsd", type=float, help="target metres per pixel (default: native)")
+    area.add_argument("--tile-size", type=positive_int,
+                      help="tile side in pixels (default: the model's)")
+    area.add_argument("--gsd", type=positive_float, help="target metres per pixel (default: native)")
     area.add_argument("--bands", type=_bands, help="e.g. 4,3,2 (default: RGB)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_area_arguments(parser)
-    parser.add_argument("--overlap", type=float, default=0.1,
+    parser.add_argument("--overlap", type=non_negative_float, default=0.1,
                         help="tile overlap: fraction (< 1) or pixels (default 0.1)")
     add_model_arguments(parser)
     task = parser.add_argument_group("task")
@@ -67,7 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="what to find (repeat for several); grounding: the question")
     task.add_argument("--grammar", action="store_true",
                       help="constrain answers to GeoChat's box syntax (llama.cpp backends)")
-    task.add_argument("--iou", type=float, default=0.5, help="merge threshold across tiles")
+    task.add_argument("--iou", type=fraction, default=0.5,
+                      help="merge threshold across tiles (0-1, default 0.5)")
     task.add_argument("--angle", choices=("none", "ccw", "cw"), default="none",
                       help="how to read GeoChat's angle (unverified; default: keep the "
                            "axis-aligned box, angle as an attribute)")
@@ -77,12 +94,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _extent(text: str) -> tuple[float, float, float, float]:
+    import math
+
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != 4:
-        raise argparse.ArgumentTypeError("give four numbers: XMIN,YMIN,XMAX,YMAX")
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"give four finite numbers XMIN,YMIN,XMAX,YMAX, "
+                                         f"not {text!r}")
     return values  # type: ignore[return-value]
 
 
@@ -103,7 +123,7 @@ def job_request(args: argparse.Namespace) -> dict:
         "server_url": args.server_url, "max_in_flight": args.max_in_flight,
         "timeout": args.timeout, "n_threads": args.threads, "n_ctx": args.n_ctx,
         "n_gpu_layers": args.gpu_layers, "device": args.device, "batch_size": args.batch_size,
-        "source": args.geopixel_source,
+        "source": args.geopixel_source, "kv_f32": getattr(args, "kv_f32", False) or None,
     }
     if args.server_url or args.backend == "openai":
         model["api_key"] = os.environ.get(API_KEY_ENV)
@@ -152,52 +172,74 @@ class ProgressBar:
             sys.stderr.write("\n")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse an output, extent CRS or output CRS that cannot work before any tile runs."""
+    from ..core.export import check_output
+    from ..core.georef import check_crs
+
+    check_output(args.output)
+    for name, what in (("extent_crs", "extent CRS (--extent-crs)"),
+                       ("output_crs", "output CRS (--output-crs)")):
+        if getattr(args, name, None):
+            check_crs(getattr(args, name), what)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..core.backends.base import CancelToken
     from ..core.errors import GeoChatError
-    from ..core.export import export_detections
     from ..core.jobs import build_job
+    from ..core.outputs import write_result
     from ..core.pipeline import run_job
     from ..core.runtime.backend import open_backend
+    from .signals import cancel_on_signals
 
     if not args.prompt:
         raise GeoChatError("Say what to find with --prompt TEXT (repeat it for several things).")
+    check_arguments(args)
     job = build_job(job_request(args))
     spec = job.backend
     cancel = CancelToken()
     bar = ProgressBar(not args.quiet)
-    backend = open_backend(spec, args.runtime)
-    try:
-        result = run_job(job, backend, on_progress=bar, cancel=cancel)
-    except KeyboardInterrupt:
-        cancel.cancel()
-        raise
-    finally:
-        bar.close()
-        backend.close()
-    written: Optional[str] = None
-    if result.tiles_done or result.complete:
-        written = str(export_detections(result.detections, args.output, result.crs,
-                                        provenance={"task": job.task, "model": result.model,
-                                                    "raster": args.raster,
-                                                    "run_id": job.run_id}))
+    with cancel_on_signals(cancel) as interrupts:
+        backend = open_backend(spec, args.runtime)
+        try:
+            result = run_job(job, backend, on_progress=bar, cancel=cancel)
+        finally:
+            bar.close()
+            backend.close()
+        with interrupts.shield():  # a signal now waits until the file is in place
+            written = write_result(result, args.output,
+                                   provenance={"task": job.task, "raster": args.raster})
+    report(result, written)
+    return interrupts.exit_status or exit_status(result)
+
+
+def report(result, written) -> None:
+    """The summary line on stdout; failures, dropped boxes and notes on stderr."""
     failed = len({f.tile_id for f in result.failures})
     print(f"tiles: {result.tiles_done} done, {result.tiles_skipped} skipped (nodata), "
           f"{failed} failed of {result.tiles_planned}; detections: {len(result.detections)}; "
           f"tokens generated: {result.generated_tokens}; seconds: {result.seconds:.1f}; "
-          f"output: {written or 'none'}")
+          f"output: {written.path or 'none'}")
     for failure in result.failures[:5]:
         print(f"  tile {failure.tile_id}: {failure.message}", file=sys.stderr)
+    if len(result.failures) > 5:
+        print(f"  ... and {len(result.failures) - 5} more failures", file=sys.stderr)
+    if result.dropped:
+        print(f"note: {len(result.dropped)} box(es) left out: {result.dropped[0]}",
+              file=sys.stderr)
     if result.cancelled:
-        print("cancelled: the results of finished tiles were written", file=sys.stderr)
-        return 130
+        print("cancelled", file=sys.stderr)
     if result.error:
         print(f"error: {result.error}", file=sys.stderr)
-        return 1
-    if not result.tiles_done and result.failures:
+    elif not result.tiles_done and result.failures:
         print("error: no tile could be processed", file=sys.stderr)
-        return 1
-    if result.tiles_planned and result.tiles_skipped == result.tiles_planned:
-        print("note: every tile of the area is nodata: the output has no features",
-              file=sys.stderr)
-    return 0
+    if written.note:
+        print(f"note: {written.note}", file=sys.stderr)
+
+
+def exit_status(result) -> int:
+    """The rule of EPILOG: 0 only when no tile failed and the run was complete."""
+    if result.cancelled:
+        return 130
+    return 1 if result.error or result.failures else 0

@@ -52,9 +52,11 @@ def transformer(src_crs: str, dst_crs: str) -> "Transformer":
     """A cached always_xy pyproj transformer; RasterError if either CRS is unknown."""
     from pyproj import Transformer
 
+    from pyproj.exceptions import CRSError, ProjError
+
     try:
         return Transformer.from_crs(src_crs, dst_crs, always_xy=True)
-    except Exception as exc:  # pyproj.exceptions.CRSError / ProjError
+    except (CRSError, ProjError) as exc:
         raise RasterError(
             f"Cannot transform coordinates from {short_crs(src_crs)} to {short_crs(dst_crs)}: "
             f"{exc}. Give a CRS pyproj knows (e.g. 'EPSG:4326' or WKT)."
@@ -66,13 +68,30 @@ def short_crs(crs: Optional[str]) -> str:
     if crs is None:
         return "no CRS"
     from pyproj import CRS
+    from pyproj.exceptions import CRSError
 
     try:
         parsed = CRS.from_user_input(crs)
-    except Exception:
+    except CRSError:
         return str(crs)[:60]
     authority = parsed.to_authority()
     return f"{authority[0]}:{authority[1]}" if authority else parsed.name
+
+
+def check_crs(crs: str, what: str = "CRS") -> str:
+    """``crs`` if pyproj knows it, else RasterError naming it (``what``: which setting it is)."""
+    from pyproj import CRS
+    from pyproj.exceptions import CRSError
+
+    try:
+        CRS.from_user_input(crs)
+    except CRSError as exc:
+        reason = str(exc).rsplit("proj_create:", 1)[-1].strip(" ()")[:120]
+        raise RasterError(
+            f"The {what} {str(crs)[:60]!r} is not a CRS PROJ knows ({reason}): give one like "
+            f"'EPSG:4326' or its WKT."
+        ) from None
+    return crs
 
 
 @lru_cache(maxsize=256)

@@ -20,6 +20,7 @@ from .backends.factory import BackendSpec, create_backend
 from .backends.grammar import box_grammar
 from .errors import BackendError, Cancelled, GeoChatError, ParseError
 from .families import get_family
+from .georef import check_crs
 from .merge import DEFAULT_IOU, merge_detections
 from .results import Detection, georeference
 from .tiling import TileEvent, TileSpec, iter_tiles, plan_tiles
@@ -100,9 +101,12 @@ class JobResult:
     tiles_planned: int = 0
     tiles_done: int = 0
     tiles_skipped: int = 0
-    cancelled: bool = False
+    cancelled: bool = False  # by the cancel token, or an interrupt (Ctrl-C)
     error: Optional[str] = None  # why the run stopped early (results so far are kept)
     seconds: float = 0.0
+    dropped: list[str] = field(default_factory=list)  # boxes left out (not in the output CRS)
+    # an unexpected exception (a bug) that stopped the run; its traceback was logged
+    fault: Optional[BaseException] = field(default=None, repr=False, compare=False)
 
     @property
     def complete(self) -> bool:
@@ -155,6 +159,8 @@ def _run(job: Job, backend: Backend, on_progress: Optional[ProgressCallback],
     family = get_family(job.family, **job.family_settings)
     prompts = job_prompts(job, family)
     spec = default_tile_spec(job, family)
+    if job.output_crs is not None:  # a bad one fails now, not after every tile ran
+        check_crs(job.output_crs, "output CRS")
     plan = plan_tiles(job.raster, spec, extent=job.extent, extent_crs=job.extent_crs, aoi=job.aoi)
     backend.load()
     options = GenerateOptions(
@@ -192,10 +198,15 @@ def _run(job: Job, backend: Backend, on_progress: Optional[ProgressCallback],
             if failed_in_a_row >= job.max_consecutive_failures:
                 result.error = result.failures[-1].message
                 break
-    except Cancelled:
+    except (Cancelled, KeyboardInterrupt):  # KeyboardInterrupt: a second Ctrl-C
         result.cancelled = True
     except GeoChatError as exc:  # a fatal error mid-run: keep what is done
         result.error = str(exc)
+    except Exception as exc:  # a bug: said as one, logged with its traceback, results kept
+        log.error("internal error after %d tiles", result.tiles_done, exc_info=True)
+        result.error = (f"internal error ({type(exc).__name__}: {str(exc)[:200]}): this is a "
+                        f"bug, please report it; the finished tiles are kept")
+        result.fault = exc
     if on_progress is not None and result.complete and reported < len(plan):
         on_progress(Progress(len(plan), len(plan), [], len(found), [],  # trailing skipped tiles
                              result.failures[sent_failed:]))
@@ -208,9 +219,12 @@ def _run(job: Job, backend: Backend, on_progress: Optional[ProgressCallback],
 def _run_batch(batch, prompts, backend: Backend, family, options: GenerateOptions,
                attributes: dict[str, Any], job: Job, result: JobResult,
                found: list[Detection]) -> bool:
-    """Ask every prompt about the tiles of ``batch``; False when the backend failed for all."""
+    """Ask every prompt about the tiles of ``batch``; False when the backend failed for all.
+
+    A tile is done once one of its answers was parsed (an unparsable answer is a failure)."""
     images = [tile.image for tile in batch]
     any_ok = False
+    answered: set[str] = set()
     for typed, user_text in prompts:
         try:
             generations = backend.generate(images, Conversation.single(user_text, family.name),
@@ -222,22 +236,40 @@ def _run_batch(batch, prompts, backend: Backend, family, options: GenerateOption
         any_ok = True
         for tile, generation in zip(batch, generations):
             size = (tile.image.shape[1], tile.image.shape[0])
-            try:
-                answer = family.parse(generation.text, size, generation.masks,
-                                      default_label=typed or job.task)
-            except ParseError as exc:
-                result.failures.append(TileFailure(tile.tile_id, str(exc), typed))
+            answer = _parse(family, generation.text, size, generation.masks,
+                            typed or job.task, tile.tile_id, typed, result)
+            if answer is None:
                 continue
+            answered.add(tile.tile_id)
             for detection in answer.detections:
                 detection.attributes.update(attributes, prompt=typed or user_text)
-            placed = georeference(answer.detections, tile, job.output_crs)
+            dropped: list[str] = []
+            placed = georeference(answer.detections, tile, job.output_crs, dropped)
+            answer.problems += dropped
+            result.dropped += dropped
             found.extend(placed)
             result.answers.append(TileAnswer(
                 tile.tile_id, typed, answer.text, generation.text, answer.problems, len(placed),
                 generation.seconds, generation.prompt_tokens, generation.generated_tokens))
-    if any_ok:
-        result.tiles_done += len(batch)
+    result.tiles_done += len(answered)
     return any_ok
+
+
+def _parse(family, text: str, size: tuple[int, int], masks, label: str, tile_id: str,
+           typed: str, result: JobResult):
+    """The family's Answer, or None with the tile's failure recorded: one bad answer costs
+    one tile. A parser that raises anything but ParseError has a bug: its traceback is logged
+    and the failure says so."""
+    try:
+        return family.parse(text, size, masks, default_label=label)
+    except ParseError as exc:
+        result.failures.append(TileFailure(tile_id, str(exc), typed))
+    except Exception as exc:  # a parser bug must not end the run: logged, said, one tile lost
+        log.error("the %s parser failed on tile %s", family.name, tile_id, exc_info=True)
+        result.failures.append(TileFailure(
+            tile_id, f"the {family.name} parser failed on this answer ({type(exc).__name__}: "
+                     f"{str(exc)[:200]}): a bug, please report it with the answer", typed))
+    return None
 
 
 def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:

@@ -70,14 +70,18 @@ def polygonal(geom: BaseGeometry) -> BaseGeometry:
 
 
 def georeference(
-    detections: Sequence[Detection], tile: "Tile", dst_crs: Optional[str] = None
+    detections: Sequence[Detection], tile: "Tile", dst_crs: Optional[str] = None,
+    dropped: Optional[list[str]] = None,
 ) -> list[Detection]:
     """Copies of tile-pixel ``detections`` in the raster CRS, or in ``dst_crs`` when given.
 
     Uses the tiling core's transforms (georef.py): the tile's affine is applied exactly (oriented
     boxes stay exact polygons); reprojection densifies edges longer than 1/32 of the tile's
     detections' extent. Each copy gets the tile's id, its frame ("raster" or "crs") and CRS.
+    A detection that does not exist in ``dst_crs`` (off a geostationary disc) is left out and
+    said in ``dropped`` when it is given (else the RasterError is raised).
     """
+    from .errors import RasterError
     from .georef import tile_to_crs, tile_to_map
 
     if not detections:
@@ -89,7 +93,20 @@ def georeference(
     if dst_crs is None:
         moved, frame, crs = tile_to_map(tile, together), "raster", tile.crs
     else:
-        moved, frame, crs = tile_to_crs(tile, together, dst_crs), "crs", dst_crs
+        frame, crs = "crs", dst_crs
+        try:
+            moved = tile_to_crs(tile, together, dst_crs)
+        except RasterError as exc:
+            if dropped is None or tile.crs is None:
+                raise
+            kept, geoms = [], []
+            for det in detections:  # one by one: keep every box that does exist there
+                try:
+                    geoms.append(tile_to_crs(tile, det.geometry, dst_crs))
+                    kept.append(det)
+                except RasterError:
+                    dropped.append(f"box {det.label!r} of tile {tile.tile_id} left out: {exc}")
+            detections, moved = kept, GeometryCollection(geoms)
     return [
         replace(
             det,

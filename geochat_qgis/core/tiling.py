@@ -21,8 +21,8 @@ from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
 from .errors import RasterError
-from .georef import (apply_affine, fmt_bounds, ground_pixel_size, reproject_geometry, short_crs,
-                     transform_extent)
+from .georef import (apply_affine, check_crs, fmt_bounds, ground_pixel_size, reproject_geometry,
+                     short_crs, transform_extent)
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,9 @@ class Tile:
     transform: Affine
     crs: Optional[str]  # WKT; None only in pixel-space mode
     gsd_m: float  # ground metres per tile-image pixel at the tile's data centre
-    nodata_frac: float  # in a plan: the padding's share; once read: padding plus nodata
+    # the share of the tile's raster pixels that hold no data (0 in a plan; padding past the
+    # edge of a raster smaller than a tile is not counted: a 1x1 raster is all data)
+    nodata_frac: float
     footprint: BaseGeometry  # the whole tile image in raster CRS coordinates
     image: Optional[np.ndarray] = None  # (tile_size, tile_size, 3) uint8 once read
 
@@ -142,6 +144,10 @@ class TilePlan:
         return self.window_px / self.spec.tile_size
 
 
+class MissingCrsError(RasterError):
+    """The raster has no CRS (front ends that offer pixel space say how to ask for it)."""
+
+
 def plan_tiles(raster: Union[str, Path], spec: TileSpec = TileSpec(), extent=None,
                extent_crs: Optional[str] = None, aoi: Union[BaseGeometry, str, Path, None] = None,
                pixel_space: bool = False) -> TilePlan:
@@ -167,9 +173,10 @@ def plan_tiles(raster: Union[str, Path], spec: TileSpec = TileSpec(), extent=Non
             f"Georeferencer, or gdalwarp) so it has a CRS and geotransform, or ask for pixel space."
         )
     if crs is None and not pixel_space:
-        raise RasterError(
-            f"{raster} has no CRS, so tiles cannot be placed on the map: assign one (QGIS layer "
-            f"properties, or gdal_edit.py -a_srs EPSG:XXXX) or ask for pixel space."
+        raise MissingCrsError(
+            f"{raster} has no CRS, so tiles cannot be placed on the map: assign one (in QGIS: "
+            f"Layer Properties > Source > Assigned coordinate reference system, then save it "
+            f"with Export > Save As; or gdal_edit.py -a_srs EPSG:XXXX {Path(str(raster)).name})."
         )
     if transform.is_degenerate:
         raise RasterError(f"{raster} has a degenerate geotransform: fix its georeferencing.")
@@ -200,10 +207,12 @@ def _requested_area(raster: str, crs: Optional[str], footprint: BaseGeometry, ex
             f"{raster} has no CRS, so an extent in {short_crs(extent_crs)} cannot be placed on "
             f"it: give the extent in the raster's own coordinates (no extent CRS)."
         )
+    if extent_crs is not None:
+        check_crs(extent_crs, "extent CRS")
     source_crs = extent_crs or crs
     requested = footprint
     if extent is not None:
-        xmin, ymin, xmax, ymax = (float(v) for v in extent)
+        xmin, ymin, xmax, ymax = _extent_values(extent)
         if not (xmin < xmax and ymin < ymax):
             raise RasterError(f"Empty extent {fmt_bounds((xmin, ymin, xmax, ymax))}: give "
                               f"xmin < xmax and ymin < ymax.")
@@ -226,17 +235,34 @@ def _requested_area(raster: str, crs: Optional[str], footprint: BaseGeometry, ex
     return area
 
 
+def _extent_values(extent) -> tuple[float, float, float, float]:
+    """The four finite numbers of ``extent``; RasterError naming it otherwise."""
+    try:
+        values = tuple(float(v) for v in extent)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise RasterError(f"The extent {tuple(extent)!r} is not four finite numbers: give "
+                          f"xmin, ymin, xmax, ymax as ordinary numbers (no inf or nan).")
+    return values  # type: ignore[return-value]
+
+
 def _load_aoi(aoi, default_crs: Optional[str]) -> tuple[BaseGeometry, Optional[str]]:
-    """The AOI as one geometry and its CRS; RasterError when it is empty or unreadable."""
+    """The AOI as one valid geometry and its CRS; RasterError when it is empty or unreadable.
+
+    The AOI is repaired (a bow-tie becomes two triangles) before its area is measured.
+    """
     if isinstance(aoi, BaseGeometry):
-        shape, shape_crs = aoi, default_crs
+        shape, shape_crs, name = aoi, default_crs, "AOI (the polygons given)"
     else:
         shape, shape_crs = _read_vector(str(aoi))
-        shape_crs = shape_crs or default_crs
-    if shape.is_empty or shape.area <= 0:
-        raise RasterError(f"The AOI {aoi if not isinstance(aoi, BaseGeometry) else ''} is empty "
-                          f"(no polygon with an area): draw or choose at least one polygon.")
-    return shapely.make_valid(shape), shape_crs
+        shape_crs, name = shape_crs or default_crs, f"AOI {aoi}"
+    if not shape.is_empty and not shape.is_valid:
+        shape = shapely.make_valid(shape)
+    if shape.is_empty or shape.area <= 0 or not math.isfinite(shape.area):
+        raise RasterError(f"The {name} is empty (no polygon with an area): draw or choose at "
+                          f"least one polygon.")
+    return shape, shape_crs
 
 
 def _read_vector(path: str) -> tuple[BaseGeometry, Optional[str]]:
@@ -247,9 +273,13 @@ def _read_vector(path: str) -> tuple[BaseGeometry, Optional[str]]:
 
     if is_plain_path(path) and not Path(path).exists():
         raise RasterError(f"AOI file not found: {path}. Check the path.")
+    from pyogrio import errors
+
+    unreadable = (errors.DataSourceError, errors.DataLayerError, errors.FeatureError,
+                  errors.GeometryError, errors.FieldError, OSError)
     try:
         meta, _, geometry, _ = pyogrio.raw.read(path, read_geometry=True)
-    except Exception as exc:  # pyogrio.errors.DataSourceError and friends
+    except unreadable as exc:
         raise RasterError(f"Cannot read the AOI {path} ({exc}): give a vector file "
                           f"(GeoPackage, Shapefile, GeoJSON).") from exc
     geoms = shapely.from_wkb(geometry) if geometry is not None else np.array([])
@@ -293,7 +323,6 @@ def _make_tiles(col_offs: list[int], row_offs: list[int], window: int, tile_size
     corners = np.array([(0, 0), (window, 0), (window, window), (0, window)], dtype=float)
     xs, ys = transform @ (cols[:, None] + corners[None, :, 0], rows[:, None] + corners[None, :, 1])
     footprints = shapely.polygons(np.stack([xs, ys], axis=-1))
-    pad_frac = (1.0 - (inside_w * inside_h) / float(window * window)).tolist()
     gsd_m = (gsd * scale).tolist()
     # the tile transform is transform @ translation(col_off, row_off) @ scale(scale): built
     # directly, as composing Affine objects costs ~20 us a tile
@@ -306,7 +335,7 @@ def _make_tiles(col_offs: list[int], row_offs: list[int], window: int, tile_size
             tile_id=f"r{row}_c{col}", row=row, col=col, col_off=col_off, row_off=row_off,
             width=window, height=window,
             transform=Affine(a, b, origins_x[k], d, e, origins_y[k]),
-            crs=crs, gsd_m=gsd_m[k], nodata_frac=pad_frac[k], footprint=footprints[k],
+            crs=crs, gsd_m=gsd_m[k], nodata_frac=0.0, footprint=footprints[k],
         ))
     return tiles
 
@@ -410,10 +439,11 @@ def _place(plan: TilePlan, rgb: np.ndarray, invalid: int,
            out_hw: tuple[int, int]) -> tuple[np.ndarray, float]:
     """The full (S, S, 3) tile image, padded bottom/right, and its nodata fraction."""
     size = plan.spec.tile_size
+    out_h, out_w = out_hw
+    nodata_frac = invalid / float(out_h * out_w)  # of the raster's pixels: padding is not nodata
     if out_hw == (size, size):
-        return rgb, invalid / float(size * size)
+        return rgb, nodata_frac
     image = np.empty((size, size, 3), dtype=np.uint8)
     image[:] = plan.spec.pad_rgb
-    out_h, out_w = out_hw
     image[:out_h, :out_w] = rgb
-    return image, 1.0 - (out_h * out_w - invalid) / float(size * size)
+    return image, nodata_frac

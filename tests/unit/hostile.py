@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -90,6 +91,7 @@ class HostileServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.mode, self.text, self.models = mode, text, models
         self.fail_from: int | None = None
+        self.delay = 0.0  # seconds before each chat answer
         self.requests = 0
         self.lock = threading.Lock()
 
@@ -125,6 +127,7 @@ class _Handler(BaseHTTPRequestHandler):
         with srv.lock:
             number = srv.requests
             srv.requests += 1
+        time.sleep(srv.delay)
         mode = srv.mode
         if srv.fail_from is not None and number >= srv.fail_from:
             mode = "500"

@@ -8,6 +8,7 @@ cancel stops reading between tokens.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import socket
@@ -107,9 +108,11 @@ class OpenAIHttpBackend(Backend):
         except (urllib.error.URLError, ConnectionError) as exc:
             failure = self._connection_error(getattr(exc, "reason", exc))
             raise getattr(failure, "error", failure) from None
-        except ValueError:
-            return  # not JSON: the chat request will say what is wrong
-        names = [item.get("id") for item in (listing.get("data") or []) if isinstance(item, dict)]
+        except (ValueError, http.client.HTTPException):
+            return  # not JSON or cut short: the chat request will say what is wrong
+        items = listing.get("data") if isinstance(listing, dict) else listing
+        names = [item.get("id") for item in (items if isinstance(items, list) else [])
+                 if isinstance(item, dict)]
         if names and self.model not in names:
             log.warning("the server at %s lists the models %s, not '%s'",
                         self.settings.base_url, ", ".join(map(str, names)), self.model)
@@ -176,10 +179,7 @@ class OpenAIHttpBackend(Backend):
                 if stream:
                     text, usage, finish = self._read_stream(index, response, options)
                 else:
-                    data = json.loads(response.read().decode("utf-8"))
-                    choice = data["choices"][0]
-                    text = choice["message"].get("content") or ""
-                    usage, finish = data.get("usage") or {}, choice.get("finish_reason")
+                    text, usage, finish = _completion(json.loads(response.read().decode("utf-8")))
         except urllib.error.HTTPError as exc:
             raise self._http_error(exc, self.url) from None
         except (TimeoutError, socket.timeout):
@@ -188,35 +188,59 @@ class OpenAIHttpBackend(Backend):
             raise self._connection_error(exc.reason) from None
         except ConnectionError as exc:
             raise self._connection_error(exc) from None
-        except (ValueError, KeyError, IndexError) as exc:
+        except http.client.HTTPException as exc:  # IncompleteRead: a body cut short
+            raise _Retryable(BackendError(
+                f"The answer from {self.settings.base_url} was cut off ({type(exc).__name__}: "
+                f"{str(exc)[:100]}). The server or a proxy dropped the connection: check the "
+                "server's log."
+            )) from None
+        except ValueError as exc:
             raise BackendError(
                 f"The server at {self.settings.base_url} sent an answer that is not an OpenAI "
                 f"chat completion ({exc}). Check that the URL points at an OpenAI-compatible /v1."
             ) from None
         return Generation(
             text=text.strip(),
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            generated_tokens=int(usage.get("completion_tokens") or 0),
+            prompt_tokens=_count(usage.get("prompt_tokens")),
+            generated_tokens=_count(usage.get("completion_tokens")),
             seconds=time.perf_counter() - start,
             extra={"finish_reason": finish},
         )
 
     def _read_stream(self, index: int, response, options: GenerateOptions
                      ) -> tuple[str, dict, Optional[str]]:
+        """The streamed answer; ValueError for events of the wrong shape, BackendError for a
+        stream that stops before its end (no ``[DONE]`` and no finish reason)."""
         pieces: list[str] = []
         usage: dict = {}
         finish = None
+        ended = events = False
         for event in _sse_events(response):
             if options.cancel is not None and options.cancel.cancelled:
                 raise Cancelled("Cancelled by the user; results finished so far are kept.")
-            usage = event.get("usage") or usage
-            for choice in event.get("choices") or ():
-                piece = (choice.get("delta") or {}).get("content")
+            if event is _DONE:
+                ended = True
+                break
+            events = True
+            if not isinstance(event, dict):
+                raise ValueError(f"an event is a JSON {type(event).__name__}, not an object")
+            usage = _object(event.get("usage"), "usage") or usage
+            for choice in _list(event.get("choices"), "choices"):
+                delta = _object(_object(choice, "a choice").get("delta"), "delta")
+                piece = delta.get("content")
                 if piece:
-                    pieces.append(piece)
+                    pieces.append(str(piece))
                     if options.on_token is not None:
-                        options.on_token(index, piece)
+                        options.on_token(index, str(piece))
                 finish = choice.get("finish_reason") or finish
+        if not events:
+            raise ValueError("the answer is not an event stream (no 'data:' line)")
+        if not (ended or finish):
+            raise BackendError(
+                f"The answer stream from {self.settings.base_url} stopped before its end (after "
+                f"{len(pieces)} pieces): the server or a proxy dropped the connection. Check the "
+                "server's log; the tile is counted as failed."
+            )
         if not usage:
             usage = {"completion_tokens": len(pieces)}
         return "".join(pieces), usage, finish
@@ -273,13 +297,53 @@ class OpenAIHttpBackend(Backend):
         return _Retryable(BackendError(message))
 
 
-def _sse_events(response) -> Iterator[dict]:
-    """JSON objects of a ``text/event-stream`` (``data: {...}`` lines, ending at ``[DONE]``)."""
+_DONE = object()
+
+
+def _sse_events(response) -> Iterator[Any]:
+    """JSON values of a ``text/event-stream`` (``data: ...`` lines), then ``_DONE`` at
+    ``[DONE]``; ValueError for a line that is not JSON."""
     for raw in response:
         line = raw.decode("utf-8", errors="replace").strip()
         if not line.startswith("data:"):
             continue
         data = line[5:].strip()
         if data == "[DONE]":
+            yield _DONE
             return
         yield json.loads(data)
+
+
+def _completion(data: Any) -> tuple[str, dict, Optional[str]]:
+    """Text, usage and finish reason of a chat completion; ValueError for another shape."""
+    choices = _list(_object(data, "the answer").get("choices"), "choices")
+    if not choices:
+        raise ValueError("the completion has no choices")
+    choice = _object(choices[0], "a choice")
+    content = _object(choice.get("message"), "message").get("content")
+    if content is not None and not isinstance(content, str):
+        raise ValueError(f"the message content is a {type(content).__name__}, not text")
+    return content or "", _object(data.get("usage"), "usage"), choice.get("finish_reason")
+
+
+def _count(value: Any) -> int:
+    """A token count from a server (0 when it sends something else)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _object(value: Any, what: str) -> dict:
+    """``value`` if it is a JSON object (None: an empty one); ValueError naming ``what``."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} is a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def _list(value: Any, what: str) -> list:
+    """``value`` if it is a JSON list (None: an empty one); ValueError naming ``what``."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValueError(f"{what} is a JSON {type(value).__name__}, not a list")
+    return value

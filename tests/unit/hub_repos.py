@@ -46,7 +46,8 @@ class Repo:
 
 class RepoHub(ThreadingHTTPServer):
     """The hub: ``repos[name] = Repo(commit, files)``; ``cut_after[(repo, file)] = n`` makes
-    the next answer for that file send n bytes and hang up (``cut_always`` for every answer)."""
+    the next answer for that file send n bytes and hang up (``cut_always`` for every answer);
+    ``stall_after`` sends n bytes then waits for ``release``; ``delay`` waits before answering."""
 
     daemon_threads = True
 
@@ -56,6 +57,8 @@ class RepoHub(ThreadingHTTPServer):
         self.cut_after: dict[tuple[str, str], int] = {}
         self.cut_always: dict[tuple[str, str], int] = {}
         self.delay: dict[tuple[str, str], float] = {}  # seconds before answering for a file
+        self.stall_after: dict[tuple[str, str], int] = {}  # send n bytes, then hang until released
+        self.release = threading.Event()
         self.requests: list[tuple[str, str, str]] = []  # (method, path, Range header)
         self.auth: list[str] = []
         self.proxied: list[str] = []  # absolute URLs received as a proxy
@@ -181,7 +184,13 @@ class _RepoHandler(BaseHTTPRequestHandler):
             cut = srv.cut_after.pop((name, path), None)
             if cut is None:
                 cut = srv.cut_always.get((name, path))
+        stall = srv.stall_after.pop((name, path), None)
+        if stall is not None:
+            cut = stall
         self.wfile.write(body if cut is None else body[:cut])
+        if stall is not None:  # a connection that stops sending, as a killed client sees it
+            self.wfile.flush()
+            srv.release.wait(30)
         if cut is not None:  # hang up half way, as a broken connection does
             self.wfile.flush()
             self.close_connection = True

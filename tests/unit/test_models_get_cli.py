@@ -98,3 +98,34 @@ def test_cli_missing_shard_and_offline_give_clear_messages(hub, tmp_path):
                HF_HUB_OFFLINE="1")
     assert run.returncode == 1 and "HF_HUB_OFFLINE" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_a_killed_get_resumes_its_download_after_a_restart(hub, tmp_path):
+    """The process dies mid-download (as when QGIS is closed); the next one resumes the file."""
+    import signal
+    import time
+
+    shard = "pytorch_model-00002-of-00002.bin"
+    data = hub.repos[GEOCHAT_REPO].files[shard]
+    half = len(data) // 2
+    hub.release.clear()
+    hub.stall_after[GEOCHAT_REPO, shard] = half
+    cache = tmp_path / "cache"
+    args = [sys.executable, "-m", "geochat_qgis", "models", "--cache", str(cache), "get",
+            "geochat-7b", "--to", "hf"]
+    child = subprocess.Popen(args, cwd=ROOT, env=_env(hub, tmp_path), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    part = cache / "models" / "geochat-7b" / (shard + ".part")
+    deadline = time.monotonic() + 120
+    while not (part.is_file() and part.stat().st_size == half) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.communicate()
+    hub.release.set()
+    assert part.stat().st_size == half
+    assert not (cache / "converted" / "geochat-7b" / "hf").exists()
+    hub.requests.clear()
+    run = _cli(hub, tmp_path, "--cache", str(cache), "get", "geochat-7b", "--to", "hf")
+    assert run.returncode == 0, run.stderr
+    assert [r for _, p, r in hub.weight_requests() if p.endswith(shard)] == [f"bytes={half}-"]
+    assert (cache / "models" / "geochat-7b" / shard).read_bytes() == data

@@ -237,7 +237,7 @@ def _transfer(
                 if cancel is not None and cancel.cancelled:
                     raise Cancelled(f"Download cancelled; {done} bytes kept in {part} to resume.")
                 try:
-                    chunk = response.read(CHUNK_BYTES)
+                    chunk = response.read1(CHUNK_BYTES)  # what has arrived, up to a chunk
                 except (http.client.HTTPException, OSError) as exc:
                     raise _Interrupted(exc) from exc
                 if not chunk:

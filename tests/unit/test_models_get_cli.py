@@ -129,3 +129,32 @@ def test_a_killed_get_resumes_its_download_after_a_restart(hub, tmp_path):
     assert run.returncode == 0, run.stderr
     assert [r for _, p, r in hub.weight_requests() if p.endswith(shard)] == [f"bytes={half}-"]
     assert (cache / "models" / "geochat-7b" / shard).read_bytes() == data
+
+
+def test_detect_runs_with_the_got_model_and_its_features_carry_provenance(hub, tmp_path,
+                                                                         demo_raster):
+    pytest.importorskip("llama_cpp")
+    import pyogrio
+
+    from geochat_qgis.core import export
+    from geochat_qgis.core.weights.provenance import PROVENANCE_FIELDS, provenance_attributes
+
+    cache = tmp_path / "cache"
+    run = _cli(hub, tmp_path, "--cache", str(cache), "get", "geochat-7b", "--json")
+    assert run.returncode == 0, run.stderr
+    model = json.loads(run.stdout)
+    out = tmp_path / "cars.gpkg"
+    detect = subprocess.run(
+        [sys.executable, "-m", "geochat_qgis", "detect", str(demo_raster), "--model",
+         model["folder"], "--backend", "llama.cpp", "--task", "refer", "--prompt", "car",
+         "--max-new-tokens", "30", "--grammar", "-o", str(out)],
+        cwd=ROOT, env=_env(hub, tmp_path), capture_output=True, text=True, timeout=600)
+    assert detect.returncode == 0, detect.stderr
+    frame = pyogrio.read_dataframe(out)
+    assert len(frame) > 0 and set(frame["label"]) == {"car"}
+    if not set(PROVENANCE_FIELDS) <= {f.name for f in export.FIELDS}:
+        pytest.skip("core/export.py does not carry the model provenance fields yet "
+                    f"({', '.join(PROVENANCE_FIELDS)})")
+    expected = provenance_attributes(model["model_path"])
+    for name in PROVENANCE_FIELDS:
+        assert set(frame[name]) == {expected[name]}, name

@@ -144,7 +144,15 @@ def test_a_download_cut_half_way_resumes(hub, catalog, tmp_path):
     assert geochat and all(f"/resolve/{'a' * 40}/" in p for p in geochat)  # the pinned commit
     shard = tmp_path / "models" / "geochat-7b" / SHARD_2
     assert shard.read_bytes() == hub.repos[GEOCHAT_REPO].files[SHARD_2]
-    assert (model.folder / "config.json").is_file() and model.target == "hf"
+    assert model.target == "hf" and "transformers" in model.backends
+    from geochat_qgis.core.backends.transformers_backend import TransformersBackend
+
+    tile = np.random.default_rng(5).integers(0, 256, (504, 504, 3), dtype=np.uint8)
+    with TransformersBackend(model.model_path) as backend:  # loads (no missing keys) and answers
+        answer = backend.generate([tile], Conversation.single("[refer] Give me the location of "
+                                                              "<p> car </p>"),
+                                  GenerateOptions(max_new_tokens=4))[0]
+    assert answer.generated_tokens > 0
 
 
 def test_cancel_during_conversion_leaves_no_model_and_no_temporary_files(hub, catalog, tmp_path):

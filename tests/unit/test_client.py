@@ -273,6 +273,52 @@ print(json.dumps(sorted(set(sys.modules) - before)))
                     "geochat_qgis.core.deps.environment"}, ours
 
 
+def test_a_silent_child_counts_as_hung_and_its_tiles_are_kept(chat, demo_raster, tmp_path):
+    runtime = RuntimeClient(python=sys.executable, heartbeat_interval=0.2,
+                            heartbeat_timeout=1.5)
+    chat.tokens = [BOX]
+    frozen: list[int] = []
+
+    def freeze_on_fifth(count: int) -> None:
+        if count == 5:
+            frozen.append(runtime.pid)
+            os.kill(runtime.pid, signal.SIGSTOP)  # alive, but no heartbeat any more
+
+    chat.on_request = freeze_on_fifth
+    try:
+        result = runtime.run(http_request(chat, demo_raster, tmp_path / "hung.gpkg"))
+        assert result.crashed and "stopped answering (no heartbeat for 1.5 s)" in result.error
+        assert 3 <= result.tiles_done <= 5 and result.features == result.tiles_done
+        with pytest.raises(ChildProcessError):
+            os.waitpid(frozen[0], os.WNOHANG)  # killed and reaped
+    finally:
+        runtime.close()
+
+
+def test_the_child_exits_when_its_parent_dies(tmp_path):
+    """A parent killed outright (QGIS crashing) leaves no orphan: the child's stdin ends."""
+    script = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from geochat_qgis.client import RuntimeClient
+client = RuntimeClient(python={sys.executable!r})
+client.ping()
+print(client.pid, flush=True)
+sys.stdin.read()
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        child = psutil.Process(int(parent.stdout.readline()))
+        assert child.is_running()
+        parent.kill()
+        parent.wait()
+        child.wait(timeout=30)  # it went by itself: nobody killed it
+    finally:
+        parent.kill()
+        parent.wait()
+
+
 def test_close_stops_the_child_and_the_next_request_starts_one(client):
     client.ping()
     first = client.pid

@@ -9,9 +9,11 @@ The project's tiny GeoChat GGUF runs the same refer Job on the same tiles of the
   cached model -> GeoPackage, progress and token events streamed back).
 
 Passes alternate and the best of each counts. Prints wall and CPU seconds per tile for both
-(CPU: this process plus the child; steadier on a shared machine) and the ratios (goal <= 1.05x), and the first answer after start: child start, model load and one question
+(CPU: this process plus the child; steadier on a shared machine) and the ratios (goal <=
+1.05x), and the first answer after start: child start, model load and one question
 (``RuntimeClient.ask`` on a fresh client) against the same in a fresh in-process backend. With
-the tiny model a tile takes ~0.1 s, so the ratio shows the pipe's cost at its most visible.
+the tiny model a tile takes well under a second, so the ratio shows the pipe's cost at its most
+visible.
 
     .venv/bin/python bench/runtime_jobs.py [--passes 3] [--tokens 24]
 """

@@ -78,9 +78,14 @@ def test_plan_states_downloads_sizes_disk_and_memory_before_anything(hub, catalo
     assert plan.disk_needed == plan.download_bytes + plan.output_bytes + plan.temp_bytes
     largest = max(len(d) for d in hub.repos[GEOCHAT_REPO].files.values())
     assert plan.memory_needed == largest + (2 << 30)
-    assert plan.ok and plan.installed is None and plan.memory_available > 0
-    llama = "llama.cpp" in by_choice["gguf", "q4_k_m"].backends
-    assert llama == (importlib.util.find_spec("llama_cpp") is not None)
+    assert plan.installed is None and plan.memory_available > 0
+    has_llama = importlib.util.find_spec("llama_cpp") is not None
+    assert ("llama.cpp" in by_choice["gguf", "q4_k_m"].backends) == has_llama
+    # quantising needs llama.cpp: without it the plan says so before any download
+    assert plan.ok == has_llama
+    assert has_llama or "llama-cpp-python" in " ".join(plan.problems)
+    f16 = plan_get("geochat-7b", "gguf", "f16", tmp_path / "cache", catalog=catalog)
+    assert f16.ok and f16.temp_bytes == 0
     assert hub.weight_requests() == [] or all(r[1].endswith("config.json")
                                               for r in hub.weight_requests())
     assert not (tmp_path / "cache").exists()  # planning writes nothing
@@ -327,3 +332,18 @@ def test_too_little_memory_for_the_conversion_is_refused_unless_asked(hub, catal
                                               for _, p, _ in hub.weight_requests())
     plan = plan_get("geochat-7b", "hf", cache=tmp_path, catalog=catalog, ignore_memory=True)
     assert plan.ok and any("memory" in note for note in plan.notes)
+
+
+def test_a_clip_of_the_users_own_is_used_in_place(hub, catalog, tmp_path, repos):
+    """A user catalog entry pointing CLIP-336 at a local folder: used there, never fetched."""
+    from geochat_qgis.core.weights.catalog import add_user_entry
+
+    user = tmp_path / "user.json"
+    add_user_entry({"name": "clip-vit-large-patch14-336", "family": "clip", "path": str(repos[1]),
+                    "files": ["config.json", "preprocessor_config.json", "pytorch_model.bin"]},
+                   user)
+    mine = load_catalog(user)
+    model = get_model("geochat-7b", "gguf", "f16", tmp_path / "cache", catalog=mine)
+    assert not any(CLIP_REPO in p for _, p, _ in hub.weight_requests())
+    assert not (tmp_path / "cache" / "models" / "clip-vit-large-patch14-336").exists()
+    assert model.model_path.is_file()

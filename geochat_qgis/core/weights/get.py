@@ -260,6 +260,10 @@ def get_model(model_id: str, target: Optional[str] = None, quant: Optional[str] 
         offset = 0
         meter = _Meter(on_progress, "download", cancel)
         for (source, remote), summary in zip(sources, plan.sources):
+            if source.is_local:
+                offset += summary.total_bytes
+                continue
+
             def progress(done: int, _total: Optional[int], base: int = offset) -> None:
                 meter(base + done, total)
 

@@ -108,6 +108,21 @@ def is_installed(folder: Path) -> bool:
     return (Path(folder) / PROVENANCE_FILE).is_file()
 
 
+def conversion_needs(target: str, quant: Optional[str]) -> list[str]:
+    """Python packages the conversion needs that this environment lacks (checked before any
+    download: a 16 GB download that cannot be converted helps nobody)."""
+    from .machine import _importable
+
+    needed = {"torch": "torch", "safetensors": "safetensors", "sentencepiece": "sentencepiece"}
+    if target == "gguf":
+        needed["gguf"] = "gguf"
+        if quant != "f16":
+            needed["llama_cpp"] = "llama-cpp-python (to quantise)"
+    else:
+        needed["transformers"] = "transformers"
+    return [label for module, label in needed.items() if not _importable(module)]
+
+
 def check_choice(entry: ModelEntry, target: Optional[str], quant: Optional[str]) -> tuple[str, Optional[str]]:
     """The (target, quant) to use for ``entry``; ModelError naming the valid choices."""
     if not entry.convert:
@@ -134,6 +149,16 @@ def check_choice(entry: ModelEntry, target: Optional[str], quant: Optional[str])
 def _source(entry: ModelEntry, cache: Optional[PathLike], endpoint: Optional[str],
             hf_cache: Optional[PathLike], online: bool = True) -> tuple[SourcePlan, RemoteFiles]:
     folder = entry.local_dir(cache)
+    if entry.is_local:  # the user's own folder: used as it is, never downloaded into
+        missing = [f.path for f in entry.files if not (folder / f.path).is_file()]
+        if missing:
+            raise ModelError(f"Model '{entry.name}' points at {folder}, which lacks "
+                             f"{', '.join(missing)}; copy them there or fix the user catalog.")
+        total = sum((folder / f.path).stat().st_size for f in entry.files)
+        return SourcePlan(entry.name, str(folder), entry.revision, None, str(folder),
+                          len(entry.files), total, total, 0, 0, 0,
+                          max(((folder / f.path).stat().st_size for f in entry.files), default=0)
+                          ), RemoteFiles(None, entry.files)
     pinned = manifest_commit(folder)
     manifest = _read_manifest(folder)
     try:
@@ -284,6 +309,11 @@ def resolve_get(model_id: str, target: Optional[str], quant: Optional[str],
             notes.append(text + "; going ahead as asked (it may swap).")
         else:
             problems.append(text + ", or go ahead anyway (--ignore-memory) and let it swap.")
+    missing = [] if installed else conversion_needs(target, quant) if entry.convert else []
+    if missing:
+        problems.append(f"Converting needs {', '.join(missing)}, not installed in this "
+                        "environment: install the llama.cpp (GGUF) or transformers (HF) "
+                        "dependencies first (Plugins > GeoChat > Install model dependencies).")
     if offline() and download and not installed:
         problems.append(f"Offline mode (HF_HUB_OFFLINE=1): {download / 1e9:.2f} GB still to "
                         "download. Unset HF_HUB_OFFLINE, or copy the files into the model cache.")

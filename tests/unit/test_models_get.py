@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import json
 import shutil
 
@@ -347,3 +348,49 @@ def test_a_clip_of_the_users_own_is_used_in_place(hub, catalog, tmp_path, repos)
     assert not any(CLIP_REPO in p for _, p, _ in hub.weight_requests())
     assert not (tmp_path / "cache" / "models" / "clip-vit-large-patch14-336").exists()
     assert model.model_path.is_file()
+
+
+def test_a_snapshot_model_of_several_files_is_got_the_same_way(hub, catalog, tmp_path):
+    """GeoPixel (custom code, every file of its repository) downloads whole, with provenance."""
+    files = {"config.json": b'{"model_type": "geopixel"}', "modeling_geopixel.py": b"# code\n",
+             "pytorch_model-00001-of-00002.bin": os.urandom(3000),
+             "pytorch_model-00002-of-00002.bin": os.urandom(2000)}
+    folder = tmp_path / "geopixel"
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    hub.add_folder("MBZUAI/GeoPixel-7B-RES", folder, commit="e" * 40)
+    plan = plan_get("geopixel-7b-res", cache=tmp_path / "cache", catalog=catalog)
+    assert plan.download_bytes == sum(map(len, files.values())) and plan.memory_needed == 0
+    model = get_model("geopixel-7b-res", cache=tmp_path / "cache", catalog=catalog)
+    assert model.target == "download" and model.model_path == model.folder
+    assert sorted(p.name for p in model.folder.iterdir() if not p.name.startswith(".")) == \
+        sorted(files)
+    attributes = provenance_attributes(model.model_path)
+    assert attributes["model_src"] == "MBZUAI/GeoPixel-7B-RES"
+    assert attributes["model_rev"] == "e" * 40 and len(attributes["model_hash"]) == 64
+
+
+def test_model_list_says_what_getting_takes_and_what_runs_each_model_here(hub, catalog,
+                                                                          tmp_path):
+    from geochat_qgis.core.weights.listing import model_list
+    from geochat_qgis.core.weights.machine import backends_here
+
+    here = backends_here()
+    rows = {r["name"]: r for r in model_list(tmp_path, catalog)}
+    assert set(rows) == set(catalog.names())
+    geochat = rows["geochat-7b"]
+    assert geochat["status"] == "missing" and geochat["needs_conversion"]
+    assert 15.5e9 < geochat["download_bytes"] < 16.2e9  # 14.1 GB + 1.7 GB, from the catalog
+    gguf = next(c for c in geochat["choices"] if c["quant"] == "q4_k_m")
+    assert ("llama.cpp" in gguf["backends"]) == (here["llama.cpp"] is None)
+    assert "openai" in gguf["not_here"]  # a server the user runs, not this machine
+    if here["geopixel"]:  # no GPU here: GeoPixel runs nowhere and the list says why
+        assert rows["geopixel-7b"]["choices"][0]["backends"] == []
+        assert "geopixel" in rows["geopixel-7b"]["choices"][0]["not_here"]
+    assert hub.requests == []  # the list asks no server
+    get_model("geochat-7b", "gguf", "f16", tmp_path, catalog=catalog)
+    rows = {r["name"]: r for r in model_list(tmp_path, catalog)}
+    assert rows["geochat-7b"]["status"] == "ready"
+    f16 = next(c for c in rows["geochat-7b"]["choices"] if c["quant"] == "f16")
+    assert f16["installed"] == str(tmp_path / "converted" / "geochat-7b" / "gguf-f16")

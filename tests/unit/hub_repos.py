@@ -61,6 +61,7 @@ class RepoHub(ThreadingHTTPServer):
         self.release = threading.Event()
         self.requests: list[tuple[str, str, str]] = []  # (method, path, Range header)
         self.auth: list[str] = []
+        self.proxy_auth: list[str] = []  # Proxy-Authorization headers received
         self.proxied: list[str] = []  # absolute URLs received as a proxy
         self.lock = threading.Lock()
 
@@ -107,6 +108,7 @@ class _RepoHandler(BaseHTTPRequestHandler):
         path = self.path
         if path.startswith(("http://", "https://")):
             srv.proxied.append(path)
+            srv.proxy_auth.append(self.headers.get("Proxy-Authorization", ""))
             parts = urlsplit(path)
             path = parts.path + (f"?{parts.query}" if parts.query else "")
         with srv.lock:

@@ -75,7 +75,8 @@ _PROBE = ("import importlib.util as u, json, sys\n"
 def runtime_state(python: Optional[str] = None, backend: Optional[str] = None,
                   env: Optional[Mapping[str, str]] = None, refresh: bool = False) -> RuntimeState:
     """Whether the runtime can run (``backend``'s packages too when given). Runs one short
-    ``find_spec`` probe in that interpreter; the answer is remembered until ``refresh``."""
+    ``find_spec`` probe in that interpreter; a ready answer is remembered until ``refresh``
+    (a missing one is asked again next time: the user may have installed it meanwhile)."""
     command = runtime_command(python)
     if command is None:
         return RuntimeState(False, None, list(CORE_MODULES),
@@ -87,7 +88,10 @@ def runtime_state(python: Optional[str] = None, backend: Optional[str] = None,
             return _STATES[key]
     state = _probe(command, modules, env)
     with _STATES_LOCK:
-        _STATES[key] = state
+        if state.ready:
+            _STATES[key] = state
+        else:
+            _STATES.pop(key, None)
     return state
 
 

@@ -51,6 +51,7 @@ class RuntimeClient:
         self._start_lock = threading.Lock()
         self._heavy = threading.Lock()
         self._cancel_now = threading.Event()
+        self._closes = 0  # close() calls so far: a run stopped by close() is not recovered
 
     # ------------------------------------------------------------------ the child
     @property
@@ -69,7 +70,6 @@ class RuntimeClient:
             command = runtime_command(self.python)
             state = runtime_state(self.python, env=self.env)
             if command is None or not state.ready:
-                runtime_state(self.python, env=self.env, refresh=True)  # recheck next time
                 raise RuntimeMissing(state.message)
             child = ChildProcess(command, self.env, self.heartbeat_interval,
                                  self.heartbeat_timeout, self.startup_timeout)
@@ -146,11 +146,12 @@ class RuntimeClient:
         died (``error`` says why, ``crashed`` for a death); finished tiles are in ``output``.
         """
         request = _with_output(request)
+        closes = self._closes
         try:
             return from_reply(RunResult, self._heavy_call("run", {"request": request},
                                                           on_event, cancel))
         except RuntimeClientError as exc:
-            if not exc.crashed:
+            if not exc.crashed or closes != self._closes:
                 raise
             cancelled = self._cancel_now.is_set() or is_cancelled(cancel)
             return self._recover(request, exc, cancelled)
@@ -192,6 +193,7 @@ class RuntimeClient:
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the child (it frees the model); the next request starts a fresh one."""
+        self._closes += 1
         self._cancel_now.set()
         with self._start_lock:
             child, self._child = self._child, None

@@ -319,6 +319,29 @@ sys.stdin.read()
         parent.wait()
 
 
+def test_close_during_a_run_stops_it_and_keeps_the_finished_tiles(client, chat, demo_raster,
+                                                                  tmp_path):
+    chat.tokens, chat.delay = [BOX], 0.2
+    outcome: dict = {}
+
+    def on_event(event: dict) -> None:
+        if event["type"] == "progress" and event["done"] == 2:
+            threading.Thread(target=client.close).start()  # as the plugin unloading
+
+    def run() -> None:
+        outcome["result"] = client.run(http_request(chat, demo_raster, tmp_path / "u.gpkg"),
+                                       on_event)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(60)
+    result = outcome["result"]
+    assert result.cancelled and 2 <= result.tiles_done < 16
+    assert len(features(result.output)) == result.tiles_done
+    time.sleep(0.5)
+    assert client.pid is None  # nothing was restarted behind the close
+
+
 def test_close_stops_the_child_and_the_next_request_starts_one(client):
     client.ping()
     first = client.pid

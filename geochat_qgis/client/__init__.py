@@ -31,7 +31,8 @@ API::
     client.model_status(request) -> dict(ready, message, kind, family, model, loaded, missing)
     client.get_model(model_id, options=None, on_event=None, cancel=None) -> dict
     client.export(source, layer, destination, driver=None) -> dict(output, features)
-    client.status() -> dict(versions, backends, gpus, python, loaded)
+    client.status(deep=False) -> dict(geochat, python, versions, backends, import_errors,
+                                      gpus, loaded)
     client.ping() -> seconds;  client.cancel();  client.close();  client.pid
 
 Events (``on_event(dict)``, called on the requesting thread)::

@@ -120,9 +120,12 @@ class RuntimeClient:
         """The tiles ``request`` would run: count, WKT footprints in ``output.crs``."""
         return from_reply(PlanResult, self._call("plan", {"request": request}))
 
-    def status(self) -> dict[str, Any]:
-        """Versions, which backends import, GPUs (nvidia-smi), the loaded model."""
-        return self._call("status", {})
+    def status(self, deep: bool = False) -> dict[str, Any]:
+        """``{"geochat", "python", "python_version", "versions", "backends" {kind: bool},
+        "import_errors", "gpus", "loaded"}``. ``backends`` says whether each backend's
+        modules are there; ``deep`` imports them in a fresh process (seconds: torch) and
+        reports the errors."""
+        return self._call("status", {"deep": deep})
 
     def model_status(self, request: dict[str, Any]) -> dict[str, Any]:
         """``{"ready", "message", "kind", "family", "model", "loaded", "missing"}`` for the

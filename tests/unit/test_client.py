@@ -6,6 +6,7 @@ to kill the child).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -340,6 +341,20 @@ def test_close_during_a_run_stops_it_and_keeps_the_finished_tiles(client, chat, 
     assert len(features(result.output)) == result.tiles_done
     time.sleep(0.5)
     assert client.pid is None  # nothing was restarted behind the close
+
+
+def test_status_says_what_the_runtime_has(client):
+    import numpy
+
+    from geochat_qgis.__about__ import version
+
+    status = client.status(deep=True)
+    assert status["geochat"] == version() and status["python"] == sys.executable
+    assert status["versions"]["numpy"] == numpy.__version__
+    assert status["backends"]["openai"] is True and status["loaded"] is None
+    has_llama = importlib.util.find_spec("llama_cpp") is not None
+    assert status["backends"]["llama.cpp"] is has_llama
+    assert isinstance(status["gpus"], list) and status["import_errors"] == {}
 
 
 def test_close_stops_the_child_and_the_next_request_starts_one(client):

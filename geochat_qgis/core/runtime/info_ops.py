@@ -13,7 +13,7 @@ from ..results import Detection
 from .job_ops import Context
 
 PACKAGES = ("numpy", "shapely", "pyproj", "rasterio", "pyogrio", "pillow", "gguf",
-            "llama_cpp_python", "torch", "transformers")
+            "llama-cpp-python", "torch", "transformers")
 BACKEND_MODULES = {"llama.cpp": ("llama_cpp",), "transformers": ("torch", "transformers"),
                    "geopixel": ("torch", "transformers"), "openai": ()}
 
@@ -30,15 +30,29 @@ def missing_modules(kind: str) -> list[str]:
     return [m for m in BACKEND_MODULES.get(kind, ()) if importlib.util.find_spec(m) is None]
 
 
-def status(loaded: Optional[str]) -> dict[str, Any]:
-    """Versions, which backends can import, the GPUs nvidia-smi reports, the loaded model."""
+def _imports(kind: str) -> Optional[str]:
+    """None when the backend's modules import in a fresh process, else the first error."""
+    from ..deps.pip import probe_imports
+
+    failed = [c for c in probe_imports(sys.executable, BACKEND_MODULES[kind]) if not c.ok]
+    return f"{failed[0].module}: {failed[0].error}" if failed else None
+
+
+def status(loaded: Optional[str], deep: bool = False) -> dict[str, Any]:
+    """Versions, which backends can import (``deep``: really imported, in a fresh process,
+    with the errors), the GPUs nvidia-smi reports, the loaded model."""
     from ...__about__ import version
     from ..deps.gpu import nvidia_gpus
 
+    found = {kind: not missing_modules(kind) for kind in BACKEND_MODULES}
+    errors = {kind: _imports(kind) for kind, modules in BACKEND_MODULES.items()
+              if found[kind] and modules} if deep else {}
     return {
-        "geochat": version(), "python": sys.executable, "python_version": platform.python_version(),
+        "geochat": version(), "python": sys.executable,
+        "python_version": platform.python_version(),
         "versions": {p: _version(p) for p in PACKAGES},
-        "backends": {kind: not missing_modules(kind) for kind in BACKEND_MODULES},
+        "backends": {kind: ok and not errors.get(kind) for kind, ok in found.items()},
+        "import_errors": {kind: error for kind, error in errors.items() if error},
         "gpus": [{"name": g.name, "memory_mb": g.memory_mb, "driver": g.driver}
                  for g in nvidia_gpus()],
         "loaded": loaded,

@@ -143,8 +143,8 @@ class RuntimeServer:
             "run": lambda m, ctx: job_ops.run(m["request"], ctx),
             "recover": lambda m, ctx: job_ops.recover(m["request"], ctx),
             "ask": lambda m, ctx: job_ops.ask(m["request"], ctx),
-            "status": lambda m, ctx: info_ops.status(self.backend.describe()
-                                                     if self.backend else None),
+            "status": lambda m, ctx: info_ops.status(
+                self.backend.describe() if self.backend else None, bool(m.get("deep"))),
             "model_status": lambda m, ctx: info_ops.model_status(m["request"], self.spec),
             "export": lambda m, ctx: info_ops.export(m),
             "get_model": info_ops.get_model,

@@ -7,6 +7,7 @@ import subprocess
 import pytest
 from hub_repos import CLIP_REPO, GEOCHAT_REPO, serve_repo_hub, tiny_geochat_repos
 
+from geochat_qgis.core.errors import GeoChatError
 from geochat_qgis.core.weights import get_plan
 from geochat_qgis.core.weights.catalog import load_catalog
 from geochat_qgis.core.weights.get import GetRefused, get_model
@@ -88,3 +89,37 @@ def test_the_same_get_succeeds_on_a_disk_big_enough(env, small_disk):
     cache = small_disk("96m")
     model = get_model("geochat-7b", "hf", cache=cache, catalog=load_catalog(include_user=False))
     assert model.folder.is_relative_to(cache) and (model.folder / "provenance.json").is_file()
+
+
+def test_a_disk_filled_by_another_program_mid_download_gives_a_clear_message(
+        env, small_disk, monkeypatch):
+    """The plan fitted, then something else took the space: a clear message, partial files
+    kept, and the get finishes once space is freed."""
+    monkeypatch.setattr(get_plan, "SPACE_MARGIN_BYTES", 0)
+    from geochat_qgis.core.weights import download
+
+    monkeypatch.setattr(download, "SPACE_MARGIN_BYTES", 0)
+    catalog = load_catalog(include_user=False)
+    cache = small_disk("8m")
+    hog = cache / "someone-elses-file"
+    shard = "pytorch_model-00001-of-00002.bin"
+    order = [f.path for f in catalog.get("geochat-7b").files]
+    files = env.repos[GEOCHAT_REPO].files
+    before = sum(len(files[name]) for name in order[:order.index(shard)])
+    env.delay[GEOCHAT_REPO, shard] = 0.3  # its first progress call is not merged into another
+
+    def fill(phase, done, total, rate, eta):
+        # as the shard starts (its free-space checks passed), another program takes the space
+        if phase == "download" and done >= before and not hog.exists():
+            with open(hog, "wb") as handle:  # everything but 128 kB
+                handle.write(b"\0" * (shutil.disk_usage(cache).free - (128 << 10)))
+
+    with pytest.raises(GeoChatError, match="disk is full") as info:
+        get_model("geochat-7b", "hf", cache=cache, catalog=catalog, on_progress=fill)
+    assert "resume" in str(info.value) and hog.is_file()
+    assert isinstance(info.value.__cause__, OSError)  # a real ENOSPC from the write
+    assert (cache / "models" / "geochat-7b" / (shard + ".part")).is_file()  # kept to resume
+    assert not (cache / "converted" / "geochat-7b" / "hf").exists()
+    hog.unlink()
+    model = get_model("geochat-7b", "hf", cache=cache, catalog=catalog)
+    assert (model.folder / "provenance.json").is_file()

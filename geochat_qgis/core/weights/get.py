@@ -14,6 +14,7 @@ seconds (None until known).
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from ...__about__ import version
-from ..errors import Cancelled, ModelError
+from ..errors import Cancelled, GeoChatError, ModelError
 from .catalog import Catalog, ModelEntry, PathLike, load_catalog
 from .download import sha256_of
 from .get_plan import GetPlan, check_choice, converted_dir, is_installed, resolve_get
@@ -146,6 +147,25 @@ def _exclusive(folder: Path) -> Iterator[None]:
         handle.close()
 
 
+@contextmanager
+def _disk_errors(folder: Path) -> Iterator[None]:
+    """A failed write in words: the disk filled up (another program, a wrong estimate) or the
+    folder is not writable. Partial downloads are kept; a conversion leaves nothing."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, GeoChatError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT,
+                                                              errno.EACCES, errno.EROFS):
+            raise
+        what = ("the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                else "the folder is not writable")
+        raise ModelError(
+            f"Getting the model stopped: {what} ({exc.filename or folder}). Partial downloads "
+            "are kept and resume; nothing half-converted is left. Free some space (or choose "
+            "another cache folder: GEOCHAT_CACHE or the plugin settings) and get it again."
+        ) from exc
+
+
 def _clean_stale(out: Path) -> None:
     """Remove what an interrupted earlier conversion of ``out`` left (a killed process)."""
     if out.exists() and not is_installed(out):
@@ -255,7 +275,7 @@ def get_model(model_id: str, target: Optional[str] = None, quant: Optional[str] 
         raise GetRefused(plan)
     entry = catalog.get(model_id)
     out = converted_dir(entry, plan.target, plan.quant, cache)
-    with _exclusive(out):
+    with _exclusive(out if entry.convert else entry.local_dir(cache)), _disk_errors(out.parent):
         total = sum(s.total_bytes for s in plan.sources)
         offset = 0
         meter = _Meter(on_progress, "download", cancel)

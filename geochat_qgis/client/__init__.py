@@ -8,13 +8,15 @@ runtime serve``) does. Requests are plain JSON dicts of the user's choices, reso
     raster, task, prompts [str], question, history [[user_text, raw]], classes [str],
     region_wkt, region_crs, extent [xmin, ymin, xmax, ymax], extent_crs, aoi_wkt [wkt...],
     aoi_crs, aoi_path, model {name, backend, model_path, mmproj_path, server_url, server_model,
-    api_key, device, n_threads, n_gpu_layers, kv_f32, cache_dir, settings {...}},
+    api_key, device, n_threads, n_gpu_layers, kv_f32, cache_dir, target, quant,
+    settings {...}},
     family (optional: from the model), tiling {tile_size (None: the family's), overlap, gsd,
     bands}, output {path, layer, crs}, options {max_new_tokens, temperature, grammar,
     iou_threshold, angle_convention, max_consecutive_failures}
 
-CRS values are WKT or "EPSG:n". ``model.name`` "tiny-demo" is the demo model (built on first
-use).
+CRS values are WKT or "EPSG:n". ``model.name``: a catalog name (a converted one, e.g.
+geochat-7b after get_model, is found by ``model.target``/``model.quant``, else the default
+choice), or "tiny-demo", the demo model (built on first use).
 
 API::
 

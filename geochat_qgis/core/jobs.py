@@ -69,13 +69,33 @@ def backend_spec(request: Request) -> BackendSpec:
         raise GeoChatError("choose a model: a catalog name, a GGUF file or a checkpoint folder")
     from .weights.demo import DEMO_NAME, demo_model_dir
 
+    mmproj = model.get("mmproj_path") or None
     if reference == DEMO_NAME:
         reference, kind = str(demo_model_dir(model.get("cache_dir") or None)), "llama.cpp"
-    spec = resolve_spec(str(reference), kind, model.get("mmproj_path") or None, family)
+    elif not model.get("model_path"):
+        reference, mmproj = _converted(str(reference), model) or (reference, mmproj)
+    spec = resolve_spec(str(reference), kind, mmproj, family)
     allowed = _allowed_settings(spec.kind)
     mapped = {k: v for k, v in _backend_settings(spec.kind, model).items()
               if allowed is None or k in allowed}
     return replace(spec, settings={**mapped, **explicit})
+
+
+def _converted(name: str, model: Mapping[str, Any]) -> Optional[tuple[str, Optional[str]]]:
+    """(model path, mmproj path) of a catalog model converted by ``models get`` (the request's
+    ``model.target``/``model.quant``, else the default choice), or None."""
+    try:
+        from .weights.get import installed_model
+    except ImportError:  # core/weights without get_model
+        return None
+    try:
+        found = installed_model(name, model.get("target"), model.get("quant"),
+                                model.get("cache_dir") or None)
+    except (GeoChatError, KeyError, ValueError):
+        return None
+    if found is None or found.target == "download":
+        return None  # not got, or used as downloaded (the catalog path resolves it)
+    return str(found.model_path), str(found.mmproj_path) if found.mmproj_path else None
 
 
 def _backend_settings(kind: Optional[str], model: Mapping[str, Any]) -> dict[str, Any]:

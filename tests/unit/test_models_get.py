@@ -348,6 +348,10 @@ def test_a_clip_of_the_users_own_is_used_in_place(hub, catalog, tmp_path, repos)
     assert not any(CLIP_REPO in p for _, p, _ in hub.weight_requests())
     assert not (tmp_path / "cache" / "models" / "clip-vit-large-patch14-336").exists()
     assert model.model_path.is_file()
+    offer = source_cleanup("geochat-7b", tmp_path / "cache", mine)
+    assert offer.folders == (tmp_path / "cache" / "models" / "geochat-7b",)  # never the user's
+    delete_sources("geochat-7b", tmp_path / "cache", mine)
+    assert (repos[1] / "pytorch_model.bin").is_file()
 
 
 def test_a_snapshot_model_of_several_files_is_got_the_same_way(hub, catalog, tmp_path):

@@ -341,7 +341,10 @@ def source_cleanup(model_id: str, cache: Optional[PathLike] = None,
     if not entry.convert:
         return SourceCleanup((), 0)
     names = [entry.name, *(entry.convert.get("requires") or [])]
-    folders = tuple(f for f in (catalog.get(n).local_dir(cache) for n in names) if f.is_dir())
+    own = [catalog.get(n) for n in names]
+    # the user's own folders (a local catalog entry) are never offered for deletion
+    folders = tuple(e.local_dir(cache) for e in own
+                    if not e.is_local and e.local_dir(cache).is_dir())
     return SourceCleanup(folders, sum(_own_bytes(f) for f in folders))
 
 

@@ -398,3 +398,24 @@ def test_model_list_says_what_getting_takes_and_what_runs_each_model_here(hub, c
     assert rows["geochat-7b"]["status"] == "ready"
     f16 = next(c for c in rows["geochat-7b"]["choices"] if c["quant"] == "f16")
     assert f16["installed"] == str(tmp_path / "converted" / "geochat-7b" / "gguf-f16")
+
+
+def test_a_second_get_while_one_runs_is_refused_clearly(hub, catalog, tmp_path):
+    """Two QGIS windows (or QGIS and the command line) never write the same files at once."""
+    import threading
+
+    from geochat_qgis.core.errors import ModelError
+
+    hub.delay[GEOCHAT_REPO, SHARD_2] = 1.5  # keeps the first get busy downloading
+    first = threading.Thread(target=get_model, args=("geochat-7b", "hf"),
+                             kwargs={"cache": tmp_path, "catalog": catalog})
+    first.start()
+    lock = tmp_path / "models" / ".geochat-7b.lock"
+    for _ in range(200):
+        if lock.exists():
+            break
+        threading.Event().wait(0.02)
+    with pytest.raises(ModelError, match="another process"):
+        get_model("geochat-7b", "gguf", "f16", tmp_path, catalog=catalog)
+    first.join()
+    assert get_model("geochat-7b", "gguf", "f16", tmp_path, catalog=catalog).model_path.is_file()

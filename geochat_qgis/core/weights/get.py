@@ -18,7 +18,7 @@ import errno
 import os
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
@@ -139,8 +139,8 @@ def _exclusive(folder: Path) -> Iterator[None]:
         except ImportError:
             pass  # no advisory locks here (Windows): one QGIS at a time
         except OSError:
-            raise ModelError(f"{folder.name} is being got by another process (QGIS or the "
-                             "command line); wait for it to finish.") from None
+            raise ModelError(f"{folder.name} is being got (or downloaded) by another process "
+                             "(QGIS or the command line); wait for it to finish.") from None
         yield
     finally:
         lock_path.unlink(missing_ok=True)
@@ -275,7 +275,8 @@ def get_model(model_id: str, target: Optional[str] = None, quant: Optional[str] 
         raise GetRefused(plan)
     entry = catalog.get(model_id)
     out = converted_dir(entry, plan.target, plan.quant, cache)
-    with _exclusive(out if entry.convert else entry.local_dir(cache)), _disk_errors(out.parent):
+    variant_lock = _exclusive(out) if entry.convert else nullcontext()
+    with variant_lock, _disk_errors(out.parent):
         total = sum(s.total_bytes for s in plan.sources)
         offset = 0
         meter = _Meter(on_progress, "download", cancel)
@@ -287,8 +288,9 @@ def get_model(model_id: str, target: Optional[str] = None, quant: Optional[str] 
             def progress(done: int, _total: Optional[int], base: int = offset) -> None:
                 meter(base + done, total)
 
-            fetch_files(source, remote.files, remote.commit, cache, endpoint, progress, cancel,
-                        retries, hf_cache)
+            with _exclusive(source.local_dir(cache)):  # shared by every variant's get
+                fetch_files(source, remote.files, remote.commit, cache, endpoint, progress,
+                            cancel, retries, hf_cache)
             offset += summary.total_bytes
         if plan.target == "download":
             found = installed_model(model_id, plan.target, None, cache, catalog, chosen.backends)

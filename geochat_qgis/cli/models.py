@@ -47,8 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "https://huggingface.co)")
     verify = sub.add_parser("verify", help="check a downloaded model's sizes and sha256")
     verify.add_argument("name")
-    remove = sub.add_parser("remove", help="delete a downloaded model")
+    remove = sub.add_parser("remove", help="delete a downloaded model, or with --to one "
+                            "converted copy of it")
     remove.add_argument("name")
+    remove.add_argument("--to", choices=["gguf", "hf"], help="the converted copy to delete")
+    remove.add_argument("--quant", choices=["q4_k_m", "q8_0", "f16"])
     add = sub.add_parser("add", help="add your own model to the user catalog")
     add.add_argument("name")
     add.add_argument("--family", required=True, help="geochat, qwen2.5-vl, geopixel, ...")
@@ -200,6 +203,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"{entry.name}: {len(bad)} file(s) missing; run "
                   f"`models download {entry.name}`", file=sys.stderr)
         return 1 if bad else 0
+    if args.to:
+        from ..core.weights.get import remove_converted
+
+        freed = remove_converted(entry.name, args.to, args.quant, args.cache, catalog)
+        print(f"{entry.name} ({args.to} {args.quant or ''}): removed, {freed / 1e9:.2f} GB freed")
+        return 0
     freed = remove_model(entry, args.cache)
     print(f"{entry.name}: removed, {freed / 1e9:.2f} GB freed")
     return 0

@@ -83,6 +83,9 @@ def test_cli_plan_json_and_delete_source(hub, tmp_path):
     assert rows["geochat-7b"]["ready"]
     hf = next(c for c in rows["geochat-7b"]["choices"] if c["target"] == "hf")
     assert hf["installed"] == result["folder"]
+    run = _cli(hub, tmp_path, "--cache", cache, "remove", "geochat-7b", "--to", "hf")
+    assert run.returncode == 0 and "removed" in run.stdout, run.stderr
+    assert not Path(result["folder"]).exists()
 
 
 def test_cli_missing_shard_and_offline_give_clear_messages(hub, tmp_path):

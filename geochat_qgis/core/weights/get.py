@@ -367,3 +367,21 @@ def delete_sources(model_id: str, cache: Optional[PathLike] = None,
     for folder in offer.folders:
         shutil.rmtree(folder)
     return offer.bytes
+
+
+def remove_converted(model_id: str, target: Optional[str] = None, quant: Optional[str] = None,
+                     cache: Optional[PathLike] = None, catalog: Optional[Catalog] = None) -> int:
+    """Delete one converted copy of ``model_id`` (its downloads stay); returns bytes freed."""
+    catalog = catalog or load_catalog()
+    entry = catalog.get(model_id)
+    if not entry.convert:
+        raise ModelError(f"Model '{model_id}' is used as downloaded; remove it with "
+                         f"`models remove {model_id}`.")
+    target, quant = check_choice(entry, target, quant)
+    folder = converted_dir(entry, target, quant, cache)
+    if not folder.exists():
+        return 0
+    with _exclusive(folder):
+        freed = _own_bytes(folder)
+        shutil.rmtree(folder)
+    return freed

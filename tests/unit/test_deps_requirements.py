@@ -50,3 +50,15 @@ def test_qgiss_paths_never_reach_the_runtime(monkeypatch):
     env = clean_env(pythonpath=[PLUGIN_PARENT])
     assert "PYTHONHOME" not in env and "PROJ_LIB" not in env
     assert env["PYTHONPATH"] == str(PLUGIN_PARENT) and env["PYTHONNOUSERSITE"] == "1"
+
+
+def test_the_verification_ignores_the_callers_folder(tmp_path, monkeypatch):
+    """QGIS's working folder may hold another geochat_qgis (a checkout): the check imports the
+    plugin's own, from the path it is given."""
+    decoy = tmp_path / "geochat_qgis"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise ImportError('the decoy in the working folder')\n")
+    monkeypatch.chdir(tmp_path)
+    (check,) = probe_imports(sys.executable, ["geochat_qgis"], pythonpath=[PLUGIN_PARENT])
+    assert check.ok, check.error
+    assert Path(check.file).parent == PLUGIN_PARENT / "geochat_qgis"

@@ -135,9 +135,10 @@ def probe_imports(python: str | Path, modules: Sequence[str], timeout: float = 3
     if not modules:
         return []
     try:
+        # cwd: `python -c` puts it first on sys.path (QGIS's own folder may hold anything)
         result = subprocess.run([str(python), "-c", _PROBE, *modules], capture_output=True,
                                 text=True, timeout=timeout, env=clean_env(pythonpath=pythonpath),
-                                **_no_window())
+                                cwd=str(Path(python).parent), **_no_window())
     except (OSError, subprocess.SubprocessError) as exc:
         return [ImportCheck(m, False, error=f"could not run {python}: {exc}") for m in modules]
     for line in result.stdout.splitlines():

@@ -19,7 +19,6 @@ import os
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
@@ -27,8 +26,13 @@ from ...__about__ import version
 from ..errors import Cancelled, GeoChatError, ModelError
 from .catalog import Catalog, ModelEntry, PathLike, load_catalog
 from .download import sha256_of
-from .get_plan import GetPlan, check_choice, converted_dir, is_installed, resolve_get
-from .provenance import PROVENANCE_FILE, combined_hash, read_provenance, write_provenance
+from .get_plan import GetPlan, converted_dir, is_installed, resolve_get
+from .installed import (  # noqa: F401  (the public API of getting models, in one place)
+    InstalledModel, SourceCleanup, delete_sources, installed_model, remove_converted,
+    source_cleanup,
+)
+from .locks import exclusive
+from .provenance import PROVENANCE_FILE, combined_hash, write_provenance
 from .store import _read_manifest, fetch_files, manifest_commit
 
 if TYPE_CHECKING:
@@ -44,34 +48,6 @@ class GetRefused(ModelError):
     def __init__(self, plan: GetPlan) -> None:
         super().__init__(" ".join(plan.problems))
         self.plan = plan
-
-
-@dataclass(frozen=True)
-class InstalledModel:
-    """A model ready to run: where it is, what runs it, where it came from."""
-
-    model_id: str
-    target: str  # gguf | hf | download
-    quant: Optional[str]
-    folder: Path
-    model_path: Path  # what a job's model_path takes: the GGUF file, or the folder
-    mmproj_path: Optional[Path]
-    backends: tuple[str, ...]
-    provenance: dict = field(default_factory=dict)
-    source_folders: tuple[Path, ...] = ()  # the downloads it was made from (deletable)
-
-    def request_model(self, backend: Optional[str] = None) -> dict[str, Any]:
-        """The ``model`` part of a job request that runs this model."""
-        return {"name": self.model_id, "backend": backend or (self.backends or ("",))[0] or None,
-                "model_path": str(self.model_path),
-                "mmproj_path": str(self.mmproj_path) if self.mmproj_path else None}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model_id": self.model_id, "target": self.target, "quant": self.quant,
-                "folder": str(self.folder), "model_path": str(self.model_path),
-                "mmproj_path": str(self.mmproj_path) if self.mmproj_path else None,
-                "backends": list(self.backends), "provenance": self.provenance,
-                "source_folders": [str(p) for p in self.source_folders]}
 
 
 class _Meter:
@@ -123,28 +99,6 @@ def _source_record(entry: ModelEntry, folder: Path) -> dict[str, Any]:
     return {"name": entry.name, "repo": entry.repo, "revision": entry.revision,
             "commit": manifest_commit(folder),
             "files": {name: info.get("sha256") for name, info in sorted(files.items())}}
-
-
-@contextmanager
-def _exclusive(folder: Path) -> Iterator[None]:
-    """One get of a model variant at a time (another QGIS, the CLI): a lock file beside it."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = folder.parent / f".{folder.name}.lock"
-    handle = open(lock_path, "a+")
-    try:
-        try:
-            import fcntl
-
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:
-            pass  # no advisory locks here (Windows): one QGIS at a time
-        except OSError:
-            raise ModelError(f"{folder.name} is being got (or downloaded) by another process "
-                             "(QGIS or the command line); wait for it to finish.") from None
-        yield
-    finally:
-        lock_path.unlink(missing_ok=True)
-        handle.close()
 
 
 @contextmanager
@@ -214,44 +168,6 @@ def _dist_version(name: str) -> Optional[str]:
         return None
 
 
-def installed_model(model_id: str, target: Optional[str] = None, quant: Optional[str] = None,
-                    cache: Optional[PathLike] = None, catalog: Optional[Catalog] = None,
-                    backends: Optional[tuple[str, ...]] = None) -> Optional[InstalledModel]:
-    """The model already got with that choice, or None (``backends``: those that run it here,
-    found when not given)."""
-    catalog = catalog or load_catalog()
-    entry = catalog.get(model_id)
-    target, quant = check_choice(entry, target, quant)
-    if backends is None:
-        from .machine import runnable_backends
-
-        fmt = target if target != "download" else ("gguf" if entry.format == "gguf" else entry.format)
-        backends = tuple(runnable_backends(fmt)[0])
-    needs = [catalog.get(n) for n in (entry.convert or {}).get("requires", [])]
-    sources = tuple(e.local_dir(cache) for e in [entry, *needs])
-    if target == "download":
-        from .store import model_status
-
-        if model_status(entry, cache) != "installed":
-            return None
-        folder = entry.local_dir(cache)
-        model = folder / entry.file("model").path if any(f.role == "model" for f in entry.files) else folder
-        mmproj = folder / entry.file("mmproj").path if any(f.role == "mmproj" for f in entry.files) else None
-        from .provenance import provenance_attributes
-
-        return InstalledModel(entry.name, target, None, folder, model, mmproj, backends,
-                              provenance_attributes(model), ())
-    folder = converted_dir(entry, target, quant, cache)
-    if not is_installed(folder):
-        return None
-    from .gguf_writer import MMPROJ_GGUF, TEXT_GGUF
-
-    gguf = target == "gguf"
-    return InstalledModel(entry.name, target, quant, folder, folder / TEXT_GGUF if gguf else folder,
-                          folder / MMPROJ_GGUF if gguf else None, backends,
-                          read_provenance(folder) or {}, tuple(p for p in sources if p.exists()))
-
-
 def get_model(model_id: str, target: Optional[str] = None, quant: Optional[str] = None,
               cache: Optional[PathLike] = None, on_progress: Optional[OnProgress] = None,
               cancel: Optional["CancelToken"] = None, *, catalog: Optional[Catalog] = None,
@@ -275,7 +191,7 @@ def get_model(model_id: str, target: Optional[str] = None, quant: Optional[str] 
         raise GetRefused(plan)
     entry = catalog.get(model_id)
     out = converted_dir(entry, plan.target, plan.quant, cache)
-    variant_lock = _exclusive(out) if entry.convert else nullcontext()
+    variant_lock = exclusive(out) if entry.convert else nullcontext()
     with variant_lock, _disk_errors(out.parent):
         total = sum(s.total_bytes for s in plan.sources)
         offset = 0
@@ -288,7 +204,7 @@ def get_model(model_id: str, target: Optional[str] = None, quant: Optional[str] 
             def progress(done: int, _total: Optional[int], base: int = offset) -> None:
                 meter(base + done, total)
 
-            with _exclusive(source.local_dir(cache)):  # shared by every variant's get
+            with exclusive(source.local_dir(cache)):  # shared by every variant's get
                 fetch_files(source, remote.files, remote.commit, cache, endpoint, progress,
                             cancel, retries, hf_cache)
             offset += summary.total_bytes
@@ -320,68 +236,3 @@ def get_model(model_id: str, target: Optional[str] = None, quant: Optional[str] 
     found = installed_model(model_id, plan.target, plan.quant, cache, catalog, chosen.backends)
     assert found is not None
     return found
-
-
-@dataclass(frozen=True)
-class SourceCleanup:
-    """What deleting a converted model's original downloads would free."""
-
-    folders: tuple[Path, ...]
-    bytes: int  # linked files (Hugging Face cache) free nothing and are not counted
-
-
-def _own_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*")
-               if p.is_file() and not p.is_symlink() and p.stat().st_nlink == 1)
-
-
-def source_cleanup(model_id: str, cache: Optional[PathLike] = None,
-                   catalog: Optional[Catalog] = None) -> SourceCleanup:
-    """The offer to make once a model is converted: its downloads and what deleting them frees."""
-    catalog = catalog or load_catalog()
-    entry = catalog.get(model_id)
-    if not entry.convert:
-        return SourceCleanup((), 0)
-    names = [entry.name, *(entry.convert.get("requires") or [])]
-    own = [catalog.get(n) for n in names]
-    # the user's own folders (a local catalog entry) are never offered for deletion
-    folders = tuple(e.local_dir(cache) for e in own
-                    if not e.is_local and e.local_dir(cache).is_dir())
-    return SourceCleanup(folders, sum(_own_bytes(f) for f in folders))
-
-
-def delete_sources(model_id: str, cache: Optional[PathLike] = None,
-                   catalog: Optional[Catalog] = None) -> int:
-    """Delete the original downloads of a converted model (the converted one keeps working);
-    returns the bytes freed. Refused while no converted copy of it is installed."""
-    catalog = catalog or load_catalog()
-    entry = catalog.get(model_id)
-    if not entry.convert:
-        raise ModelError(f"Model '{model_id}' is used as downloaded; remove it with "
-                         f"`models remove {model_id}`.")
-    root = converted_dir(entry, "hf", None, cache).parent
-    if not (root.is_dir() and any(is_installed(p) for p in root.iterdir())):
-        raise ModelError(f"No converted copy of '{model_id}' is installed yet; deleting its "
-                         "downloads would leave nothing to run. Get it first.")
-    offer = source_cleanup(model_id, cache, catalog)
-    for folder in offer.folders:
-        shutil.rmtree(folder)
-    return offer.bytes
-
-
-def remove_converted(model_id: str, target: Optional[str] = None, quant: Optional[str] = None,
-                     cache: Optional[PathLike] = None, catalog: Optional[Catalog] = None) -> int:
-    """Delete one converted copy of ``model_id`` (its downloads stay); returns bytes freed."""
-    catalog = catalog or load_catalog()
-    entry = catalog.get(model_id)
-    if not entry.convert:
-        raise ModelError(f"Model '{model_id}' is used as downloaded; remove it with "
-                         f"`models remove {model_id}`.")
-    target, quant = check_choice(entry, target, quant)
-    folder = converted_dir(entry, target, quant, cache)
-    if not folder.exists():
-        return 0
-    with _exclusive(folder):
-        freed = _own_bytes(folder)
-        shutil.rmtree(folder)
-    return freed

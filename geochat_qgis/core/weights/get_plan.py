@@ -22,15 +22,13 @@ from .download import (PART_SUFFIX, SPACE_MARGIN_BYTES, DownloadError, fetch_jso
 from .hub import RemoteFiles, hf_cache_file, remote_files
 from .machine import disk_free, memory_available, runnable_backends
 from .provenance import PROVENANCE_FILE
+from .sizes import dtype_bytes, output_sizes, rough_weight_counts, weight_counts
 from .store import _read_manifest, is_complete, manifest_commit
 
 TARGETS = ("gguf", "hf")
 QUANTS = ("q4_k_m", "q8_0", "f16")
-# bytes per text-model weight in llama.cpp's files (q4_k_m: measured 4.08 GB for 6.74 B weights)
-GGUF_BYTES_PER_WEIGHT = {"q4_k_m": 0.605, "q8_0": 34 / 32, "f16": 2.0, "f32": 4.0}
 CONVERSION_MEMORY_EXTRA = 2 << 30  # beyond the largest shard held in memory
 RUNTIME_MEMORY_EXTRA = 1 << 30  # beyond the weights, to run a model (context, image features)
-GEOCHAT_GRID = 36  # 504 px / 14 px patches
 
 
 @dataclass(frozen=True)
@@ -213,48 +211,6 @@ def _config(entry: ModelEntry, commit: Optional[str], cache: Optional[PathLike],
         return None
 
 
-def _weights(geochat: dict, clip: dict) -> dict[str, int]:
-    """Parameter counts of the converted parts, from the two configs."""
-    h, ff = int(geochat["hidden_size"]), int(geochat["intermediate_size"])
-    layers, heads = int(geochat["num_hidden_layers"]), int(geochat["num_attention_heads"])
-    kv = int(geochat.get("num_key_value_heads") or heads)
-    vocab = int(geochat["vocab_size"]) + int(geochat.get("mm_use_im_patch_token", True)) \
-        + 2 * int(bool(geochat.get("mm_use_im_start_end")))
-    text = 2 * vocab * h + layers * (2 * h * h + 2 * h * (h * kv // heads) + 3 * h * ff + 2 * h) + h
-    v = clip.get("vision_config", clip)
-    d, vff, vlayers, patch = (int(v["hidden_size"]), int(v["intermediate_size"]),
-                              int(v["num_hidden_layers"]), int(v["patch_size"]))
-    layer = 4 * (d * d + d) + 2 * d * vff + vff + d + 4 * d
-    embeddings = 3 * patch * patch * d + d + (GEOCHAT_GRID ** 2 + 1) * d + 2 * d
-    mm = int(geochat.get("mm_hidden_size", d))
-    projector = mm * h + h + h * h + h
-    return {"text": text, "projector": projector, "vision_gguf": embeddings + (vlayers - 1) * layer,
-            "vision_hf": embeddings + vlayers * layer + 2 * d}
-
-
-def _dtype_bytes(config: Optional[dict]) -> int:
-    return 4 if config and str(config.get("torch_dtype")) == "float32" else 2
-
-
-def output_sizes(target: str, quant: Optional[str], weights: dict[str, int], src_bytes: int) -> tuple[int, int]:
-    """(output bytes, temporary bytes) of one choice."""
-    if target == "hf":
-        return (weights["text"] + weights["projector"] + weights["vision_hf"]) * src_bytes, 0
-    half = 2 if quant == "f16" else src_bytes
-    mmproj = (weights["projector"] + weights["vision_gguf"]) * half
-    if quant == "f16":
-        return int(weights["text"] * 2) + mmproj, 0
-    text = int(weights["text"] * GGUF_BYTES_PER_WEIGHT[quant])
-    return text + mmproj, weights["text"] * src_bytes  # the float text GGUF it is quantised from
-
-
-def _rough_weights(source_bytes: int, src_bytes: int) -> dict[str, int]:
-    """Without configs: split the checkpoint's weights as GeoChat-7B's are split."""
-    params = source_bytes // src_bytes
-    return {"text": int(params * 0.955), "projector": int(params * 0.003),
-            "vision_gguf": int(params * 0.041), "vision_hf": int(params * 0.043)}
-
-
 def plan_get(model_id: str, target: Optional[str] = None, quant: Optional[str] = None,
              cache: Optional[PathLike] = None, *, catalog: Optional[Catalog] = None,
              endpoint: Optional[str] = None, hf_cache: Optional[PathLike] = None,
@@ -345,14 +301,14 @@ def _choices(entry: ModelEntry, needs: list[ModelEntry], sources: list, cache: O
     clip_entry = needs[0] if needs else None
     clip = (_config(clip_entry, sources[1][0].commit, cache, endpoint, hf_cache)
             if clip_entry else None)
-    src_bytes = _dtype_bytes(config)
+    src_bytes = dtype_bytes(config)
     try:
-        weights = _weights(config, clip) if config and clip else None
+        weights = weight_counts(config, clip) if config and clip else None
     except (KeyError, TypeError, ValueError):
         weights = None
     if weights is None:
         notes.append("Output sizes are rough: the checkpoint's config.json could not be read.")
-        weights = _rough_weights(plan.total_bytes, src_bytes)
+        weights = rough_weight_counts(plan.total_bytes, src_bytes)
     choices = []
     for target in sorted(entry.convert.get("to") or TARGETS, key=TARGETS.index):
         for quant in (QUANTS if target == "gguf" else (None,)):

@@ -63,6 +63,8 @@ class RunResult:
     run_id: str = ""
     generated_tokens: int = 0
     crashed: bool = False  # the runtime process died mid-run (the output was recovered)
+    note: str = ""  # where the finished tiles went when not to ``output.path`` (an existing
+    # file is replaced only by a complete run: a partial one goes beside it), or why none
 
     @property
     def complete(self) -> bool:

@@ -130,6 +130,20 @@ def test_cancel_mid_run_writes_the_finished_tiles(client, chat, demo_raster, tmp
     assert len(features(tmp_path / "part.gpkg")) == result.tiles_done
 
 
+def test_a_cancelled_run_never_replaces_an_existing_output(client, chat, demo_raster,
+                                                           tmp_path):
+    chat.tokens = [BOX]
+    target = tmp_path / "cars.gpkg"
+    assert client.run(http_request(chat, demo_raster, target)).features == 16
+    chat.delay = 0.2
+    cancel = threading.Event()
+    result = client.run(http_request(chat, demo_raster, target),
+                        lambda e: cancel.set() if e["type"] == "progress" else None, cancel)
+    assert result.cancelled and result.output != str(target)
+    assert "-partial-" in result.output and "was kept" in result.note
+    assert len(features(target)) == 16 and len(features(result.output)) == result.tiles_done
+
+
 def test_sigkill_mid_run_keeps_finished_tiles_and_the_next_request_works(client, chat,
                                                                         demo_raster, tmp_path):
     chat.tokens = [BOX]

@@ -9,6 +9,7 @@ client's, standard library only.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ...client.errors import RuntimeClientError
+from ...client.locate import PACKAGE_PARENT
 from ...client.process import ChildProcess
 from ..backends.base import Backend, Conversation, GenerateOptions, Generation
 from ..backends.factory import BackendSpec, create_backend
@@ -64,7 +66,10 @@ class SubprocessBackend(Backend):
             from ..deps.environment import runtime_python
 
             settings = self.settings
-            process = ChildProcess([settings.python or runtime_python()], None,
+            # the CLI runs in the core's own environment: its PYTHONPATH is the core's too
+            paths = (str(PACKAGE_PARENT), os.environ.get("PYTHONPATH", ""))
+            env = {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+            process = ChildProcess([settings.python or runtime_python()], env,
                                    settings.heartbeat_interval, settings.heartbeat_timeout,
                                    settings.startup_timeout)
             self._loaded = False

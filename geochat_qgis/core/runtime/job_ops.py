@@ -15,7 +15,8 @@ from ..errors import GeoChatError
 from ..export import export_detections
 from ..jobs import area, backend_spec, build_chat, build_job, runs_per_tile, tile_spec
 from ..merge import merge_detections
-from ..pipeline import Progress, run_job
+from ..outputs import write_result
+from ..pipeline import JobResult, Progress, run_job
 from ..results import Detection
 from .checkpoint import Checkpoint, checkpoint_path, read_checkpoint
 
@@ -142,13 +143,13 @@ def run(request: dict[str, Any], ctx: Context) -> dict[str, Any]:
     try:
         result = run_job(job, backend, on_progress=on_progress, cancel=ctx.cancel,
                          on_token=on_token if stream else None)
-        written = None
-        if result.tiles_done or result.complete:
-            written = _write(result.detections, path, layer, result.crs, _provenance(job))
+        # the core's one rule: an existing output is replaced only by a complete run
+        written = write_result(result, path, layer, _provenance(job))
     finally:
         checkpoint.close(remove=True)
     return {
-        "output": written, "layer": layer, "features": len(result.detections),
+        "output": str(written.path) if written.path else None, "note": written.note,
+        "layer": layer, "features": len(result.detections),
         "tiles_done": result.tiles_done, "tiles_failed": len({f.tile_id for f in result.failures}),
         "tiles_planned": result.tiles_planned, "tiles_skipped": result.tiles_skipped,
         "cancelled": result.cancelled, "error": result.error,
@@ -171,17 +172,17 @@ def recover(request: dict[str, Any], ctx: Context) -> dict[str, Any]:
     found = read_checkpoint(checkpoint_path(path))
     failed = {f["tile"] for f in found.failures}
     done = len(set(found.tiles) - failed)
-    written = None
-    detections: list[Detection] = []
-    if done:
-        iou = float((request.get("options") or {}).get("iou_threshold", 0.5))
-        detections = merge_detections(found.detections, iou) if found.detections else []
-        crs = (request.get("output") or {}).get("crs") or found.crs
-        written = _write(detections, path, layer, crs,
-                         {"task": request.get("task"), "raster": request.get("raster"),
-                          "run_id": found.header.get("run_id")})
+    iou = float((request.get("options") or {}).get("iou_threshold", 0.5))
+    detections = merge_detections(found.detections, iou) if found.detections else []
+    crs = (request.get("output") or {}).get("crs") or found.crs
+    stopped = JobResult(str(found.header.get("run_id", "")), "", crs, detections,
+                        tiles_planned=found.total, tiles_done=done,
+                        error="the runtime process died")
+    written = write_result(stopped, path, layer, {"task": request.get("task"),
+                                                  "raster": request.get("raster")})
     checkpoint_path(path).unlink(missing_ok=True)
-    return {"output": written, "layer": layer, "features": len(detections), "tiles_done": done,
+    return {"output": str(written.path) if written.path else None, "note": written.note,
+            "layer": layer, "features": len(detections), "tiles_done": done,
             "tiles_failed": len(failed), "tiles_planned": found.total,
             "failures": found.failures, "counts": _counts(detections),
             "crs_wkt": _wkt(found.crs), "run_id": found.header.get("run_id", "")}

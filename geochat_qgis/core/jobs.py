@@ -85,7 +85,7 @@ def _converted(name: str, model: Mapping[str, Any]) -> Optional[tuple[str, Optio
     """(model path, mmproj path) of a catalog model converted by ``models get`` (the request's
     ``model.target``/``model.quant``, else the default choice), or None."""
     try:
-        from .weights.get import installed_model
+        from .weights.installed import installed_model
     except ImportError:  # core/weights without get_model
         return None
     try:

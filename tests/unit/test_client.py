@@ -369,6 +369,9 @@ def test_status_says_what_the_runtime_has(client):
     has_llama = importlib.util.find_spec("llama_cpp") is not None
     assert status["backends"]["llama.cpp"] is has_llama
     assert isinstance(status["gpus"], list) and status["import_errors"] == {}
+    with_llama = runtime_state(sys.executable, backend="llama.cpp", refresh=True)
+    assert with_llama.ready is has_llama
+    assert with_llama.ready or with_llama.missing == ["llama_cpp"]
 
 
 def test_close_stops_the_child_and_the_next_request_starts_one(client):

@@ -156,11 +156,14 @@ def make_venv(venv: Path, base: str, system_site: bool) -> Path:
     say(f"creating {venv.name} over {base}" + (" (sees QGIS's Python)" if system_site else ""))
     subprocess.run([base, "-m", "venv", "--clear", *(["--system-site-packages"] if system_site
                                                      else []), str(venv)], check=True)
-    # pip >= 23.1 keeps the wheels it builds from sdists (llama-cpp-python) in its cache even
-    # with --no-binary; Debian 12's venv brings 23.0
+    return python
+
+
+def ensure_pip(python: Path) -> None:
+    """pip >= 23.1: it reuses the wheels it built from sdists (llama-cpp-python) from its cache
+    even with --no-binary; Debian 12's venv brings 23.0."""
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
                     "--upgrade", "pip>=23.1"], check=True)
-    return python
 
 
 def requirement_lines(path: Path) -> list[str]:
@@ -215,6 +218,7 @@ def ensure_runtime_venv() -> None:
     stamp = VENV / ".geochat-requirements.sha256"
     if stamped(stamp, key):
         return
+    ensure_pip(python)
     reason = torch_decision(python, torch[0]) if torch else None
     wanted = [line for line in runtime if line not in torch] if reason else runtime
     with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="geochat-req-", delete=False) as handle:
@@ -306,11 +310,12 @@ def ensure_qt6check_venv() -> None:
 def setup() -> None:
     """Idempotent: a second run with nothing changed returns in seconds."""
     started = time.monotonic()
-    install_debian_packages()
-    ensure_runtime_venv()
-    ensure_qgis_venv()
-    ensure_qt6check_venv()
-    say(f"set-up ready ({time.monotonic() - started:.1f} s)")
+    steps = []
+    for step in (install_debian_packages, ensure_runtime_venv, ensure_qgis_venv, ensure_qt6check_venv):
+        began = time.monotonic()
+        step()
+        steps.append(f"{step.__name__} {time.monotonic() - began:.0f} s")
+    say(f"set-up ready ({time.monotonic() - started:.1f} s: {', '.join(steps)})")
 
 
 # ---------------------------------------------------------------- package

@@ -45,10 +45,9 @@ def runtime_command(python: Optional[str] = None) -> Optional[list[str]]:
 
 def managed_python() -> Optional[str]:
     """The managed environment's interpreter when that environment exists (core/deps)."""
-    from ..core.deps.environment import ManagedEnv  # stdlib only, like this package
+    from ..core.deps.environment import ManagedEnv, managed_python  # stdlib only, like us
 
-    env = ManagedEnv.default()
-    return str(env.python) if env.exists else None
+    return managed_python(ManagedEnv.default())
 
 
 def child_env(extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:

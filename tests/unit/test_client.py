@@ -257,6 +257,21 @@ def test_runtime_missing_says_what_to_install(tmp_path, monkeypatch):
         RuntimeClient().status()
 
 
+def test_without_the_variable_the_managed_environment_runs_the_child(tmp_path, monkeypatch):
+    from geochat_qgis.client import runtime_command
+    from geochat_qgis.core.deps.environment import ManagedEnv
+
+    monkeypatch.delenv("GEOCHAT_RUNTIME_PYTHON", raising=False)
+    monkeypatch.setenv("GEOCHAT_DEPS_DIR", str(tmp_path / "deps"))
+    assert runtime_command() is None
+    with pytest.raises(RuntimeMissing, match="runtime is not installed.*Install model depend"):
+        RuntimeClient().plan({"raster": "x.tif"})
+    managed = ManagedEnv.default()
+    managed.python.parent.mkdir(parents=True)
+    managed.python.symlink_to(sys.executable)
+    assert runtime_command() == [str(managed.python)]
+
+
 def test_the_client_imports_only_the_standard_library(tmp_path):
     """In a bare ``python -I -S`` (the standard library only: no site packages): import the
     client, check the runtime, plan through a real child, and list what got imported."""

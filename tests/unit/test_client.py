@@ -116,6 +116,15 @@ def test_run_over_http_streams_events_and_writes_the_geopackage(client, chat, de
     assert len(loading) == 1
 
 
+def test_a_bad_output_is_refused_before_any_tile(client, chat, demo_raster, tmp_path):
+    for bad, reason in ((tmp_path / "no" / "cars.gpkg", "does not exist"),
+                        (tmp_path / "cars.txt", "use a .shp, .gpkg or .geojson")):
+        with pytest.raises(RuntimeClientError, match=reason) as error:
+            client.run(http_request(chat, demo_raster, bad))
+        assert error.value.kind == "ExportError"
+    assert chat.bodies == []  # no tile was sent to the model
+
+
 def test_cancel_mid_run_writes_the_finished_tiles(client, chat, demo_raster, tmp_path):
     chat.tokens, chat.delay = [BOX], 0.3
     cancel = threading.Event()

@@ -12,7 +12,7 @@ from typing import Any, Optional, Protocol
 from ..backends.base import Backend, CancelToken
 from ..backends.factory import BackendSpec
 from ..errors import GeoChatError
-from ..export import export_detections
+from ..export import check_output, export_detections
 from ..jobs import area, backend_spec, build_chat, build_job, runs_per_tile, tile_spec
 from ..merge import merge_detections
 from ..outputs import write_result
@@ -120,8 +120,7 @@ def run(request: dict[str, Any], ctx: Context) -> dict[str, Any]:
     cancelled or stopped by errors: the finished tiles)."""
     job = build_job(request)
     path, layer = _output(request, job.run_id)
-    if not path.parent.is_dir():
-        raise GeoChatError(f"the folder {path.parent} does not exist: choose an existing folder")
+    check_output(path)  # a bad output never costs a whole run
     assert job.backend is not None
     backend = ctx.backend(job.backend)
     stream = (request.get("options") or {}).get("stream_tokens", True)

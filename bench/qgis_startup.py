@@ -66,7 +66,7 @@ def main() -> int:
         print("needs qgis and xvfb-run (python3 build.py setup)", file=sys.stderr)
         return 1
     build = load_build()
-    with tempfile.TemporaryDirectory(prefix="geochat-startup-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="geochat-startup-", ignore_cleanup_errors=True) as tmp:
         base = Path(tmp)
         build.DIST = base / "dist"
         build.install(build.package(), qgis_dir=base / "settings", profile="with")

@@ -7,15 +7,18 @@ modules import heavy libraries inside ``run`` only, so ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import traceback
 from collections.abc import Sequence
+from typing import Optional
 
 from ..__about__ import version
 from ..core.errors import GeoChatError
@@ -117,9 +120,16 @@ def _layout(database: str) -> tuple[str, ...]:
     return tuple(str(value) for _, value in rows)
 
 
-def os_error_message(exc: OSError) -> str:
-    """A failed file operation in words: which file, what happened, what to do."""
-    where = f" {exc.filename}" if exc.filename else ""
+def os_error_message(exc: OSError, folder: Optional[str | os.PathLike] = None) -> str:
+    """A failed file operation in words: which file, what happened, what to do. ``folder``:
+    where the command was writing (its free space explains errors that carry no errno, like
+    numpy's "4096 requested and 1328 written")."""
+    where = f" {exc.filename}" if exc.filename else (f" {folder}" if folder else "")
+    code = exc.errno or 0
+    if code in (0, errno.ENOSPC, errno.EIO) and folder is not None:
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(folder).free < 2**20:
+                code = errno.ENOSPC
     advice = {
         errno.ENOSPC: "the disk is full: free some space or choose another folder",
         errno.EROFS: "the file system is read-only: choose a folder you can write to",
@@ -128,7 +138,7 @@ def os_error_message(exc: OSError) -> str:
         errno.ENOENT: "not found: check the path",
         errno.ENOTDIR: "a part of the path is not a folder: check the path",
         errno.EISDIR: "it is a folder: give a file name",
-    }.get(exc.errno or 0, f"{exc.strerror or exc}: check the path and the disk")
+    }.get(code, f"{exc.strerror or exc}: check the path and the disk")
     return f"cannot use{where}: {advice}"
 
 

@@ -42,6 +42,26 @@ class _Progress:
 
 def run(args: argparse.Namespace) -> int:
     from ..core.errors import ModelError
+    from . import os_error_message
+
+    try:
+        return _convert(args)
+    except OSError as exc:  # a full disk, a read-only folder: nothing is left behind
+        raise ModelError(
+            f"The conversion to {args.out} stopped, nothing was written: "
+            f"{os_error_message(exc, _existing(args.out))}."
+        ) from None
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from ..core.errors import ModelError
 
     progress = _Progress()
     if args.to == "hf":

@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         except (Cancelled, KeyboardInterrupt):
             stopped = "cancelled"
         except OSError as exc:
-            stopped = f"error: {_os_error(exc)}"
+            stopped = f"error: {_os_error(exc, tiles_dir)}"
         with interrupts.shield():
             footprints = _finish(out / "tiles.gpkg", written, plan.crs)
     counts = plan.counts
@@ -137,10 +137,10 @@ def _check_folder(folder: Path) -> None:
         raise ExportError(f"cannot write tiles to {folder}: {_os_error(exc)}") from None
 
 
-def _os_error(exc: OSError) -> str:
+def _os_error(exc: OSError, folder: Optional[Path] = None) -> str:
     from . import os_error_message
 
-    return os_error_message(exc)
+    return os_error_message(exc, folder)
 
 
 def _write_tiles(plan, tiles_dir: Path, written: list[tuple], cancel) -> None:
@@ -163,7 +163,8 @@ def _finish(path: Path, rows: Sequence[tuple], crs: Optional[str]) -> Optional[P
     try:
         _write_footprints(path, rows, crs)
     except OSError as exc:
-        print(f"error: the footprints could not be written: {_os_error(exc)}", file=sys.stderr)
+        print(f"error: the footprints could not be written: {_os_error(exc, path.parent)}",
+              file=sys.stderr)
         return None
     return path
 

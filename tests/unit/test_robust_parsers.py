@@ -91,3 +91,50 @@ def test_the_geochat_parser_is_linear_on_open_boxes(raw):
     start = time.perf_counter()
     get_family("geochat").parse(raw, 504)
     assert time.perf_counter() - start < 5.0
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(st.sampled_from(["choices", "message", "content", "delta",
+                                                       "usage", "finish_reason", "x"]),
+                                      inner, max_size=4), max_leaves=20)
+
+
+@MANY
+@given(value=JSON)
+def test_any_json_from_a_server_is_a_completion_or_value_error(value):
+    from geochat_qgis.core.backends.openai_http import _completion
+
+    try:
+        text, usage, _ = _completion(value)
+    except ValueError:
+        return
+    assert isinstance(text, str) and isinstance(usage, dict)
+
+
+@MANY
+@given(lines=st.lists(st.binary(max_size=60), max_size=8))
+def test_any_event_stream_bytes_give_json_or_value_error(lines):
+    from geochat_qgis.core.backends.openai_http import _sse_events
+
+    try:
+        list(_sse_events([b"data: " + line + b"\n" for line in lines]))
+    except ValueError:
+        pass
+
+
+@MANY
+@given(text=st.text(max_size=40))
+def test_any_argument_text_is_a_value_or_a_usage_error(text):
+    import argparse
+
+    from geochat_qgis.cli import join_negative_values
+    from geochat_qgis.cli.argtypes import fraction, positive_float, positive_int
+    from geochat_qgis.cli.detect import _extent
+
+    assert len(join_negative_values(["--extent", text])) in (1, 2)
+    for parse in (positive_int, positive_float, fraction, _extent):
+        try:
+            parse(text)
+        except argparse.ArgumentTypeError:
+            pass

@@ -159,13 +159,13 @@ def main() -> int:
         for suffix, driver in ((".gpkg", "GPKG"), (".shp", "ESRI Shapefile")):
             ours, write_only, build_and_write = best_of(
                 args.repeat,
-                lambda k: export_detections(merged, folder / f"ours{k}{suffix}",
-                                            provenance=provenance),
-                lambda k: gdf.to_file(folder / f"gpd{k}{suffix}", driver=driver,
-                                      engine="pyogrio"),
-                lambda k: geodataframe(merged, {**provenance, "created": now_iso()},
-                                       plan.crs).to_file(folder / f"gpdb{k}{suffix}",
-                                                         driver=driver, engine="pyogrio"),
+                lambda k, suffix=suffix: export_detections(
+                    merged, folder / f"ours{k}{suffix}", provenance=provenance),
+                lambda k, suffix=suffix, driver=driver: gdf.to_file(
+                    folder / f"gpd{k}{suffix}", driver=driver, engine="pyogrio"),
+                lambda k, suffix=suffix, driver=driver: geodataframe(
+                    merged, {**provenance, "created": now_iso()}, plan.crs).to_file(
+                    folder / f"gpdb{k}{suffix}", driver=driver, engine="pyogrio"),
             )
             for what, theirs in (("to_file of a ready GeoDataFrame", write_only),
                                  ("GeoDataFrame from the detections + to_file", build_and_write)):

@@ -5,7 +5,6 @@ import hashlib
 import json
 import os
 import socket
-from pathlib import Path
 
 import pytest
 

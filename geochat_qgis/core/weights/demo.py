@@ -13,11 +13,16 @@ DEMO_NOTE = "tiny demo model with random weights: its answers are random, not re
 
 
 def demo_model_dir(cache: Optional[PathLike] = None) -> Path:
-    """The demo GGUF folder (model.gguf + mmproj.gguf), built on first use (a few seconds)."""
+    """The demo GGUF folder (model.gguf + mmproj.gguf), built on first use (a second, no torch:
+    :mod:`demo_gguf`)."""
     folder = cache_root(cache) / DEMO_NAME
     if not (folder / "model.gguf").is_file() or not (folder / "mmproj.gguf").is_file():
-        from .tiny import build_tiny_geochat
+        from .demo_gguf import write_demo_gguf
 
         folder.parent.mkdir(parents=True, exist_ok=True)
-        build_tiny_geochat(folder, "gguf", seed=0)
+        if folder.exists():  # a half-built folder of an older version: build it anew
+            import shutil
+
+            shutil.rmtree(folder)
+        write_demo_gguf(folder, seed=0)
     return folder

@@ -7,6 +7,7 @@
     python3 build.py run                   the plugin in the QGIS desktop with the demo raster
     python3 build.py test [pytest args]    every test tier (unit, qgis, installed), offscreen
     python3 build.py test-debian13         the whole suite in a fresh Debian 13 chroot (QGIS 3.40)
+    python3 build.py test-debian12         the same in a fresh Debian 12 chroot (QGIS 3.22)
 """
 from __future__ import annotations
 
@@ -639,8 +640,13 @@ def test(pytest_args: list[str]) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- Debian 13 tier
-DEBIAN13_DIR = Path(os.environ.get("GEOCHAT_DEBIAN13_DIR", "/var/tmp/geochat-debian13"))
+# ---------------------------------------------------------------- Debian 12/13 chroot tiers
+# Debian release -> suite; each chroot lives in $GEOCHAT_DEBIAN<N>_DIR (default /var/tmp/...)
+SUITES = {"12": "bookworm", "13": "trixie"}
+
+
+def chroot_dir(release: str) -> Path:
+    return Path(os.environ.get(f"GEOCHAT_DEBIAN{release}_DIR", f"/var/tmp/geochat-debian{release}"))
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 CHROOT_CA = "/etc/geochat-host-ca.crt"  # a copy apt's ca-certificates never regenerates
@@ -695,30 +701,33 @@ def chroot_run(root: Path, command: str, log, check: bool = True) -> int:
         log.write(line)
     code = process.wait()
     if check and code != 0:
-        raise BuildError(f"in the Debian 13 chroot `{command}` failed with exit {code}")
+        raise BuildError(f"in the chroot {root} `{command}` failed with exit {code}")
     return code
 
 
-def test_debian13(fresh: bool, pytest_args: list[str]) -> int:
-    """Make a trixie chroot with debootstrap (QGIS 3.40, Python 3.13), run set-up from nothing
-    and then the whole test suite in it. Needs root. Log: out/debian13.log."""
+def test_debian(release: str, fresh: bool, pytest_args: list[str]) -> int:
+    """Make a Debian ``release`` chroot with debootstrap (13: trixie, QGIS 3.40, Python 3.13;
+    12: bookworm, QGIS 3.22, Python 3.11), run set-up from nothing and then the whole test
+    suite in it. Needs root. Log: out/debian<release>.log."""
+    suite, name = SUITES[release], f"Debian {release}"
     if os.geteuid() != 0:
-        raise BuildError("the Debian 13 tier needs root (debootstrap, chroot, mount)")
-    root = DEBIAN13_DIR / "root"
+        raise BuildError(f"the {name} tier needs root (debootstrap, chroot, mount)")
+    root = chroot_dir(release) / "root"
+    log_path = OUT / f"debian{release}.log"
     if fresh and root.exists():
         for point in reversed(BINDS):
             subprocess.run(["umount", "-l", str(root / point.lstrip("/"))], capture_output=True)
         shutil.rmtree(root)
     OUT.mkdir(exist_ok=True)
     times: dict[str, float] = {}
-    with open(OUT / "debian13.log", "w", encoding="utf-8") as log:
+    with open(log_path, "w", encoding="utf-8") as log:
         started = time.monotonic()
         if not (root / "etc" / "debian_version").exists():
             if not shutil.which("debootstrap"):
                 subprocess.run(["apt-get", "install", "-y", "-q", "debootstrap"], check=True)
-            say(f"debootstrap trixie into {root} (~2 min)")
+            say(f"debootstrap {suite} into {root} (~2 min)")
             root.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["debootstrap", "--variant=minbase", "trixie", str(root), DEBIAN_MIRROR],
+            subprocess.run(["debootstrap", "--variant=minbase", suite, str(root), DEBIAN_MIRROR],
                            check=True, stdout=log, stderr=subprocess.STDOUT)
         times["debootstrap"] = time.monotonic() - started
         chroot_copy_config(root)
@@ -746,8 +755,8 @@ def test_debian13(fresh: bool, pytest_args: list[str]) -> int:
             for target in reversed(done):
                 subprocess.run(["umount", "-l", str(target)], capture_output=True)
         summary = ", ".join(f"{step} {seconds / 60:.1f} min" for step, seconds in times.items())
-        say(f"Debian 13 tier: exit {code}; {summary} (log: {shown(OUT / 'debian13.log')})")
-        log.write(f"[build] Debian 13 tier: exit {code}; {summary}\n")
+        say(f"{name} tier: exit {code}; {summary} (log: {shown(log_path)})")
+        log.write(f"[build] {name} tier: exit {code}; {summary}\n")
     return code
 
 
@@ -764,11 +773,12 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("--qgis-dir", type=Path, default=DEFAULT_QGIS_DIR,
                              help=f"QGIS settings folder holding profiles/ (default {DEFAULT_QGIS_DIR})")
     sub.add_parser("test", help="every test tier offscreen; extra args go to pytest")
-    debian13 = sub.add_parser("test-debian13", help="set-up and every test tier in a fresh "
-                              "Debian 13 chroot (root; extra args go to pytest)")
-    debian13.add_argument("--fresh", action="store_true", help="debootstrap anew")
+    for release in SUITES:
+        chroot = sub.add_parser(f"test-debian{release}", help="set-up and every test tier in a "
+                                f"fresh Debian {release} chroot (root; extra args go to pytest)")
+        chroot.add_argument("--fresh", action="store_true", help="debootstrap anew")
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("test", "test-debian13"):
+    if rest and args.command not in ("test", "test-debian12", "test-debian13"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "setup":
@@ -781,8 +791,8 @@ def main(argv: list[str] | None = None) -> int:
             return run(args.qgis_dir, args.profile)
         elif args.command == "test":
             return test(rest)
-        elif args.command == "test-debian13":
-            return test_debian13(args.fresh, rest)
+        elif args.command.startswith("test-debian"):
+            return test_debian(args.command[len("test-debian"):], args.fresh, rest)
     except BuildError as exc:
         print(f"[build] error: {exc}", file=sys.stderr)
         return 1

@@ -2,7 +2,8 @@
 
 Issue 15 (6): ``tiles`` kept every tile image until the end (0.75 MB a 504 px tile). Its memory
 must not grow with the number of tiles: goal, peak RSS < 400 MB for 10,000 tiles. Each run is
-a fresh process that reports its own peak RSS (ru_maxrss):
+a fresh process that reports its own peak RSS (VmHWM; ru_maxrss on Linux keeps the
+parent's peak across exec):
 
 - ``tiles``: the command itself (PNGs and the footprint GeoPackage);
 - raw: plain ``DatasetReader.read`` of the same windows, output size and resampling, each
@@ -77,8 +78,10 @@ else:
                            out_shape=(3, tile, tile), resampling=Resampling.bilinear)
             Image.fromarray(np.ascontiguousarray(data.transpose(1, 2, 0)), "RGB").save(
                 f"{out}/r{row}_c{col}.png", format="PNG")
-print(json.dumps({"seconds": time.perf_counter() - start,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM is this process image's own peak; ru_maxrss would carry the parent's peak across exec
+hwm = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+peak = int(hwm[0]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"seconds": time.perf_counter() - start, "rss_mb": peak / 1024}))
 """
 
 

@@ -19,7 +19,7 @@ QGIS_PROCESS = shutil.which("qgis_process.bin") or shutil.which("qgis_process")
 
 
 @pytest.fixture(scope="module")
-def session(installed, demo_model) -> dict:
+def session(installed) -> dict:
     """One user session in QGIS; its report, events, output and exit code."""
     events = installed.base / "events.jsonl"
     startup = installed.base / "startup.py"

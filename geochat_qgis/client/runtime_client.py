@@ -133,11 +133,14 @@ class RuntimeClient:
         return self._call("model_status", {"request": request})
 
     def export(self, source: str, layer: Optional[str], destination: str,
-               driver: Optional[str] = None) -> dict[str, Any]:
-        """Copy a result layer to a Shapefile, GeoPackage or GeoJSON (atomically):
+               driver: Optional[str] = None, destination_layer: Optional[str] = None
+               ) -> dict[str, Any]:
+        """Copy a result layer to a Shapefile, GeoPackage or GeoJSON (atomically; into the
+        GeoPackage layer ``destination_layer``, keeping the file's other layers):
         ``{"output", "features"}``."""
         return self._call("export", {"source": source, "layer": layer,
-                                     "destination": destination, "driver": driver})
+                                     "destination": destination, "driver": driver,
+                                     "destination_layer": destination_layer})
 
     # ------------------------------------------------------------------ heavy requests
     def run(self, request: dict[str, Any], on_event: EventFn = None,

@@ -22,13 +22,16 @@ from qgis.core import (
     QgsProcessingParameterFeatureSink,
     QgsProcessingParameterFileDestination,
     QgsProcessingParameterString,
+    QgsProcessingUtils,
     QgsWkbTypes,
 )
-from ..core.threads import in_python_thread
+
+from ..client import PlanResult, RunResult
 from ..toolbelt.fields import make_fields
 from . import parameters as p
 from .base import GeoChatAlgorithm
-from .running import run_with_feedback
+from .request import read_area, read_model, read_request
+from .running import call, ready_client, run_request
 
 CLASSES = "CLASSES"
 OVERVIEW = "OVERVIEW"
@@ -73,48 +76,47 @@ class DescribeAlgorithm(GeoChatAlgorithm):
 
     def processAlgorithm(self, parameters: dict, context: QgsProcessingContext,  # noqa: N802
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
-        from ..core.chat import overview_spec
-        from ..core.errors import GeoChatError
-        from ..core.tiling import plan_tiles
-
-        area = p.read_area(self, parameters, context)
+        area = read_area(self, parameters, context)
         classes = self.parameterAsString(parameters, CLASSES, context) or ""
-        try:
-            spec = p.read_backend(self, parameters, context)
-            tiles = p.read_tile_spec(self, parameters, context, area.raster, spec.family)
-            if self.parameterAsBoolean(parameters, OVERVIEW, context):
-                tiles, how = in_python_thread(overview_spec, area.raster, tiles, area.extent,
-                                              area.extent_crs, area.aoi)
-                feedback.pushInfo(f"Looking at {how}")
-            job = p.read_job(self, parameters, context, area, spec, tiles,
-                             classes=[c.strip() for c in classes.split(",") if c.strip()])
-            plan = in_python_thread(plan_tiles, area.raster, tiles, extent=area.extent,
-                                    extent_crs=area.extent_crs, aoi=area.aoi)
-        except GeoChatError as exc:
-            raise QgsProcessingException(str(exc)) from exc
-        result = run_with_feedback(job, p.read_runtime(self, parameters, context), feedback)
-
+        request = read_request(self, parameters, context, area,
+                               read_model(self, parameters, context))
+        request["classes"] = [c.strip() for c in classes.split(",") if c.strip()]
+        if not self.parameterAsBoolean(parameters, OVERVIEW, context):
+            request["tiling"].update(per_tile=True, overlap=0.0)
         path = Path(self.parameterAsFileOutput(parameters, OUTPUT_HTML, context))
-        text = (answers_text if path.suffix.lower() in TEXT_SUFFIXES else answers_html)(
-            result, job, area.raster)
-        write_atomic(path, text)
+        if not path.parent.is_dir():
+            raise QgsProcessingException(
+                f"The folder {path.parent} does not exist: choose another for the answers.")
+        # the runtime writes a (here unused) result layer of the boxes answers may hold
+        request["output"] = {"path": QgsProcessingUtils.generateTempFilename("describe.gpkg")}
+        plan: PlanResult = call(ready_client().plan, request)
+        feedback.pushInfo(plan.message)
+        result = run_request(request, feedback)
+
+        path = answers_path(path, result)
+        if result.cancelled or result.error:
+            feedback.pushWarning(f"The answers of the finished tiles go to {path}.")
+        write_atomic(path, (answers_text if path.suffix.lower() in TEXT_SUFFIXES
+                            else answers_html)(result, request["task"], area.raster))
         first = answer_text(result.answers[0]) if result.answers else ""
         outputs: dict[str, Any] = {OUTPUT_HTML: str(path), ANSWER: first}
         fields = footprint_fields()
         sink, dest = self.parameterAsSink(parameters, p.OUTPUT, context, fields,
                                           QgsWkbTypes.Polygon, area.crs)
         if sink is not None:
-            footprints = {tile.tile_id: tile.footprint for tile in plan.tiles}
+            footprints = dict(zip(plan.tile_ids, plan.footprints_wkt))
             for answer in result.answers:
-                sink.addFeature(footprint_feature(answer, footprints[answer.tile_id], fields),
-                                QgsFeatureSink.FastInsert)
+                feature = footprint_feature(answer, footprints.get(answer["tile_id"]), fields)
+                if not sink.addFeature(feature, QgsFeatureSink.FastInsert):
+                    raise QgsProcessingException(self.writeFeatureError(sink, parameters,
+                                                                        p.OUTPUT))
             outputs[p.OUTPUT] = dest
         return outputs
 
 
-def answer_text(answer) -> str:
+def answer_text(answer: dict[str, Any]) -> str:
     """What the model said: the parsed text, else the raw answer."""
-    return answer.text or answer.raw
+    return answer.get("text") or answer.get("raw") or ""
 
 
 def footprint_fields() -> QgsFields:
@@ -122,38 +124,38 @@ def footprint_fields() -> QgsFields:
                         ("tokens", "int"), ("seconds", "float")])
 
 
-def footprint_feature(answer, footprint, fields: QgsFields) -> QgsFeature:
-    """One tile's footprint (raster CRS) with what the model answered there."""
-    import shapely
-
+def footprint_feature(answer: dict[str, Any], footprint_wkt: Optional[str],
+                      fields: QgsFields) -> QgsFeature:
+    """One tile's footprint (the plan's WKT, raster CRS) with what the model answered there."""
     feature = QgsFeature(fields)
-    geometry = QgsGeometry()
-    geometry.fromWkb(shapely.to_wkb(footprint, output_dimension=2))  # see detection_feature
-    feature.setGeometry(geometry)
-    feature.setAttributes([answer.tile_id, answer.prompt, answer_text(answer),
-                           answer.generated_tokens, round(answer.seconds, 3)])
+    if footprint_wkt:
+        feature.setGeometry(QgsGeometry.fromWkt(footprint_wkt))
+    feature.setAttributes([answer.get("tile_id"), answer.get("prompt"), answer_text(answer),
+                           answer.get("generated_tokens"), round(answer.get("seconds", 0.0), 3)])
     return feature
 
 
-def answers_text(result, job, raster: str) -> str:
+def answers_text(result: RunResult, task: str, raster: str) -> str:
     """The answers as plain text: a header, then one block per tile and prompt."""
-    lines = [f"GeoChat {job.task} of {raster}", f"Model: {result.model}", ""]
+    lines = [f"GeoChat {task} of {raster}", f"Model: {result.model}", ""]
     for answer in result.answers:
-        lines.append(f"[tile {answer.tile_id}]" + (f" {answer.prompt}" if answer.prompt else ""))
+        prompt = answer.get("prompt")
+        lines.append(f"[tile {answer.get('tile_id')}]" + (f" {prompt}" if prompt else ""))
         lines += [answer_text(answer), ""]
     return "\n".join(lines)
 
 
-def answers_html(result, job, raster: str) -> str:
+def answers_html(result: RunResult, task: str, raster: str) -> str:
     """The answers as a small standalone HTML page."""
     esc = html.escape
     sections = []
     for answer in result.answers:
-        question = f"<p class='prompt'>{esc(answer.prompt)}</p>" if answer.prompt else ""
+        prompt = answer.get("prompt")
+        question = f"<p class='prompt'>{esc(prompt)}</p>" if prompt else ""
         body = "<br>".join(esc(line) for line in answer_text(answer).splitlines())
-        sections.append(f"<section><h2>Tile {esc(answer.tile_id)}</h2>{question}"
+        sections.append(f"<section><h2>Tile {esc(str(answer.get('tile_id')))}</h2>{question}"
                         f"<p class='answer'>{body}</p></section>")
-    title = f"GeoChat {job.task}: {Path(raster).name}"
+    title = f"GeoChat {task}: {Path(raster).name}"
     return (
         "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
         f"<title>{esc(title)}</title></head><body>\n<h1>{esc(title)}</h1>\n"
@@ -163,13 +165,27 @@ def answers_html(result, job, raster: str) -> str:
     )
 
 
+def answers_path(path: Path, result: RunResult) -> Path:
+    """``path``, or beside it for a partial run when ``path`` exists (only a complete run
+    replaces an existing file)."""
+    if result.complete or not path.exists():
+        return path
+    return path.with_name(f"{path.stem}-partial-{result.run_id or uuid.uuid4().hex[:8]}"
+                          f"{path.suffix}")
+
+
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` beside ``path`` under a temporary name, then rename it into place."""
+    """Write ``text`` beside ``path`` under a temporary name, then rename it into place; a
+    failed write leaves ``path`` as it was and says why."""
     if not path.parent.is_dir():
         raise QgsProcessingException(f"The folder {path.parent} does not exist: choose another.")
     temp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
         temp.write_text(text, encoding="utf-8")
         os.replace(temp, path)
+    except OSError as exc:
+        raise QgsProcessingException(
+            f"The answers cannot be written to {path} ({exc.strerror or exc}): choose another "
+            "folder or free some space.") from None
     finally:
         temp.unlink(missing_ok=True)

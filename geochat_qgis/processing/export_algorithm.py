@@ -1,12 +1,12 @@
 """``geochat:export``: a GeoChat result layer to Shapefile, GeoPackage or GeoJSON with the core's
-writer (the export schema, shapefile field names, atomic writes)."""
+writer (the export schema, shapefile field names, atomic writes) in the runtime child."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Optional
 
 from qgis.core import (
+    QgsFeatureRequest,
     QgsProcessing,
     QgsProcessingContext,
     QgsProcessingException,
@@ -15,17 +15,18 @@ from qgis.core import (
     QgsProcessingParameterCrs,
     QgsProcessingParameterFeatureSource,
     QgsProcessingParameterVectorDestination,
+    QgsProcessingUtils,
+    QgsVectorFileWriter,
 )
 
-from ..core.threads import in_python_thread
 from . import parameters as p
 from .base import GeoChatAlgorithm
+from .outputs import output_file
+from .running import call, ready_client
 
 CRS = "CRS"
 EXPORTED = "EXPORTED"
-# what the "Save to GeoPackage..." choice of a vector destination gives
-_OGR_URI = re.compile(
-    r"^ogr:dbname='(?P<path>(?:[^']|'')+)'\s+table=\"(?P<layer>(?:[^\"]|\"\")+)\"")
+STAGED_LAYER = "detections"
 
 
 class ExportAlgorithm(GeoChatAlgorithm):
@@ -52,40 +53,47 @@ class ExportAlgorithm(GeoChatAlgorithm):
 
     def processAlgorithm(self, parameters: dict, context: QgsProcessingContext,  # noqa: N802
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
-        from ..core.errors import GeoChatError
-        from ..core.export import export_detections
-        from ..toolbelt.feature_detections import feature_detections
-
         source = self.parameterAsSource(parameters, p.INPUT, context)
         if source is None:
             raise QgsProcessingException(self.invalidSourceError(parameters, p.INPUT))
+        _, path, layer = output_file(self, parameters, context, p.OUTPUT)
         crs = self.parameterAsCrs(parameters, CRS, context)
         if not crs.isValid():
             crs = source.sourceCrs()
-        path, layer = destination(self.parameterAsOutputLayer(parameters, p.OUTPUT, context))
-        detections = feature_detections(source.getFeatures(), p.crs_text(source.sourceCrs()))
-        skipped = source.featureCount() - len(detections)
-        if skipped > 0:
+        client = ready_client()
+        staged, skipped = stage(source, crs, context, feedback)
+        if skipped:
             feedback.pushWarning(f"{skipped} features without a polygon were left out.")
         if feedback.isCanceled():
             return {}
-        try:
-            written = in_python_thread(export_detections, detections, path, p.crs_text(crs),
-                                       layer)  # pyproj: see core.threads
-        except GeoChatError as exc:
-            raise QgsProcessingException(str(exc)) from exc
-        feedback.pushInfo(f"Wrote {len(detections)} detections to {written}")
-        return {p.OUTPUT: str(written), EXPORTED: len(detections)}
+        written = call(client.export, staged, STAGED_LAYER, str(path), None, layer)
+        feedback.pushInfo(f"Wrote {written['features']} detections to {written['output']}")
+        return {p.OUTPUT: written["output"], EXPORTED: written["features"]}
 
 
-def destination(value: str) -> tuple[Path, Optional[str]]:
-    """The file and layer name of a vector destination: a path, or an ``ogr:dbname=...`` URI."""
-    match = _OGR_URI.match(value)
-    if match:
-        return (Path(match["path"].replace("''", "'")),
-                match["layer"].replace('""', '"'))
-    if "|" in value:
-        path, _, options = value.partition("|")
-        layer = re.search(r"layername=([^|]+)", options)
-        return Path(path), layer.group(1) if layer else None
-    return Path(value), None
+def stage(source, crs, context: QgsProcessingContext, feedback: QgsProcessingFeedback
+          ) -> tuple[str, int]:
+    """``source``'s polygon features in ``crs``, written by QGIS to a temporary GeoPackage the
+    runtime reads (memory layers, selections and reprojection all come this way); (path,
+    features left out for having no polygon)."""
+    path = QgsProcessingUtils.generateTempFilename("export-source.gpkg")
+    options = QgsVectorFileWriter.SaveVectorOptions()
+    options.driverName = "GPKG"
+    options.layerName = STAGED_LAYER
+    writer = QgsVectorFileWriter.create(path, source.fields(), source.wkbType(), crs,
+                                        context.transformContext(), options)
+    if writer.hasError() != QgsVectorFileWriter.NoError:
+        raise QgsProcessingException(f"Cannot stage the layer for export ({writer.errorMessage()})")
+    request = QgsFeatureRequest().setDestinationCrs(crs, context.transformContext())
+    skipped = 0
+    for feature in source.getFeatures(request):
+        if feedback.isCanceled():
+            break
+        if not feature.hasGeometry() or feature.geometry().isEmpty():
+            skipped += 1
+            continue
+        if not writer.addFeature(feature):
+            raise QgsProcessingException(f"Cannot stage the layer for export "
+                                         f"({writer.errorMessage()})")
+    del writer  # closes the file
+    return str(Path(path)), skipped

@@ -8,7 +8,8 @@ from ..__about__ import resource, version
 
 
 class GeoChatProvider(QgsProcessingProvider):
-    """Holds the GeoChat algorithms (detect, segment, describe, export)."""
+    """Holds the GeoChat algorithms (detect, segment, describe, export). Their models run in
+    GeoChat's runtime child (``geochat_qgis.client``); the plugin's unload stops it."""
 
     def id(self) -> str:  # noqa: A003 - QGIS API
         return "geochat"
@@ -22,12 +23,14 @@ class GeoChatProvider(QgsProcessingProvider):
     def icon(self) -> QIcon:
         return QIcon(str(resource("icon.png")))
 
-    def unload(self) -> None:
-        """Removed from the registry (plugin unload): free the models kept for batches."""
-        from .running import release_models
+    def supportedOutputVectorLayerExtensions(self) -> list[str]:  # noqa: N802
+        """What the core's writer writes (the runtime writes the outputs itself)."""
+        from .outputs import EXTENSIONS
 
-        release_models()
-        super().unload()
+        return list(EXTENSIONS)
+
+    def defaultVectorFileExtension(self, hasGeometry: bool = True) -> str:  # noqa: N802,N803
+        return "gpkg"
 
     def loadAlgorithms(self) -> None:  # noqa: N802
         from .algorithms import algorithms

@@ -1,12 +1,21 @@
 """``geochat:segment``: GeoPixel masks for what a prompt names, as polygons."""
 from __future__ import annotations
 
-from qgis.core import QgsProcessingContext, QgsProcessingParameterFile
+from typing import Any
+
+from qgis.core import QgsProcessingContext, QgsProcessingException, QgsProcessingParameterFile
 
 from . import parameters as p
 from .detect_algorithm import DetectAlgorithm
+from .request import read_model
+from .running import call, ready_client
 
 GEOPIXEL_SOURCE = "GEOPIXEL_SOURCE"
+NEEDS_GPU = (
+    "GeoPixel needs an NVIDIA GPU with CUDA (its code calls .cuda() and uses flash attention); "
+    "the GeoChat runtime finds none on this machine. Use Detect objects with the GeoChat GGUF "
+    "model and the llama.cpp backend instead: it runs on the CPU and answers with oriented "
+    "boxes instead of masks.")
 
 
 class SegmentAlgorithm(DetectAlgorithm):
@@ -27,7 +36,6 @@ class SegmentAlgorithm(DetectAlgorithm):
     TASKS = ("segment", "grounding")
     OUTPUT_NAME = "Masks"
     KIND = "geopixel"
-    FAMILY = "geopixel"
     BOX_GRAMMAR = False
 
     def add_model_parameters(self) -> None:
@@ -36,14 +44,13 @@ class SegmentAlgorithm(DetectAlgorithm):
             GEOPIXEL_SOURCE, "GeoPixel source checkout",
             QgsProcessingParameterFile.Folder, optional=True)))
 
-    def read_backend(self, parameters: dict, context: QgsProcessingContext):
-        """The GeoPixel spec; BackendError first on a machine without CUDA (before any
-        download or weights check sends the user elsewhere)."""
-        from ..core.backends.geopixel import NEEDS_GPU, cuda_available
-        from ..core.errors import BackendError
-
-        if not cuda_available():
-            raise BackendError(NEEDS_GPU)
+    def read_model(self, parameters: dict, context: QgsProcessingContext) -> dict[str, Any]:
         source = self.parameterAsFile(parameters, GEOPIXEL_SOURCE, context)
-        return p.read_backend(self, parameters, context, self.KIND, self.FAMILY,
-                              {"source": source} if source else None)
+        return read_model(self, parameters, context, self.KIND,
+                          {"source": source} if source else None)
+
+    def check_runtime(self) -> None:
+        """No GPU: refused before any weights check sends the user elsewhere."""
+        status = call(ready_client(self.KIND).status)
+        if not status.get("gpus"):
+            raise QgsProcessingException(NEEDS_GPU)

@@ -116,7 +116,9 @@ def export(message: dict[str, Any]) -> dict[str, Any]:
             raise ExportError(f"unknown format {driver}: choose ESRI Shapefile, GPKG or GeoJSON")
         destination = destination.with_suffix(suffix)
     detections, crs = read_detections(message["source"], message.get("layer"))
-    written = export_detections(detections, destination, crs)
+    into = message.get("destination_layer") if DRIVERS.get(destination.suffix.lower()) == "GPKG" \
+        else None  # a named layer of a GeoPackage (its other layers kept)
+    written = export_detections(detections, destination, crs, into or None)
     return {"output": str(written), "features": len(detections)}
 
 

@@ -2,7 +2,7 @@
 
 Every method takes and returns plain data (JSON dicts, WKT, file paths). The child starts on the
 first request and is restarted after a crash; heavy requests (run, ask, get_model) take turns,
-light ones (plan, status, export, model_status, ping) may run beside them.
+light ones (plan, status, export, model_status, model_list, plan_get, ping) may run beside them.
 """
 from __future__ import annotations
 
@@ -131,6 +131,30 @@ class RuntimeClient:
         """``{"ready", "message", "kind", "family", "model", "loaded", "missing"}`` for the
         request's model (its ``model`` dict)."""
         return self._call("model_status", {"request": request})
+
+    def model_list(self, cache_dir: Optional[str] = None) -> list[dict[str, Any]]:
+        """One row per model (the demo first): ``name, title, family, status (ready |
+        downloaded | partial | missing | unavailable), download_bytes, memory_needed,
+        needs_conversion, requires, backends_published, choices [{target, quant, bytes,
+        temp_bytes, backends, not_here, installed}]``. Asks no server."""
+        return self._call("model_list", {"cache_dir": cache_dir})["models"]
+
+    def plan_get(self, model_id: str, options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """What ``get_model(model_id, options)`` takes: ``sources, choices, download_bytes,
+        disk_needed, disk_free, memory_needed, memory_available, problems, ok, message``."""
+        return self._call("plan_get", {"model": model_id, "options": options or {}})
+
+    def delete_sources(self, model_id: str, cache_dir: Optional[str] = None,
+                       dry_run: bool = False) -> dict[str, Any]:
+        """Delete a converted model's original downloads: ``{"folders", "bytes", "deleted"}``
+        (``dry_run``: only what it would free)."""
+        return self._call("delete_sources", {"model": model_id, "cache_dir": cache_dir,
+                                             "dry_run": dry_run})
+
+    def check_model(self, request: dict[str, Any]) -> dict[str, Any]:
+        """``{"ready", "message"}``: a server model is asked for (GET /models); a local one
+        as :meth:`model_status` says."""
+        return self._call("check_model", {"request": request})
 
     def export(self, source: str, layer: Optional[str], destination: str,
                driver: Optional[str] = None, destination_layer: Optional[str] = None

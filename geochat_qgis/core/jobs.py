@@ -83,14 +83,18 @@ def backend_spec(request: Request) -> BackendSpec:
 
 def _converted(name: str, model: Mapping[str, Any]) -> Optional[tuple[str, Optional[str]]]:
     """(model path, mmproj path) of a catalog model converted by ``models get`` (the request's
-    ``model.target``/``model.quant``, else the default choice), or None."""
+    ``model.target``/``model.quant``, else any copy got that the backend loads), or None."""
     try:
-        from .weights.installed import installed_model
+        from .weights.installed import find_installed, installed_model
     except ImportError:  # core/weights without get_model
         return None
     try:
-        found = installed_model(name, model.get("target"), model.get("quant"),
-                                model.get("cache_dir") or None)
+        if model.get("target"):
+            found = installed_model(name, model.get("target"), model.get("quant"),
+                                    model.get("cache_dir") or None)
+        else:  # whichever copy was got that the backend loads
+            found = find_installed(name, model.get("backend") or None,
+                                   model.get("cache_dir") or None)
     except (GeoChatError, KeyError, ValueError):
         return None
     if found is None or found.target == "download":

@@ -35,13 +35,14 @@ from .chat_view import ChatView
 from .layer_summary import describe_layer, raster_or_none
 from .map_tools import RegionMapTool
 from .model_choice import (
+    CHECKING,
     MISSING,
     NEEDS_GPU,
     NOT_FOUND,
     SERVER,
     UNREACHABLE,
-    backend_spec,
     check_server,
+    fetch_rows,
     model_choices,
     model_status,
 )
@@ -264,6 +265,18 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
         self.download_button.setVisible(status == MISSING)
         if status == SERVER:
             self._check_server()
+        elif status == CHECKING:
+            self._fetch_models()
+
+    def _fetch_models(self) -> None:
+        """Ask the runtime for the model list in the background; the status line follows."""
+        from ..client import shared_client
+
+        cache = self.settings.cache_dir
+        self._model_list = GeoChatTask("GeoChat: listing models",
+                                       lambda _cancel, _token, _progress: fetch_rows(shared_client(), cache))
+        self._model_list.resultReady.connect(lambda _rows: self.refresh_model_status())
+        QgsApplication.taskManager().addTask(self._model_list)
 
     def _show_status(self, status: str, sentence: str) -> None:
         colour = "#b00020" if status in (MISSING, NEEDS_GPU, NOT_FOUND, UNREACHABLE) else "#2e7d32"
@@ -271,13 +284,11 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
 
     def _check_server(self) -> None:
         """Ask the server for its models in the background; the status line follows."""
-        try:
-            spec = backend_spec(self.model_combo.currentData() or "", self.settings, self._api_key())
-        except GeoChatError as exc:
-            self._show_status(UNREACHABLE, str(exc))
-            return
-        self._server_check = GeoChatTask("GeoChat: checking the server",
-                                         lambda _cancel, _token, _progress: check_server(spec))
+        from ..client import shared_client
+
+        key, settings, api_key = self.model_combo.currentData() or "", self.settings, self._api_key()
+        self._server_check = GeoChatTask("GeoChat: checking the server", lambda _cancel, _token, _progress:
+                                         check_server(shared_client(), key, settings, api_key))
         self._server_check.resultReady.connect(lambda result: self._show_status(*result))
         QgsApplication.taskManager().addTask(self._server_check)
 

@@ -240,3 +240,27 @@ def tiny_geochat_repos(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     torch.save(load_file(str(clip / "model.safetensors")), clip / "pytorch_model.bin")
     (clip / "model.safetensors").unlink()
     return geochat, clip
+
+
+HUB_ENV_DROPPED = ("HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY",
+                   "http_proxy", "https_proxy", "GEOCHAT_USER_CATALOG")
+
+
+def geochat_hub(tmp_path: Path, monkeypatch) -> Iterator[RepoHub]:
+    """A fixture body: the tiny GeoChat and CLIP-336 served as MBZUAI/geochat-7B and
+    openai/clip-vit-large-patch14-336 (commits a*40, c*40); GEOCHAT_HF_ENDPOINT points at it,
+    GEOCHAT_CACHE and HF_HUB_CACHE are fresh folders under ``tmp_path``."""
+    for name in HUB_ENV_DROPPED:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("GEOCHAT_CACHE", str(tmp_path / "models"))
+    geochat, clip = tiny_geochat_repos(tmp_path / "repos")
+    generator = serve_repo_hub()
+    server = next(generator)
+    server.add_folder(GEOCHAT_REPO, geochat, commit="a" * 40)
+    server.add_folder(CLIP_REPO, clip, commit="c" * 40)
+    monkeypatch.setenv("GEOCHAT_HF_ENDPOINT", server.url)
+    try:
+        yield server
+    finally:
+        generator.close()

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hub_repos import CLIP_REPO, GEOCHAT_REPO, serve_repo_hub, tiny_geochat_repos
+from hub_repos import geochat_hub
 
 from geochat_qgis.client import RuntimeClient, RuntimeClientError
 
@@ -17,18 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    for name in ("HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY",
-                 "http_proxy", "https_proxy", "GEOCHAT_USER_CATALOG"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setenv("GEOCHAT_CACHE", str(tmp_path / "models"))
-    geochat, clip = tiny_geochat_repos(tmp_path / "repos")
-    server = next(generator := serve_repo_hub())
-    server.add_folder(GEOCHAT_REPO, geochat, commit="a" * 40)
-    server.add_folder(CLIP_REPO, clip, commit="c" * 40)
-    monkeypatch.setenv("GEOCHAT_HF_ENDPOINT", server.url)
-    yield server
-    generator.close()
+    yield from geochat_hub(tmp_path, monkeypatch)
 
 
 def test_get_model_downloads_converts_and_runs(hub, tmp_path, demo_raster):

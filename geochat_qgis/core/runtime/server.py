@@ -134,7 +134,7 @@ class RuntimeServer:
                 self.tokens.pop(request_id, None)
 
     def _handlers(self) -> dict[str, Callable[[dict[str, Any], RequestContext], dict[str, Any]]]:
-        from . import info_ops, job_ops
+        from . import info_ops, job_ops, model_ops
 
         return {
             "load": lambda m, ctx: self._load(m),
@@ -148,6 +148,10 @@ class RuntimeServer:
             "model_status": lambda m, ctx: info_ops.model_status(m["request"], self.spec),
             "export": lambda m, ctx: info_ops.export(m),
             "get_model": info_ops.get_model,
+            "model_list": model_ops.model_list,
+            "plan_get": model_ops.plan_get,
+            "delete_sources": model_ops.delete_sources,
+            "check_model": model_ops.check_model,
         }
 
     def backend_for(self, spec: BackendSpec, ctx: Optional[RequestContext] = None) -> Backend:

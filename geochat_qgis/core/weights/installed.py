@@ -83,6 +83,26 @@ def installed_model(model_id: str, target: Optional[str] = None, quant: Optional
                           read_provenance(folder) or {}, tuple(p for p in sources if p.exists()))
 
 
+def find_installed(model_id: str, backend: Optional[str] = None, cache: Optional[PathLike] = None,
+                   catalog: Optional[Catalog] = None) -> Optional[InstalledModel]:
+    """The default choice of ``model_id`` when got, else any other converted copy that
+    ``backend`` loads (llama.cpp: a GGUF, q4_k_m first; transformers: the HF checkpoint)."""
+    from .get_plan import QUANTS
+
+    catalog = catalog or load_catalog()
+    entry = catalog.get(model_id)
+    if not entry.convert:
+        return installed_model(model_id, None, None, cache, catalog)
+    targets = tuple(entry.convert.get("to") or ("hf", "gguf"))
+    order = [("gguf", q) for q in QUANTS if "gguf" in targets and backend in (None, "llama.cpp")]
+    order += [("hf", None)] if "hf" in targets and backend in (None, "transformers") else []
+    for target, quant in order:
+        found = installed_model(model_id, target, quant, cache, catalog)
+        if found is not None:
+            return found
+    return None
+
+
 @dataclass(frozen=True)
 class SourceCleanup:
     """What deleting a converted model's original downloads would free."""

@@ -30,6 +30,7 @@ def model_list(cache: Optional[PathLike] = None, catalog: Optional[Catalog] = No
             "name": entry.name, "title": entry.title, "family": entry.family,
             "license": entry.license, "needs_conversion": bool(entry.convert),
             "requires": list((entry.convert or {}).get("requires", [])),
+            "backends_published": list(entry.backends), "local": entry.is_local,
         }
         if entry.is_local:
             row.update(status="ready", download_bytes=0, choices=[], folder=str(entry.local_path))

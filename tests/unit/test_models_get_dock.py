@@ -1,0 +1,131 @@
+"""What the dock asks about models, through the runtime: the model list (GeoChat-7B with what
+getting it takes), the get plan, deleting the sources; and gui/model_choice.py, which reads the
+catalog with json and imports nothing of the core."""
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from hub_repos import geochat_hub
+
+from geochat_qgis.client import RuntimeClient, RuntimeClientError
+from geochat_qgis.gui import model_choice
+from geochat_qgis.core.weights.demo import DEMO_NAME, DEMO_NOTE
+
+MODEL_CHOICE = Path(model_choice.__file__)
+
+
+def settings(**changes):
+    base = dict(backend="llama.cpp", server_url="http://127.0.0.1:9/v1", server_model="",
+                cache_dir="", mmproj="", threads=0, gpu_layers=-1, device="auto")
+    return SimpleNamespace(**{**base, **changes})
+
+
+def test_model_choice_imports_only_stdlib_and_the_client():
+    tree = ast.parse(MODEL_CHOICE.read_text(encoding="utf-8"))
+    # TEMPORARY: backend_spec stays for the dock until it runs through the client (issue 11)
+    tree.body = [n for n in tree.body if getattr(n, "name", "") != "backend_spec"]
+    relative = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level}
+    absolute = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                for a in n.names}
+    absolute |= {n.module.split(".")[0] for n in ast.walk(tree)
+                 if isinstance(n, ast.ImportFrom) and not n.level}
+    assert relative <= {"__about__", "client"}
+    assert absolute <= set(sys.stdlib_module_names)
+    assert (model_choice.DEMO_NAME, model_choice.DEMO_NOTE) == (DEMO_NAME, DEMO_NOTE)
+
+
+def test_catalog_rows_list_geochat_7b_before_any_runtime(monkeypatch, tmp_path):
+    monkeypatch.setenv("GEOCHAT_USER_CATALOG", str(tmp_path / "none.json"))
+    model_choice.remember_rows([])
+    choices = {c.key: c for c in model_choice.model_choices()}
+    assert list(choices)[0] == DEMO_NAME
+    assert choices["geochat-7b"].needs_get and choices["geochat-7b"].catalog
+    assert "qwen2.5-vl-3b-gguf" in choices and "clip-vit-large-patch14-336" not in choices
+    assert model_choice.model_status("geochat-7b", settings())[0] == model_choice.CHECKING
+    assert model_choice.model_status("nope", settings())[0] == model_choice.NOT_FOUND
+    assert model_choice.model_status(DEMO_NAME, settings())[0] == model_choice.READY
+
+
+def test_a_broken_user_catalog_keeps_the_builtin_list(monkeypatch, tmp_path):
+    broken = tmp_path / "catalog.json"
+    broken.write_text("{not json", encoding="utf-8")
+    monkeypatch.setenv("GEOCHAT_USER_CATALOG", str(broken))
+    assert "geochat-7b" in {r["name"] for r in model_choice.catalog_rows()}
+
+
+def test_model_request_for_each_kind_of_choice(tmp_path):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert model_choice.model_request(DEMO_NAME, settings(threads=2)) == {
+        "backend": "llama.cpp", "name": DEMO_NAME, "n_threads": 2}
+    assert model_choice.model_request("geochat-7b", settings(backend="transformers", device="cpu",
+                                                             cache_dir="/c")) == {
+        "backend": "transformers", "name": "geochat-7b", "device": "cpu", "cache_dir": "/c"}
+    assert model_choice.model_request(str(gguf), settings())["model_path"] == str(gguf)
+    server = model_choice.model_request("geochat-7b", settings(backend="openai"), api_key="k")
+    assert server == {"backend": "openai", "server_url": "http://127.0.0.1:9/v1",
+                      "server_model": "geochat-7b", "name": "geochat-7b", "api_key": "k"}
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    yield from geochat_hub(tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+def test_list_plan_get_and_delete_sources_through_the_runtime(hub, tmp_path):
+    pytest.importorskip("llama_cpp")
+    client = RuntimeClient(python=sys.executable)
+    try:
+        rows = model_choice.fetch_rows(client)
+        assert rows[0]["name"] == DEMO_NAME
+        geochat = next(r for r in rows if r["name"] == "geochat-7b")
+        assert geochat["status"] == "missing" and geochat["needs_conversion"]
+        assert geochat["requires"] == ["clip-vit-large-patch14-336"]
+        assert {(c["target"], c["quant"]) for c in geochat["choices"]} == {
+            ("gguf", "q4_k_m"), ("gguf", "q8_0"), ("gguf", "f16"), ("hf", None)}
+        assert "llama.cpp" in next(c for c in geochat["choices"] if c["target"] == "gguf")["backends"]
+        status, sentence = model_choice.model_status("geochat-7b", settings())
+        assert status == model_choice.MISSING and "gguf q4_k_m" in sentence and "GB" in sentence
+        assert model_choice.model_choices()[1:] and any(
+            c.key == "geochat-7b" and c.needs_get for c in model_choice.model_choices())
+
+        plan = client.plan_get("geochat-7b", {"target": "gguf", "quant": "f16"})
+        assert plan["ok"] and plan["problems"] == []
+        assert plan["download_bytes"] == sum(s["total_bytes"] for s in plan["sources"]) > 0
+        assert plan["disk_free"] > plan["disk_needed"] > plan["download_bytes"]
+        assert plan["memory_needed"] > 2 << 30  # largest shard + 2 GB
+        with pytest.raises(RuntimeClientError, match="q9"):
+            client.plan_get("geochat-7b", {"target": "gguf", "quant": "q9"})
+        with pytest.raises(RuntimeClientError, match="Get it first"):
+            client.delete_sources("geochat-7b")
+
+        got = client.get_model("geochat-7b", {"target": "gguf", "quant": "f16"})
+        model_choice.fetch_rows(client)
+        status, sentence = model_choice.model_status("geochat-7b", settings())
+        assert status == model_choice.READY and "llama.cpp" in sentence
+        # the dock's request names no target: the copy got is found for llama.cpp
+        ready = client.model_status({"model": model_choice.model_request("geochat-7b", settings())})
+        assert ready["ready"] and ready["model"] == got["model_path"]
+
+        offer = client.delete_sources("geochat-7b", dry_run=True)
+        assert offer["bytes"] > 0 and not offer["deleted"]
+        assert all(Path(f).is_dir() for f in offer["folders"])
+        done = client.delete_sources("geochat-7b")
+        assert done["deleted"] and not any(Path(f).exists() for f in done["folders"])
+        assert Path(got["model_path"]).is_file()
+    finally:
+        client.close()
+
+
+def test_check_server_says_unreachable(tmp_path):
+    client = RuntimeClient(python=sys.executable)
+    try:
+        status, sentence = model_choice.check_server(client, "geochat", settings(backend="openai"))
+        assert status == model_choice.UNREACHABLE and "127.0.0.1:9" in sentence
+    finally:
+        client.close()

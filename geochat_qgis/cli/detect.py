@@ -187,7 +187,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..core.backends.base import CancelToken
     from ..core.errors import GeoChatError
-    from ..core.jobs import build_job
+    from ..core.jobs import build_job, model_provenance
     from ..core.outputs import write_result
     from ..core.pipeline import run_job
     from ..core.runtime.backend import open_backend
@@ -209,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
             backend.close()
         with interrupts.shield():  # a signal now waits until the file is in place
             written = write_result(result, args.output,
-                                   provenance={"task": job.task, "raster": args.raster})
+                                   provenance={"task": job.task, "raster": args.raster,
+                                               **model_provenance(spec)})
     report(result, written)
     return interrupts.exit_status or exit_status(result)
 

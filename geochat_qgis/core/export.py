@@ -56,9 +56,16 @@ FIELDS: tuple[Field, ...] = (
     Field("raster", "str", "raster"),
     Field("run_id", "str", "run_id"),
     Field("created", "str", "created"),  # ISO 8601, UTC
+    # where the model's weights came from (core/weights/provenance.py's PROVENANCE_FIELDS)
+    Field("model_src", "str", "model_src"),
+    Field("model_rev", "str", "model_rev"),
+    Field("model_hash", "str", "model_hash"),
+    Field("converter", "str", "converter"),
+    Field("quant", "str", "quant"),
 )
 # provenance fields read from Detection.attributes, else from the export's provenance
-PROVENANCE = ("task", "prompt", "model", "raster", "run_id", "created")
+PROVENANCE = ("task", "prompt", "model", "raster", "run_id", "created", "model_src",
+              "model_rev", "model_hash", "converter", "quant")
 DRIVERS = {".shp": "ESRI Shapefile", ".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
 SHAPEFILE_PARTS = (".shp", ".shx", ".dbf", ".prj", ".cpg")
 SHAPEFILE_STALE = (".qix", ".sbn", ".sbx")  # spatial indexes of an old file: wrong once replaced

@@ -81,6 +81,17 @@ def backend_spec(request: Request) -> BackendSpec:
     return replace(spec, settings={**mapped, **explicit})
 
 
+def model_provenance(spec: Optional[BackendSpec]) -> dict[str, str]:
+    """Where the model's weights came from (source, revision, hash, converter, quantisation:
+    core/weights/provenance.py), for every result feature; {} for a server model or a model
+    with no record."""
+    if spec is None or spec.kind == "openai":
+        return {}
+    from .weights.provenance import provenance_attributes
+
+    return {k: v for k, v in provenance_attributes(spec.model).items() if v}
+
+
 def _converted(name: str, model: Mapping[str, Any]) -> Optional[tuple[str, Optional[str]]]:
     """(model path, mmproj path) of a catalog model converted by ``models get`` (the request's
     ``model.target``/``model.quant``, else any copy got that the backend loads), or None."""

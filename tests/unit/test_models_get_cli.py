@@ -155,9 +155,8 @@ def test_detect_runs_with_the_got_model_and_its_features_carry_provenance(hub, t
     assert detect.returncode == 0, detect.stderr
     frame = pyogrio.read_dataframe(out)
     assert len(frame) > 0 and set(frame["label"]) == {"car"}
-    if not set(PROVENANCE_FIELDS) <= {f.name for f in export.FIELDS}:
-        pytest.skip("core/export.py does not carry the model provenance fields yet "
-                    f"({', '.join(PROVENANCE_FIELDS)})")
+    assert set(PROVENANCE_FIELDS) <= {f.name for f in export.FIELDS}
+    assert all(len(f.shp_name) <= 10 for f in export.FIELDS)
     expected = provenance_attributes(model["model_path"])
     for name in PROVENANCE_FIELDS:
         assert set(frame[name]) == {expected[name]}, name

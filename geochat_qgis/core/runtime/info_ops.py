@@ -80,6 +80,8 @@ def read_detections(source: str, layer: Optional[str]) -> tuple[list[Detection],
     import pyogrio
     import shapely
 
+    from ..export import PROVENANCE
+
     try:
         meta, _, geometry, columns = pyogrio.raw.read(source, layer=layer)
     except Exception as exc:  # pyogrio's DataSourceError and friends
@@ -99,8 +101,7 @@ def read_detections(source: str, layer: Optional[str]) -> tuple[list[Detection],
             kind=str(row.get("kind") or "box"), phrase=str(row.get("phrase") or ""),
             angle=number(row.get("angle")), score=number(row.get("score")), flags=flags,
             tile_id=str(row.get("tile_id") or ""), frame="crs", crs=meta.get("crs"),
-            attributes={k: row[k] for k in ("task", "prompt", "model", "raster", "run_id",
-                                            "created") if row.get(k) is not None}))
+            attributes={k: row[k] for k in PROVENANCE if row.get(k) is not None}))
     return detections, meta.get("crs")
 
 

@@ -13,7 +13,8 @@ from ..backends.base import Backend, CancelToken
 from ..backends.factory import BackendSpec
 from ..errors import GeoChatError
 from ..export import check_output, export_detections
-from ..jobs import area, backend_spec, build_chat, build_job, runs_per_tile, tile_spec
+from ..jobs import (area, backend_spec, build_chat, build_job, model_provenance, runs_per_tile,
+                    tile_spec)
 from ..merge import merge_detections
 from ..outputs import write_result
 from ..pipeline import JobResult, Progress, run_job
@@ -162,7 +163,8 @@ def run(request: dict[str, Any], ctx: Context) -> dict[str, Any]:
 
 
 def _provenance(job) -> dict[str, Any]:
-    return {"task": job.task, "raster": job.raster, "run_id": job.run_id}
+    return {"task": job.task, "raster": job.raster, "run_id": job.run_id,
+            **model_provenance(job.backend)}
 
 
 def recover(request: dict[str, Any], ctx: Context) -> dict[str, Any]:
@@ -178,13 +180,21 @@ def recover(request: dict[str, Any], ctx: Context) -> dict[str, Any]:
                         tiles_planned=found.total, tiles_done=done,
                         error="the runtime process died")
     written = write_result(stopped, path, layer, {"task": request.get("task"),
-                                                  "raster": request.get("raster")})
+                                                  "raster": request.get("raster"),
+                                                  **_request_provenance(request)})
     checkpoint_path(path).unlink(missing_ok=True)
     return {"output": str(written.path) if written.path else None, "note": written.note,
             "layer": layer, "features": len(detections), "tiles_done": done,
             "tiles_failed": len(failed), "tiles_planned": found.total,
             "failures": found.failures, "counts": _counts(detections),
             "crs_wkt": _wkt(found.crs), "run_id": found.header.get("run_id", "")}
+
+
+def _request_provenance(request: dict[str, Any]) -> dict[str, str]:
+    try:
+        return model_provenance(backend_spec(request))
+    except GeoChatError:
+        return {}
 
 
 def ask(request: dict[str, Any], ctx: Context) -> dict[str, Any]:
@@ -202,7 +212,7 @@ def ask(request: dict[str, Any], ctx: Context) -> dict[str, Any]:
     if detections:
         path, layer = _output(request, f"ask-{uuid.uuid4().hex[:12]}")
         written = _write(detections, path, layer, reply.crs,
-                         {"task": chat.task, "raster": chat.raster})
+                         {"task": chat.task, "raster": chat.raster, **model_provenance(spec)})
     return {"text": reply.answer.text, "user_text": reply.user_text, "how": reply.how,
             "output": written, "layer": layer, "features": len(detections),
             "seconds": reply.seconds, "prompt_tokens": reply.prompt_tokens,

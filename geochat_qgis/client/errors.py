@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-INSTALL_HINT = ("Install it from the dock's runtime button or Plugins > GeoChat > Install model "
+INSTALL_HINT = ("Install it from the dock's runtime button or Raster > GeoChat > Install model "
                 "dependencies..., or point GEOCHAT_RUNTIME_PYTHON at a Python that has "
                 "GeoChat's core packages.")
 

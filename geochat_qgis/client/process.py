@@ -97,7 +97,7 @@ class ChildProcess:
         except OSError as exc:
             raise RuntimeClientError(
                 f"Could not start the GeoChat runtime with {self.command[0]} ({exc}). Install "
-                "the runtime (Plugins > GeoChat > Install model dependencies...) or set "
+                "the runtime (Raster > GeoChat > Install model dependencies...) or set "
                 "GEOCHAT_RUNTIME_PYTHON to a Python that has GeoChat's core packages.",
                 "RuntimeMissing") from exc
         _LIVE.add(self)

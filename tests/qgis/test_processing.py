@@ -1,11 +1,18 @@
-"""The GeoChat Processing algorithms in real QGIS (offscreen), with the tiny random-weight GGUF.
+"""The GeoChat Processing algorithms in real QGIS (offscreen), the model in the runtime child.
 
-The tiny model's answers are random; GRAMMAR=true makes them boxes, so detections exist and
-the whole chain (tiles -> llama.cpp -> parse -> georeference -> merge -> sink) is exercised.
-Extents are kept to one or a few 504 px tiles (about 3 s of model time each on two cores).
+QGIS's process holds only QGIS: these tests run under .venv-qgis (no core package importable)
+with ``GEOCHAT_RUNTIME_PYTHON`` naming the runtime's interpreter (.venv). The model is the tiny
+random-weight demo ("tiny-demo", built by the child on first use); GRAMMAR=true makes its
+answers boxes, so detections exist and the whole chain (request -> runtime -> tiles ->
+llama.cpp -> parse -> georeference -> merge -> GeoPackage) runs. Extents are kept to one or a
+few 504 px tiles (about a second of model time each).
 """
 from __future__ import annotations
 
+import os
+import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +25,7 @@ from qgis.core import (  # noqa: E402
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
     QgsFeature,
+    QgsField,
     QgsGeometry,
     QgsProcessingAlgRunnerTask,
     QgsProcessingContext,
@@ -35,9 +43,40 @@ from qgis.core import (  # noqa: E402
     QgsRectangle,
     QgsVectorLayer,
 )
+from qgis.PyQt.QtCore import QVariant  # noqa: E402
 
-from geochat_qgis.core.export import FIELDS  # noqa: E402
-from geochat_qgis.toolbelt.detection_features import FEATURE_ID_FIELD  # noqa: E402
+from geochat_qgis.client import close_shared_client, shared_client  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "tiny-demo"
+# what QGIS's process must never hold (issue 11): the core's packages live in the runtime
+FORBIDDEN = ("numpy", "shapely", "rasterio", "pyproj", "pyogrio", "geopandas", "PIL", "torch",
+             "transformers", "llama_cpp", "gguf")
+# the core's export schema, in order (core/export.py FIELDS; more provenance may follow)
+SCHEMA = ["label", "phrase", "task", "prompt", "model", "angle", "score", "kind", "flags",
+          "tile_id", "raster", "run_id", "created"]
+
+
+def forbidden_modules() -> list[str]:
+    return [name for name in FORBIDDEN if name in sys.modules]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def runtime(tmp_path_factory):
+    """The runtime child with its own model cache (the demo model is built there once)."""
+    if not os.environ.get("GEOCHAT_RUNTIME_PYTHON"):
+        pytest.skip("set GEOCHAT_RUNTIME_PYTHON to the runtime's interpreter (.venv/bin/python)")
+    assert not forbidden_modules(), "the test process imported a core package before the run"
+    saved = os.environ.get("GEOCHAT_CACHE")
+    os.environ["GEOCHAT_CACHE"] = str(tmp_path_factory.mktemp("models"))
+    close_shared_client()  # a child started before would not see the cache
+    yield os.environ["GEOCHAT_CACHE"]
+    close_shared_client()
+    if saved is None:
+        os.environ.pop("GEOCHAT_CACHE", None)
+    else:
+        os.environ["GEOCHAT_CACHE"] = saved
+
 
 @pytest.fixture(scope="module")
 def provider(qgis_processing):
@@ -51,36 +90,61 @@ def provider(qgis_processing):
     registry.removeProvider(provider)
 
 
-def corner_extent(raster: Path, width_px: float, height_px: float) -> str:
-    """A Processing extent string: the raster's top-left ``width_px`` x ``height_px`` pixels."""
+def corner(raster: Path, width_px: float, height_px: float) -> tuple[float, ...]:
+    """(xmin, ymin, xmax, ymax): the raster's top-left ``width_px`` x ``height_px`` pixels."""
     layer = QgsRasterLayer(str(raster), "r")
     assert layer.isValid(), raster
     extent = layer.extent()
     xmin, ymax = extent.xMinimum(), extent.yMaximum()
-    xmax = xmin + width_px * layer.rasterUnitsPerPixelX()
-    ymin = ymax - height_px * layer.rasterUnitsPerPixelY()
-    return f"{xmin},{xmax},{ymin},{ymax} [{layer.crs().authid()}]"
+    return (xmin, ymax - height_px * layer.rasterUnitsPerPixelY(),
+            xmin + width_px * layer.rasterUnitsPerPixelX(), ymax)
 
 
-def detect_parameters(model: Path, raster: Path, prompt: str, output: str, extent: str) -> dict:
+def corner_extent(raster: Path, width_px: float, height_px: float) -> str:
+    """A Processing extent string of :func:`corner`."""
+    xmin, ymin, xmax, ymax = corner(raster, width_px, height_px)
+    return f"{xmin},{xmax},{ymin},{ymax} [{QgsRasterLayer(str(raster), 'r').crs().authid()}]"
+
+
+def detect_parameters(raster: Path, prompt: str, output: str, extent: str) -> dict:
     return {"INPUT": str(raster), "EXTENT": extent, "PROMPT": prompt, "TASK": "refer",
-            "MODEL": str(model), "BACKEND": "llama.cpp", "GRAMMAR": True,
+            "MODEL": MODEL, "BACKEND": "llama.cpp", "GRAMMAR": True,
             "MAX_NEW_TOKENS": 24, "OUTPUT": output}
 
 
-def features_of(layer: QgsVectorLayer) -> list[tuple[str, str, str]]:
-    """(label, tile_id, geometry WKT rounded to cm) of every feature, sorted."""
-    return sorted((f["label"], f["tile_id"], f.geometry().asWkt(2))
-                  for f in layer.getFeatures())
+def features_of(path) -> list[tuple[str, str, str]]:
+    """(label, tile_id, geometry WKT rounded to cm, as multi-polygons: a shapefile reads so)
+    of every feature, sorted."""
+    layer = QgsVectorLayer(str(path), "features", "ogr")
+    assert layer.isValid(), path
+    found = []
+    for feature in layer.getFeatures():
+        geometry = QgsGeometry(feature.geometry())
+        geometry.convertToMultiType()
+        found.append((feature["label"], feature["tile_id"], geometry.asWkt(2)))
+    return sorted(found)
+
+
+def cli_detect(raster: Path, prompts: list[str], extent: tuple[float, ...], output: Path,
+               cache: str) -> None:
+    """The same choices through the command line, in the runtime's interpreter."""
+    python = shlex.split(os.environ["GEOCHAT_RUNTIME_PYTHON"])
+    prompt_args = [arg for prompt in prompts for arg in ("--prompt", prompt)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GEOCHAT_CACHE": cache}
+    done = subprocess.run(
+        [*python, "-m", "geochat_qgis", "detect", str(raster), "--model", MODEL, *prompt_args,
+         "--grammar", "--max-new-tokens", "24", "--extent=" + ",".join(map(str, extent)),
+         "-o", str(output), "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")
-def detect_run(provider, tiny_gguf, demo_raster, tmp_path_factory):
+def detect_run(provider, demo_raster, tmp_path_factory):
     """One geochat:detect run into a GeoPackage: (results, output path, parameters)."""
     import processing
 
     output = tmp_path_factory.mktemp("detect") / "cars.gpkg"
-    parameters = detect_parameters(tiny_gguf, demo_raster, "car\nroad", str(output),
+    parameters = detect_parameters(demo_raster, "car\nroad", str(output),
                                    corner_extent(demo_raster, 300, 300))
     return processing.run("geochat:detect", parameters), output, parameters
 
@@ -96,48 +160,44 @@ def test_provider_lists_the_four_algorithms(provider):
     assert detect.parameterDefinition("TASK").defaultValue() == "refer"
     assert detect.parameterDefinition("BACKEND").options() == ["auto", "llama.cpp",
                                                                "transformers", "openai"]
+    assert provider.supportedOutputVectorLayerExtensions() == ["gpkg", "shp", "geojson"]
 
 
-def test_detect_writes_the_job_results_in_the_raster_crs(detect_run, tiny_gguf, demo_raster):
-    """The sink holds exactly what the core's run_job finds for the same job."""
-    from geochat_qgis.core.backends.factory import resolve_spec
-    from geochat_qgis.core.pipeline import Job, run_job
-
+def test_detect_writes_what_the_command_line_finds(detect_run, demo_raster, runtime, tmp_path):
+    """The runtime writes the GeoPackage in the raster's CRS with the core's schema, and it
+    holds exactly what ``python -m geochat_qgis detect`` finds for the same choices."""
     results, output, parameters = detect_run
     layer = QgsVectorLayer(str(output), "cars", "ogr")
     assert layer.isValid()
     assert layer.crs().authid() == "EPSG:3857"  # the raster's CRS
-    assert [f.name for f in FIELDS] + [FEATURE_ID_FIELD] == [
-        name for name in layer.fields().names() if name != "fid"]
+    names = [name for name in layer.fields().names() if name != "fid"]
+    assert names[:len(SCHEMA)] == SCHEMA
+    assert results["OUTPUT"] == str(output)
     assert results["TILES_DONE"] == 1
     assert results["DETECTIONS"] == layer.featureCount() > 0
 
-    rect = [float(v) for v in parameters["EXTENT"].split(" [")[0].split(",")]
-    job = Job(raster=str(demo_raster), prompts=["car", "road"], grammar=True,
-              max_new_tokens=24, extent=(rect[0], rect[2], rect[1], rect[3]),
-              backend=resolve_spec(str(tiny_gguf), "llama.cpp"))
-    expected = run_job(job)
-    assert len(expected.detections) == layer.featureCount()
-    found = features_of(layer)
-    assert {label for label, _, _ in found} <= {"car", "road"}
-    assert [(d.label, d.tile_id) for d in sorted(expected.detections,
-                                                 key=lambda d: (d.label, d.tile_id))] == [
-        (label, tile) for label, tile, _ in found]
+    expected = tmp_path / "cli.gpkg"
+    cli_detect(demo_raster, ["car", "road"], corner(demo_raster, 300, 300), expected, runtime)
+    assert features_of(output) == features_of(expected)
+    assert {label for label, _, _ in features_of(output)} <= {"car", "road"}
     first = next(layer.getFeatures())
     assert first["task"] == "refer" and first["raster"] == str(demo_raster)
     assert first["model"].startswith("llama.cpp") and first["created"]
+    assert not forbidden_modules()
 
 
-def test_a_loaded_output_is_styled_like_the_dock_results(provider, tiny_gguf, demo_raster):
+def test_a_loaded_output_is_styled_like_the_dock_results(provider, demo_raster):
     """As the Processing dialog loads outputs: one colour per label, map tips, from the QML."""
     import processing
 
     results = processing.runAndLoadResults("geochat:detect", detect_parameters(
-        tiny_gguf, demo_raster, "car\nroad", "TEMPORARY_OUTPUT",
-        corner_extent(demo_raster, 300, 300)))
-    layer = QgsProject.instance().mapLayer(results["OUTPUT"])
+        demo_raster, "car\nroad", "TEMPORARY_OUTPUT", corner_extent(demo_raster, 300, 300)))
+    layers = list(QgsProject.instance().mapLayers().values())
     try:
-        assert layer is not None and layer.featureCount() == results["DETECTIONS"] > 0
+        assert len(layers) == 1
+        layer = layers[0]
+        assert layer.source().startswith(results["OUTPUT"])
+        assert layer.featureCount() == results["DETECTIONS"] > 0
         renderer = layer.renderer()
         assert renderer.type() == "categorizedSymbol" and renderer.classAttribute() == "label"
         assert {c.value() for c in renderer.categories()} == {
@@ -145,97 +205,165 @@ def test_a_loaded_output_is_styled_like_the_dock_results(provider, tiny_gguf, de
         assert '"phrase"' in layer.mapTipTemplate()
     finally:
         QgsProject.instance().removeAllMapLayers()
+    assert not forbidden_modules()
 
 
-def test_detect_runs_only_the_tiles_touching_the_aoi(provider, tiny_gguf, demo_raster):
-    """Two small squares (drawn in EPSG:4326) near opposite corners of the 1024 px raster: the
-    2 x 2 tiles over their bounds are planned, only the two corner tiles touching them run."""
-    import processing
-
-    raster = QgsRasterLayer(str(demo_raster), "r")
-    to_wgs84 = QgsCoordinateTransform(raster.crs(), QgsCoordinateReferenceSystem("EPSG:4326"),
+def aoi_layer(raster: Path, offsets: list[tuple[int, int]]) -> QgsVectorLayer:
+    """Squares of 60 px, ``offsets`` (in 60 px steps from the top-left and bottom-right
+    corners), drawn in EPSG:4326."""
+    layer = QgsRasterLayer(str(raster), "r")
+    to_wgs84 = QgsCoordinateTransform(layer.crs(), QgsCoordinateReferenceSystem("EPSG:4326"),
                                       QgsProject.instance())
-    extent, step = raster.extent(), 60 * raster.rasterUnitsPerPixelX()
-    aoi = QgsVectorLayer("Polygon?crs=EPSG:4326", "aoi", "memory")
+    extent, step = layer.extent(), 60 * layer.rasterUnitsPerPixelX()
+    aoi = QgsVectorLayer("Polygon?crs=EPSG:4326", "aoi squares", "memory")
     squares = []
     for x, y in ((extent.xMinimum() + step, extent.yMaximum() - 2 * step),
-                 (extent.xMaximum() - 2 * step, extent.yMinimum() + step)):
+                 (extent.xMaximum() - 2 * step, extent.yMinimum() + step))[:len(offsets)]:
         square = QgsGeometry.fromRect(QgsRectangle(x, y, x + step, y + step))
         square.transform(to_wgs84)
         feature = QgsFeature()
         feature.setGeometry(square)
         squares.append(feature)
     assert aoi.dataProvider().addFeatures(squares)[0]
+    return aoi
 
-    parameters = detect_parameters(tiny_gguf, demo_raster, "car", "memory:", "")
-    parameters["AOI"] = aoi
+
+def test_detect_runs_only_the_tiles_touching_the_aoi(provider, demo_raster):
+    """Two small squares (drawn in EPSG:4326) near opposite corners of the 1024 px raster: the
+    AOI goes to the runtime as WKT with its CRS; only the two corner tiles touching it run."""
+    import processing
+
+    parameters = detect_parameters(demo_raster, "car", "TEMPORARY_OUTPUT", "")
+    parameters["AOI"] = aoi_layer(demo_raster, [(1, 2), (2, 1)])
     del parameters["EXTENT"]
     results = processing.run("geochat:detect", parameters)
     assert results["TILES_DONE"] == 2
-    assert {f["tile_id"] for f in results["OUTPUT"].getFeatures()} <= {"r0_c0", "r1_c1"}
+    assert {tile for _, tile, _ in features_of(results["OUTPUT"])} <= {"r0_c0", "r1_c1"}
 
 
-def llama_server_class():
-    """The tests' ``python -m llama_cpp.server`` runner (tests/unit/test_backend_http_server)."""
-    import importlib.util
+def test_an_aoi_without_polygons_is_refused_by_name(provider, demo_raster, tmp_path):
+    import processing
 
-    path = Path(__file__).resolve().parents[1] / "unit" / "test_backend_http_server.py"
-    spec = importlib.util.spec_from_file_location("geochat_llama_server_runner", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.LlamaServer
+    empty = QgsVectorLayer("Polygon?crs=EPSG:4326", "my fields", "memory")
+    parameters = detect_parameters(demo_raster, "car", str(tmp_path / "out.gpkg"), "")
+    parameters["AOI"] = empty
+    with pytest.raises(QgsProcessingException, match="The area of interest my fields has no "
+                                                     "polygons"):
+        processing.run("geochat:detect", parameters)
+    assert not list(tmp_path.iterdir())
+
+
+def test_bad_bands_and_formats_are_refused_before_the_run(provider, demo_raster, tmp_path):
+    import processing
+
+    parameters = detect_parameters(demo_raster, "car", str(tmp_path / "out.gpkg"),
+                                   corner_extent(demo_raster, 100, 100))
+    with pytest.raises(QgsProcessingException, match="not a list of band numbers"):
+        processing.run("geochat:detect", {**parameters, "BANDS": "red,green"})
+    with pytest.raises(QgsProcessingException, match=r"\.shp, \.gpkg or \.geojson"):
+        processing.run("geochat:detect", {**parameters, "OUTPUT": str(tmp_path / "out.kml")})
+    assert not list(tmp_path.iterdir())
+
+
+def models_answered(url: str, api_key: str) -> dict | None:
+    """The server's GET /models answer, or None while it is not up yet."""
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(f"{url}/models", headers={"Authorization": f"Bearer {api_key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            return json.load(response)
+    except OSError:
+        return None
+
+
+class RuntimeLlamaServer:
+    """``llama_cpp.server`` run by the runtime's interpreter (this process has no llama_cpp)
+    for a GGUF folder, on a free port of 127.0.0.1."""
+
+    def __init__(self, folder: Path, log: Path, api_key: str) -> None:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/v1"
+        python = shlex.split(os.environ["GEOCHAT_RUNTIME_PYTHON"])
+        options = {"--model": folder / "model.gguf", "--clip_model_path": folder / "mmproj.gguf",
+                   "--chat_format": "mtmd", "--n_ctx": 2048, "--host": "127.0.0.1",
+                   "--port": port, "--api_key": api_key}
+        self.log = open(log, "wb")
+        self.process = subprocess.Popen(
+            [*python, "-m", "llama_cpp.server", *(str(v) for kv in options.items() for v in kv)],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 90
+        self.models = models_answered(self.url, api_key)
+        while self.models is None:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.skip(f"llama_cpp.server did not start in the runtime: see {log}")
+            time.sleep(0.3)
+            self.models = models_answered(self.url, api_key)
+
+    def stop(self) -> None:
+        """Kill it (nothing to save) and close its log."""
+        if self.process.returncode is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        self.log.close()
 
 
 @pytest.mark.slow
-def test_detect_through_an_openai_compatible_server(detect_run, tiny_gguf, tmp_path,
+def test_detect_through_an_openai_compatible_server(detect_run, runtime, tmp_path,
                                                    monkeypatch):
     """BACKEND=openai + SERVER_URL (+ the API key from $GEOCHAT_API_KEY) against a real
-    llama_cpp.server running the same GGUF: the same features as the in-process run."""
+    llama_cpp.server running the same demo GGUF: the same features as the local run."""
     import processing
 
-    pytest.importorskip("llama_cpp.server")
-    server = llama_server_class()(tiny_gguf, tmp_path / "server.log", api_key="key-7")
+    demo = Path(runtime) / MODEL
+    assert (demo / "model.gguf").is_file()  # built by the earlier run
+    server = RuntimeLlamaServer(demo, tmp_path / "server.log", api_key="key-7")
     monkeypatch.setenv("GEOCHAT_API_KEY", "key-7")
     try:
-        _, in_process, parameters = detect_run
+        _, local, parameters = detect_run
         output = tmp_path / "over-http.gpkg"
         results = processing.run("geochat:detect", {
             **parameters, "BACKEND": "openai", "SERVER_URL": server.url,
             "MODEL": server.models["data"][0]["id"], "OUTPUT": str(output)})
     finally:
         server.stop()
-    layer = QgsVectorLayer(str(output), "http", "ogr")
     assert results["TILES_DONE"] == 1
-    assert features_of(layer) == features_of(QgsVectorLayer(str(in_process), "local", "ogr"))
-    assert next(layer.getFeatures())["model"].startswith("openai")
+    assert features_of(output) == features_of(local)
+    assert next(QgsVectorLayer(str(output), "http", "ogr").getFeatures())["model"].startswith(
+        "openai")
 
 
-def test_batch_over_two_rasters_and_two_prompts(provider, tiny_gguf, data_dir, tmp_path):
-    """Batch rows run one after another, as the batch dialog runs them; the last row goes
-    through QgsProcessingAlgRunnerTask on the task manager (a worker thread, as in QGIS)."""
+def test_batch_over_two_rasters_and_two_prompts(provider, data_dir, tmp_path):
+    """Batch rows run one after another, as the batch dialog runs them, in one runtime child
+    that keeps its model loaded; the last row goes through QgsProcessingAlgRunnerTask on the
+    task manager (a worker thread, as in QGIS)."""
     import processing
-
-    from geochat_qgis.processing import running
 
     rows = [(data_dir / raster, prompt)
             for raster in ("cogeo.tif", "rgb1_fake_nir_epsg3857.tif")
             for prompt in ("car", "building")]
     outputs = []
-    loaded = []
+    children = []
     for index, (raster, prompt) in enumerate(rows[:-1]):
         output = tmp_path / f"row{index}.gpkg"
         results = processing.run("geochat:detect", detect_parameters(
-            tiny_gguf, raster, prompt, str(output), corner_extent(raster, 200, 200)))
+            raster, prompt, str(output), corner_extent(raster, 200, 200)))
         outputs.append((results, output, prompt))
-        loaded.append(running._CACHES["inprocess"]._backend)
-    # the batch loads its model once: every row ran on the same loaded backend
-    assert loaded[0] is not None and all(backend is loaded[0] for backend in loaded)
+        children.append((shared_client().pid, shared_client().status()["loaded"]))
+    # the batch loads its model once: every row ran in the same child on the same model
+    assert children[0][0] is not None and children[0][1]
+    assert all(child == children[0] for child in children)
 
     raster, prompt = rows[-1]
     output = tmp_path / "row3.gpkg"
     ok, results = run_task("geochat:detect", detect_parameters(
-        tiny_gguf, raster, prompt, str(output), corner_extent(raster, 200, 200)),
-        QgsProcessingFeedback())
+        raster, prompt, str(output), corner_extent(raster, 200, 200)), QgsProcessingFeedback())
     assert ok
     outputs.append((results, output, prompt))
 
@@ -252,7 +380,7 @@ def test_batch_over_two_rasters_and_two_prompts(provider, tiny_gguf, data_dir, t
                        str(data_dir / "rgb1_fake_nir_epsg3857.tif")}
 
 
-def test_detect_in_a_model_with_export(provider, tiny_gguf, demo_raster, tmp_path):
+def test_detect_in_a_model_with_export(provider, demo_raster, tmp_path):
     """The model builder's API: raster + extent -> geochat:detect -> geochat:export."""
     import processing
 
@@ -266,7 +394,7 @@ def test_detect_in_a_model_with_export(provider, tiny_gguf, demo_raster, tmp_pat
         QgsProcessingModelChildParameterSource.fromModelParameter("raster")])
     detect.addParameterSources("EXTENT", [
         QgsProcessingModelChildParameterSource.fromModelParameter("extent")])
-    for name, value in (("PROMPT", "car"), ("TASK", "refer"), ("MODEL", str(tiny_gguf)),
+    for name, value in (("PROMPT", "car"), ("TASK", "refer"), ("MODEL", MODEL),
                         ("BACKEND", "llama.cpp"), ("GRAMMAR", True), ("MAX_NEW_TOKENS", 24)):
         detect.addParameterSources(name, [
             QgsProcessingModelChildParameterSource.fromStaticValue(value)])
@@ -306,6 +434,7 @@ def test_export_round_trip(detect_run, provider, tmp_path):
             parameters["CRS"] = crs
         results = processing.run("geochat:export", parameters)
         assert results["EXPORTED"] == original.featureCount()
+        assert results["OUTPUT"] == str(output)
         layer = QgsVectorLayer(str(output), name, "ogr")
         assert layer.isValid()
         assert layer.featureCount() == original.featureCount()
@@ -313,10 +442,11 @@ def test_export_round_trip(detect_run, provider, tmp_path):
         assert sorted((f["label"], f["run_id"]) for f in layer.getFeatures()) == \
             sorted((f["label"], f["run_id"]) for f in original.getFeatures())
         if crs is None:  # (QGIS reads GeoJSON's ISO dates as dates: compared in the shapefile)
-            assert features_of(layer) == features_of(original)
+            assert features_of(output) == features_of(source)
             assert {f["created"] for f in layer.getFeatures()} == \
                 {f["created"] for f in original.getFeatures()}
     assert not list(tmp_path.glob(".*partial*"))
+    assert not forbidden_modules()
 
 
 def test_export_into_a_geopackage_layer(detect_run, provider, tmp_path):
@@ -344,12 +474,12 @@ def test_export_refuses_an_unknown_format(detect_run, provider, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_describe_writes_html_and_tile_footprints(provider, tiny_gguf, demo_raster, tmp_path):
+def test_describe_writes_html_and_tile_footprints(provider, demo_raster, tmp_path):
     import processing
 
     html = tmp_path / "answer.html"
     results = processing.run("geochat:describe", {
-        "INPUT": str(demo_raster), "TASK": "caption", "MODEL": str(tiny_gguf),
+        "INPUT": str(demo_raster), "TASK": "caption", "MODEL": MODEL,
         "MAX_NEW_TOKENS": 16, "OUTPUT_HTML": str(html), "OUTPUT": "memory:"})
     text = html.read_text(encoding="utf-8")
     assert results["OUTPUT_HTML"] == str(html)
@@ -359,73 +489,51 @@ def test_describe_writes_html_and_tile_footprints(provider, tiny_gguf, demo_rast
     assert footprints.featureCount() == 1
     assert footprints.crs().authid() == "EPSG:3857"
     feature = next(footprints.getFeatures())
-    assert feature["answer"] == results["ANSWER"]
+    assert feature["answer"] == results["ANSWER"] and results["ANSWER"]
     raster_extent = QgsRasterLayer(str(demo_raster), "r").extent()
     assert feature.geometry().boundingBox().contains(raster_extent.buffered(-0.01))
 
 
-def test_describe_with_the_transformers_backend(provider, demo_raster, tmp_path_factory):
-    """BACKEND=transformers on a tiny random-weight HF checkpoint: the answer is the core's."""
-    import processing
-
-    from geochat_qgis.core.backends.factory import resolve_spec
-    from geochat_qgis.core.pipeline import Job, run_job
-    from geochat_qgis.core.weights.tiny import build_tiny_geochat
-
-    checkpoint = build_tiny_geochat(tmp_path_factory.mktemp("tiny-hf") / "hf", "hf", seed=0)
-    extent = corner_extent(demo_raster, 300, 300)
-    answers = tmp_path_factory.mktemp("describe") / "answers.txt"
-    results = processing.run("geochat:describe", {
-        "INPUT": str(demo_raster), "EXTENT": extent, "TASK": "vqa",
-        "PROMPT": "Is there a road?", "MODEL": str(checkpoint), "BACKEND": "transformers",
-        "MAX_NEW_TOKENS": 12, "OUTPUT_HTML": str(answers), "OUTPUT": "memory:"})
-    rect = [float(v) for v in extent.split(" [")[0].split(",")]
-    expected = run_job(Job(raster=str(demo_raster), task="vqa", prompts=["Is there a road?"],
-                           extent=(rect[0], rect[2], rect[1], rect[3]), max_new_tokens=12,
-                           backend=resolve_spec(str(checkpoint), "transformers")))
-    assert len(expected.answers) == 1 and expected.answers[0].raw
-    assert results["ANSWER"] == (expected.answers[0].text or expected.answers[0].raw)
-    assert results["ANSWER"] in answers.read_text(encoding="utf-8")
-    assert next(results["OUTPUT"].getFeatures())["answer"] == results["ANSWER"]
-
-
-def test_describe_per_tile_to_text(provider, tiny_gguf, demo_raster, tmp_path):
+def test_describe_per_tile_to_text(provider, demo_raster, tmp_path):
     import processing
 
     answers = tmp_path / "answers.txt"
     results = processing.run("geochat:describe", {
         "INPUT": str(demo_raster), "EXTENT": corner_extent(demo_raster, 1024, 300),
         "PROMPT": "What is here?", "TASK": "chat", "OVERVIEW": False,
-        "MODEL": str(tiny_gguf), "MAX_NEW_TOKENS": 8, "OUTPUT_HTML": str(answers),
+        "MODEL": MODEL, "MAX_NEW_TOKENS": 8, "OUTPUT_HTML": str(answers),
         "OUTPUT": "memory:"})
     text = answers.read_text(encoding="utf-8")
     tiles = sorted(f["tile_id"] for f in results["OUTPUT"].getFeatures())
     assert tiles == ["r0_c0", "r0_c1", "r0_c2"]  # 1024 px wide: three 504 px tiles
     for tile in tiles:
         assert f"[tile {tile}] What is here?" in text
+    assert all(not f.geometry().isEmpty() for f in results["OUTPUT"].getFeatures())
 
 
-def test_segment_without_cuda_fails_with_the_core_message(provider, demo_raster, tmp_path):
+def test_segment_without_a_gpu_fails_with_a_clear_message(provider, demo_raster, tmp_path):
     import processing
 
-    from geochat_qgis.core.backends.geopixel import NEEDS_GPU, cuda_available
-
-    if cuda_available():
-        pytest.skip("this machine has CUDA: the refusal cannot be seen here")
-    with pytest.raises(QgsProcessingException) as raised:
+    if shared_client().status()["gpus"]:
+        pytest.skip("this machine has an NVIDIA GPU: the refusal cannot be seen here")
+    with pytest.raises(QgsProcessingException, match="GeoPixel needs an NVIDIA GPU with CUDA"):
         processing.run("geochat:segment", {
             "INPUT": str(demo_raster), "PROMPT": "building", "MODEL": str(tmp_path),
             "OUTPUT": str(tmp_path / "masks.gpkg")})
-    assert str(raised.value) == NEEDS_GPU
     assert not (tmp_path / "masks.gpkg").exists()
 
 
-def test_cancel_from_the_progress_callback_stops_within_one_tile(provider, tiny_gguf,
-                                                                  demo_raster):
+def test_cancel_keeps_an_existing_output_and_writes_the_finished_tile_beside_it(
+        provider, demo_raster, detect_run, tmp_path):
     """Three tiles planned; the feedback is cancelled when the first one reports progress:
-    the run ends there and keeps that tile's detections."""
+    the run ends there, its tile is written beside the existing output (only a complete run
+    replaces it), and the result names that file."""
     import processing
 
+    _, earlier, _ = detect_run
+    output = tmp_path / "cars.gpkg"
+    output.write_bytes(earlier.read_bytes())
+    before = output.read_bytes()
     feedback = QgsProcessingFeedback()
     progress: list[float] = []
 
@@ -435,14 +543,32 @@ def test_cancel_from_the_progress_callback_stops_within_one_tile(provider, tiny_
 
     feedback.progressChanged.connect(on_progress)
     results = processing.run("geochat:detect", detect_parameters(
-        tiny_gguf, demo_raster, "car", "memory:", corner_extent(demo_raster, 1024, 300)),
+        demo_raster, "car", str(output), corner_extent(demo_raster, 1024, 300)),
         feedback=feedback)
     assert progress and progress[0] == pytest.approx(100 / 3)
     assert max(progress) < 100
     assert results["TILES_DONE"] == 1
-    layer = results["OUTPUT"]
-    assert layer.featureCount() == results["DETECTIONS"]
-    assert {f["tile_id"] for f in layer.getFeatures()} <= {"r0_c0"}
+    assert output.read_bytes() == before
+    partial = Path(results["OUTPUT"])
+    assert partial.parent == tmp_path and partial.name.startswith("cars-partial-")
+    assert {tile for _, tile, _ in features_of(partial)} <= {"r0_c0"}
+    assert len(features_of(partial)) == results["DETECTIONS"]
+
+
+def test_a_run_that_processes_nothing_keeps_the_existing_output(provider, data_dir,
+                                                               detect_run, tmp_path):
+    """Every tile of all-nodata.tif is nodata: nothing replaces the file already there."""
+    import processing
+
+    _, earlier, _ = detect_run
+    output = tmp_path / "cars.gpkg"
+    output.write_bytes(earlier.read_bytes())
+    before = output.read_bytes()
+    with pytest.raises(QgsProcessingException, match="nodata.*kept"):
+        processing.run("geochat:detect", detect_parameters(
+            data_dir / "all-nodata.tif", "car", str(output), ""))
+    assert output.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cars.gpkg"]
 
 
 # The task keeps references to its context and feedback and the task manager deletes it later,
@@ -470,11 +596,11 @@ def run_task(algorithm_id: str, parameters: dict, feedback: QgsProcessingFeedbac
     return done[0]
 
 
-def test_cancel_from_the_gui_thread_stops_the_worker_within_a_tile(provider, tiny_gguf,
-                                                                   demo_raster, tmp_path):
+def test_cancel_from_the_gui_thread_stops_the_worker_within_a_tile(provider, demo_raster,
+                                                                   tmp_path):
     """The dialog's Cancel: feedback.cancel() on the main thread while the algorithm runs on
-    the task manager's thread. The first tile's progress cancels; the second tile is stopped
-    between tokens, the third never starts; the finished tile's detections are written."""
+    the task manager's thread. The first tile's progress cancels; the runtime stops the second
+    tile between tokens, the third never starts; the finished tile's detections are written."""
     feedback = QgsProcessingFeedback()
     seen: list[float] = []
 
@@ -485,29 +611,27 @@ def test_cancel_from_the_gui_thread_stops_the_worker_within_a_tile(provider, tin
     feedback.progressChanged.connect(on_progress)
     output = tmp_path / "cancelled.gpkg"
     ok, results = run_task("geochat:detect", detect_parameters(
-        tiny_gguf, demo_raster, "car", str(output), corner_extent(demo_raster, 1024, 300)),
-        feedback)
+        demo_raster, "car", str(output), corner_extent(demo_raster, 1024, 300)), feedback)
     assert seen and seen[0] == pytest.approx(100 / 3) and max(seen) < 100
     assert feedback.isCanceled()
     assert results["TILES_DONE"] == 1
-    layer = QgsVectorLayer(str(output), "cancelled", "ogr")
-    assert layer.featureCount() == results["DETECTIONS"]
-    assert {f["tile_id"] for f in layer.getFeatures()} <= {"r0_c0"}
+    assert results["OUTPUT"] == str(output)  # no file was there: the finished tile goes in
+    assert len(features_of(output)) == results["DETECTIONS"]
+    assert {tile for _, tile, _ in features_of(output)} <= {"r0_c0"}
 
 
-def test_repeated_exports_on_the_task_manager(provider, tmp_path):
-    """Each export reprojects with pyproj on one of the task manager's pooled threads. pyproj
-    frees a pooled thread's PROJ context when the thread leaves Python yet uses it again on the
-    thread's next visit: without core.threads the second run crashed (proj_as_wkt)."""
-    from shapely.geometry import box
-
-    from geochat_qgis.core.results import Detection
-    from geochat_qgis.toolbelt.detection_features import detection_features, memory_layer
-
-    layer = memory_layer("detections", QgsCoordinateReferenceSystem("EPSG:3857"))
-    detections = [Detection("car", box(0, 0, 10, 10), frame="crs", crs="EPSG:3857")]
-    layer.dataProvider().addFeatures(detection_features(detections, layer.fields()))
-    for run in range(4):
+def test_repeated_exports_of_a_memory_layer_on_the_task_manager(provider, tmp_path):
+    """A memory layer (as the dock's or a model's) is staged by QGIS and exported by the
+    runtime, on the task manager's pooled threads, again and again."""
+    layer = QgsVectorLayer("Polygon?crs=EPSG:3857", "detections", "memory")
+    layer.dataProvider().addAttributes([QgsField("label", QVariant.String),
+                                        QgsField("tile_id", QVariant.String)])
+    layer.updateFields()
+    feature = QgsFeature(layer.fields())
+    feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(0, 0, 10, 10)))
+    feature.setAttributes(["car", "r0_c0"])
+    assert layer.dataProvider().addFeatures([feature])[0]
+    for run in range(3):
         output = tmp_path / f"run{run}.geojson"
         ok, results = run_task("geochat:export", {"INPUT": layer, "CRS": "EPSG:4326",
                                                   "OUTPUT": str(output)},
@@ -515,11 +639,42 @@ def test_repeated_exports_on_the_task_manager(provider, tmp_path):
         assert ok and results["EXPORTED"] == 1
         written = QgsVectorLayer(str(output), "written", "ogr")
         assert written.featureCount() == 1 and written.crs().authid() == "EPSG:4326"
+        assert [(f["label"], f["tile_id"]) for f in written.getFeatures()] == [("car", "r0_c0")]
 
 
-def test_model_errors_are_processing_exceptions(provider, demo_raster):
+def test_model_errors_are_processing_exceptions(provider, demo_raster, tmp_path):
     import processing
 
-    with pytest.raises(QgsProcessingException, match="neither a model file or folder"):
+    with pytest.raises(QgsProcessingException, match="no-such-model"):
         processing.run("geochat:detect", {"INPUT": str(demo_raster), "PROMPT": "car",
-                                          "MODEL": "no-such-model", "OUTPUT": "memory:"})
+                                          "MODEL": "no-such-model",
+                                          "OUTPUT": str(tmp_path / "out.gpkg")})
+    assert not list(tmp_path.iterdir())
+
+
+def test_without_a_runtime_the_message_names_the_install_menu_entry(provider, demo_raster,
+                                                                    tmp_path, monkeypatch):
+    """A runtime interpreter without GeoChat's core (an isolated system Python): the run is
+    refused before anything starts, naming the plugin's install entry."""
+    import processing
+
+    close_shared_client()
+    monkeypatch.setenv("GEOCHAT_RUNTIME_PYTHON", "/usr/bin/python3 -I")
+    try:
+        with pytest.raises(QgsProcessingException) as raised:
+            processing.run("geochat:detect", detect_parameters(
+                demo_raster, "car", str(tmp_path / "out.gpkg"),
+                corner_extent(demo_raster, 100, 100)))
+        message = str(raised.value)
+        assert "Raster > GeoChat > Install model dependencies..." in message
+        assert "geochat_qgis" in message  # what that interpreter lacks
+        assert shared_client().pid is None  # no child was started
+    finally:
+        close_shared_client()
+    assert not list(tmp_path.iterdir())
+
+
+def test_qgis_process_holds_no_core_package_after_every_algorithm():
+    """Last: after detect, segment, describe and export ran here, QGIS's process has imported
+    none of the core's packages."""
+    assert not forbidden_modules()

@@ -494,6 +494,102 @@ def test_describe_writes_html_and_tile_footprints(provider, demo_raster, tmp_pat
     assert feature.geometry().boundingBox().contains(raster_extent.buffered(-0.01))
 
 
+def runtime_cli(*arguments: str, cache: str) -> str:
+    """``python -m geochat_qgis ARGUMENTS`` in the runtime's interpreter; its stdout."""
+    python = shlex.split(os.environ["GEOCHAT_RUNTIME_PYTHON"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GEOCHAT_CACHE": cache}
+    done = subprocess.run([*python, "-m", "geochat_qgis", *arguments], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_describe_with_the_transformers_backend(provider, demo_raster, runtime, tmp_path):
+    """BACKEND=transformers on a tiny random-weight HF checkpoint (made by the runtime): the
+    answer is the one ``python -m geochat_qgis ask`` gives for the same question and extent."""
+    import processing
+
+    checkpoint = tmp_path / "hf"
+    runtime_cli("make-tiny-model", str(checkpoint), "--format", "hf", "--seed", "0",
+                cache=runtime)
+    extent = corner(demo_raster, 300, 300)
+    answers = tmp_path / "answers.txt"
+    results = processing.run("geochat:describe", {
+        "INPUT": str(demo_raster), "EXTENT": corner_extent(demo_raster, 300, 300),
+        "TASK": "vqa", "PROMPT": "Is there a road?", "MODEL": str(checkpoint),
+        "BACKEND": "transformers", "MAX_NEW_TOKENS": 12, "OUTPUT_HTML": str(answers),
+        "OUTPUT": "memory:"})
+    said = runtime_cli("ask", str(demo_raster), "--model", str(checkpoint), "--backend",
+                       "transformers", "--task", "vqa", "--prompt", "Is there a road?",
+                       "--max-new-tokens", "12", "--extent=" + ",".join(map(str, extent)),
+                       cache=runtime)
+    assert results["ANSWER"] and said.startswith(results["ANSWER"])
+    assert results["ANSWER"] in answers.read_text(encoding="utf-8")
+    assert next(results["OUTPUT"].getFeatures())["answer"] == results["ANSWER"]
+
+
+class RecordingFeedback(QgsProcessingFeedback):
+    """A feedback that keeps the warnings it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.warnings: list[str] = []
+
+    def pushWarning(self, warning: str) -> None:  # noqa: N802 - QGIS API
+        self.warnings.append(warning)
+        super().pushWarning(warning)
+
+
+def test_every_tile_failing_is_said_and_keeps_the_existing_output(provider, demo_raster,
+                                                                  detect_run, tmp_path):
+    """A server answering HTTP 500 to everything: each tile's failure is a warning, the run
+    fails with the server's message, and the file already there is kept as it was."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import processing
+
+    class Failing(BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(length)
+            body = b'{"error": {"message": "the model crashed"}}'
+            self.send_response(500)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = answer  # noqa: N815 (http.server's naming)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _, earlier, _ = detect_run
+    output = tmp_path / "cars.gpkg"
+    output.write_bytes(earlier.read_bytes())
+    before = output.read_bytes()
+    feedback = RecordingFeedback()
+    try:
+        with pytest.raises(QgsProcessingException, match="No tile could be processed"):
+            processing.run("geochat:detect", {
+                **detect_parameters(demo_raster, "car", str(output),
+                                    corner_extent(demo_raster, 200, 200)),
+                "BACKEND": "openai", "MODEL": "served",
+                "SERVER_URL": f"http://127.0.0.1:{server.server_address[1]}/v1"},
+                feedback=feedback)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert any(w.startswith("Tile r0_c0:") and "500" in w for w in feedback.warnings), \
+        feedback.warnings
+    assert output.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cars.gpkg"]
+
+
 def test_describe_per_tile_to_text(provider, demo_raster, tmp_path):
     import processing
 

@@ -173,6 +173,8 @@ def export_detections(
             crs=out_crs,
             encoding="UTF-8" if driver == "ESRI Shapefile" else None,
             promote_to_multi=not all_single,
+            # GeoPackage 1.2: what QGIS's GDAL reads without a warning (GDAL >= 3.11 writes 1.4)
+            dataset_options={"VERSION": "1.2"} if driver == "GPKG" else None,
         )
         _verify(temps, driver, layer or path.stem, len(geoms), out_crs is not None)
         _check(cancel)

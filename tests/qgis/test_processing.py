@@ -540,6 +540,10 @@ class RecordingFeedback(QgsProcessingFeedback):
         self.warnings.append(warning)
         super().pushWarning(warning)
 
+    def reportError(self, error: str, fatalError: bool = False) -> None:  # noqa: N802,N803
+        self.warnings.append(error)
+        super().reportError(error, fatalError)
+
 
 def test_every_tile_failing_is_said_and_keeps_the_existing_output(provider, demo_raster,
                                                                   detect_run, tmp_path):
@@ -665,6 +669,50 @@ def test_a_run_that_processes_nothing_keeps_the_existing_output(provider, data_d
             data_dir / "all-nodata.tif", "car", str(output), ""))
     assert output.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cars.gpkg"]
+
+
+def test_a_raster_without_a_crs_is_refused_with_what_to_do(provider, data_dir, tmp_path):
+    import processing
+
+    raster = data_dir / "float_nan.tif"
+    assert not QgsRasterLayer(str(raster), "r").crs().isValid()
+    with pytest.raises(QgsProcessingException, match="has no coordinate reference system: "
+                                                     "set it"):
+        processing.run("geochat:detect", detect_parameters(raster, "car",
+                                                           str(tmp_path / "out.gpkg"), ""))
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_runtime_killed_mid_run_keeps_the_finished_tile(provider, demo_raster, tmp_path):
+    """The runtime child is SIGKILLed (as the out-of-memory killer does) after the first of
+    three tiles: a fresh child writes that tile, the run reports the death as an error, and
+    the next run works in yet another child."""
+    import signal
+
+    import processing
+
+    feedback = RecordingFeedback()
+    killed: list[int] = []
+
+    def on_progress(value: float) -> None:
+        if not killed:
+            killed.append(shared_client().pid)
+            os.kill(killed[0], signal.SIGKILL)
+
+    feedback.progressChanged.connect(on_progress)
+    output = tmp_path / "killed.gpkg"
+    results = processing.run("geochat:detect", detect_parameters(
+        demo_raster, "car", str(output), corner_extent(demo_raster, 1024, 300)),
+        feedback=feedback)
+    assert killed and results["TILES_DONE"] >= 1
+    assert results["OUTPUT"] == str(output)
+    found = features_of(output)
+    assert len(found) == results["DETECTIONS"]
+    assert {tile for _, tile, _ in found} <= {"r0_c0", "r0_c1"}
+    assert any("SIGKILL" in w for w in feedback.warnings), feedback.warnings
+    again = processing.run("geochat:detect", detect_parameters(
+        demo_raster, "car", "TEMPORARY_OUTPUT", corner_extent(demo_raster, 200, 200)))
+    assert again["TILES_DONE"] == 1 and shared_client().pid not in (None, killed[0])
 
 
 # The task keeps references to its context and feedback and the task manager deletes it later,

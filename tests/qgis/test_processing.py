@@ -655,6 +655,41 @@ def test_cancel_keeps_an_existing_output_and_writes_the_finished_tile_beside_it(
     assert len(features_of(partial)) == results["DETECTIONS"]
 
 
+def test_a_run_stopped_early_loads_the_file_it_wrote(provider, demo_raster, detect_run,
+                                                     tmp_path):
+    """As the dialog loads outputs: a run stopped by an error (here the runtime killed after
+    the first tile) over an existing file loads the partial file it wrote beside it, not the
+    old one. (A cancelled run loads nothing: QGIS skips loading after a cancel.)"""
+    import signal
+
+    import processing
+
+    _, earlier, _ = detect_run
+    output = tmp_path / "cars.gpkg"
+    output.write_bytes(earlier.read_bytes())
+    before = output.read_bytes()
+    killed: list[int] = []
+
+    def kill_once(value: float) -> None:
+        if not killed:
+            killed.append(shared_client().pid)
+            os.kill(killed[0], signal.SIGKILL)
+
+    feedback = QgsProcessingFeedback()
+    feedback.progressChanged.connect(kill_once)
+    results = processing.runAndLoadResults("geochat:detect", detect_parameters(
+        demo_raster, "car", str(output), corner_extent(demo_raster, 1024, 300)),
+        feedback=feedback)
+    try:
+        sources = [layer.source() for layer in QgsProject.instance().mapLayers().values()]
+        partial = Path(results["OUTPUT"])
+        assert partial.name.startswith("cars-partial-") and partial.exists()
+        assert len(sources) == 1 and sources[0].startswith(str(partial))
+        assert output.read_bytes() == before
+    finally:
+        QgsProject.instance().removeAllMapLayers()
+
+
 def test_a_run_that_processes_nothing_keeps_the_existing_output(provider, data_dir,
                                                                detect_run, tmp_path):
     """Every tile of all-nodata.tif is nodata: nothing replaces the file already there."""

@@ -79,6 +79,28 @@ def test_qgis_process_runs_detect(qgis_process_env, demo_raster, tmp_path):
     assert results["DETECTIONS"] > 0
     assert run.returncode == 0, run.stderr[-3000:]
     assert "No module named" not in run.stderr
+    assert runtime_children(qgis_process_env["GEOCHAT_CACHE"]) == []
+
+
+def runtime_children(cache: str, wait: float = 10.0) -> list[int]:
+    """Processes still running with this test's GEOCHAT_CACHE (runtime children qgis_process
+    left behind), after up to ``wait`` seconds for them to exit."""
+    import time
+    from pathlib import Path
+
+    marker = f"GEOCHAT_CACHE={cache}".encode()
+    deadline = time.monotonic() + wait
+    while True:
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and marker in (proc / "environ").read_bytes().split(b"\0"):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
 
 
 def test_qgis_process_without_a_runtime_names_the_install_entry(qgis_process_env, demo_raster,

@@ -44,6 +44,7 @@ from .model_choice import (
     check_server,
     fetch_rows,
     model_choices,
+    remember_rows,
     model_status,
 )
 from .results_bar import ResultsBar
@@ -123,7 +124,7 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
         self.status_label = QLabel(body)
         self.status_label.setObjectName("GeoChatModelStatus")
         self.status_label.setWordWrap(True)
-        self.download_button = QPushButton("Download", body)
+        self.download_button = QPushButton("Get...", body)
         self.download_button.setObjectName("GeoChatDownload")
         self.download_button.clicked.connect(self.download_model)
         status_row.addWidget(self.status_label, 1)
@@ -293,30 +294,18 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
         QgsApplication.taskManager().addTask(self._server_check)
 
     def download_model(self) -> None:
-        """Fetch the chosen catalog model in a task, with progress; the status follows."""
+        """Open the Get dialog for the chosen catalog model (download and convert in the
+        runtime, with progress); the status follows once it is got."""
+        from .get_model_dialog import open_get_dialog
+
         name = self.model_combo.currentData()
-        if not name or self.runner.busy:
-            return
-        cache = self.settings.cache_dir or None
+        if name:
+            self._get_dialog = open_get_dialog(name, self.settings.cache_dir, self, self._on_model_got)
 
-        def work(cancel, _on_token, on_progress):
-            from ..core.weights.catalog import load_catalog
-            from ..core.weights.store import download_model
-
-            entry = load_catalog().get(name)
-            # permille: byte counts overflow the signal's int past 2 GB
-            return download_model(entry, cache, cancel=cancel,
-                                  progress=lambda done, total: on_progress(
-                                      int(1000 * done / total) if total else 0, 1000))
-
-        task = self.runner.start(f"GeoChat: downloading {name}", work)
-        task.tileProgress.connect(lambda done, total: self.progress.setValue(done // 10))
-        task.resultReady.connect(lambda folder: self.chat.add("info", f"Downloaded {name} to {folder}"))
-        task.failed.connect(lambda message: self.chat.add("error", message))
-        task.taskCompleted.connect(self.refresh_model_status)
-        task.taskTerminated.connect(self.refresh_model_status)
-        self.progress.setValue(0)
-        self.chat.add("info", f"Downloading {name}...")
+    def _on_model_got(self, name: str) -> None:
+        self.chat.add("info", f"{name} is ready.")
+        remember_rows([])  # listed afresh: the status line follows
+        self.refresh_model_status()
 
     # ------------------------------------------------------------------ area
     def current_area(self) -> areas.Area:

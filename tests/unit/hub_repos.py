@@ -246,15 +246,17 @@ HUB_ENV_DROPPED = ("HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE", "HTTP_PROXY", "H
                    "http_proxy", "https_proxy", "GEOCHAT_USER_CATALOG")
 
 
-def geochat_hub(tmp_path: Path, monkeypatch) -> Iterator[RepoHub]:
-    """A fixture body: the tiny GeoChat and CLIP-336 served as MBZUAI/geochat-7B and
-    openai/clip-vit-large-patch14-336 (commits a*40, c*40); GEOCHAT_HF_ENDPOINT points at it,
-    GEOCHAT_CACHE and HF_HUB_CACHE are fresh folders under ``tmp_path``."""
+def geochat_hub(tmp_path: Path, monkeypatch,
+                repos: Optional[tuple[Path, Path]] = None) -> Iterator[RepoHub]:
+    """A fixture body: the tiny GeoChat and CLIP-336 (``repos``, else written now) served as
+    MBZUAI/geochat-7B and openai/clip-vit-large-patch14-336 (commits a*40, c*40);
+    GEOCHAT_HF_ENDPOINT points at it, GEOCHAT_CACHE (``tmp_path/models``) and HF_HUB_CACHE are
+    fresh folders under ``tmp_path``."""
     for name in HUB_ENV_DROPPED:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setenv("GEOCHAT_CACHE", str(tmp_path / "models"))
-    geochat, clip = tiny_geochat_repos(tmp_path / "repos")
+    geochat, clip = repos or tiny_geochat_repos(tmp_path / "repos")
     generator = serve_repo_hub()
     server = next(generator)
     server.add_folder(GEOCHAT_REPO, geochat, commit="a" * 40)

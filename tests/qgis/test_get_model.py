@@ -1,0 +1,228 @@
+"""The Get dialog in real QGIS, against a hub on 127.0.0.1 serving a tiny GeoChat laid out as
+MBZUAI/geochat-7B and a tiny CLIP-336: the runtime child (GEOCHAT_RUNTIME_PYTHON) downloads and
+converts; QGIS's process holds only the dialog and the client.
+
+- "Get" ends with a ready model, and a find-objects run with it adds a layer whose features
+  carry the provenance attributes; the original checkpoint can then be deleted;
+- a cancel during the download keeps the bytes and the next Get resumes them;
+- a cancel during the conversion leaves no model and no temporary files;
+- a full disk (a small tmpfs as the cache) is refused before any byte is downloaded;
+- a missing shard on the server gives a clear message.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from qgis.core import QgsApplication, QgsProject, QgsVectorLayer
+from qgis.PyQt.QtCore import Qt
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "unit"))
+from hub_repos import GEOCHAT_REPO, geochat_hub  # noqa: E402
+
+from geochat_qgis.client import RuntimeClient  # noqa: E402
+from geochat_qgis.gui import model_choice  # noqa: E402
+from geochat_qgis.gui.get_model_dialog import GetModelDialog, open_get_dialog  # noqa: E402
+
+RUNTIME = os.environ.get("GEOCHAT_RUNTIME_PYTHON", "")
+SHARD_1, SHARD_2 = "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"
+HEAVY = ("numpy", "shapely", "rasterio", "pyproj", "pyogrio", "torch", "transformers",
+         "llama_cpp", "gguf", "PIL")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not RUNTIME, reason="set GEOCHAT_RUNTIME_PYTHON")]
+
+
+@pytest.fixture(scope="session")
+def repos(tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny repositories, written by the runtime's Python (it has torch; QGIS's has not)."""
+    folder = tmp_path_factory.mktemp("repos")
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from hub_repos import tiny_geochat_repos;"
+              " tiny_geochat_repos(__import__('pathlib').Path(sys.argv[2]))")
+    subprocess.run([RUNTIME, "-c", script, str(ROOT / "tests" / "unit"), str(folder)],
+                   env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, timeout=300)
+    return folder / "geochat-7B", folder / "clip-vit-large-patch14-336"
+
+
+@pytest.fixture
+def hub(repos, tmp_path, monkeypatch):
+    yield from geochat_hub(tmp_path, monkeypatch, repos)
+
+
+@pytest.fixture
+def client(hub):
+    runtime = RuntimeClient(python=RUNTIME)  # a fresh child per test, with the hub's settings
+    yield runtime
+    runtime.close()
+
+
+def settings(**changes):
+    base = dict(backend="llama.cpp", server_url="", server_model="", cache_dir="", mmproj="",
+                threads=2, gpu_layers=-1, device="auto")
+    return SimpleNamespace(**{**base, **changes})
+
+
+def wait_for(condition, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        QgsApplication.processEvents()
+        time.sleep(0.02)
+
+
+def dialog_for(client, cache_dir: str = "", on_ready=lambda _name: None) -> GetModelDialog:
+    """The dialog as the dock opens it (its Get... button) once the model list is in."""
+    model_choice.fetch_rows(client, cache_dir)
+    dialog = open_get_dialog("geochat-7b", cache_dir, None, on_ready, client)
+    assert dialog.isVisible()
+    wait_for(lambda: "Checking" not in dialog.plan_label.text())
+    return dialog
+
+
+def choose(dialog: GetModelDialog, target: str, quant) -> None:
+    index = next(i for i in range(dialog.choice_combo.count())
+                 if tuple(dialog.choice_combo.itemData(i)) == (target, quant))
+    dialog.choice_combo.setCurrentIndex(index)
+    wait_for(lambda: "Checking" not in dialog.plan_label.text())
+
+
+def get(dialog: GetModelDialog) -> None:
+    dialog.get_button.click()
+    assert dialog.busy
+    wait_for(lambda: not dialog.busy)
+
+
+def test_get_ends_with_a_ready_model_whose_results_carry_provenance(
+        client, hub, tmp_path, demo_raster, qgis_new_project):
+    before = set(sys.modules)
+    ready: list[str] = []
+    dialog = dialog_for(client, on_ready=ready.append)
+    assert "GB" in dialog.takes_label.text() and "gguf q4_k_m" in dialog.takes_label.text()
+    assert dialog.choice_combo.count() == 4 and "llama.cpp" in dialog.choice_combo.itemText(0)
+    assert "to download" in dialog.plan_label.text() and "free in" in dialog.plan_label.text()
+    status, _ = model_choice.model_status("geochat-7b", settings())
+    assert status == model_choice.MISSING
+    choose(dialog, "gguf", "f16")
+    get(dialog)
+    assert ready == ["geochat-7b"], dialog.status_label.text()
+    assert "ready" in dialog.status_label.text()
+    assert set(dialog.bars) >= {"download", "convert", "verify"}
+    assert all(bar.value() == 1000 for _text, bar in dialog.bars.values())
+    assert " of " in dialog.bars["download"][0].text()
+    model_choice.fetch_rows(client)
+    assert model_choice.model_status("geochat-7b", settings())[0] == model_choice.READY
+
+    out = tmp_path / "cars.gpkg"
+    ran = client.run({"raster": str(demo_raster), "task": "refer", "prompts": ["car"],
+                      "model": model_choice.model_request("geochat-7b", settings()),
+                      "tiling": {"tile_size": 504, "overlap": 0},
+                      "options": {"max_new_tokens": 30, "grammar": True},
+                      "output": {"path": str(out), "layer": "cars"}})
+    assert ran.complete and ran.features > 0, ran
+    layer = QgsVectorLayer(f"{ran.output}|layername={ran.layer}", "GeoChat cars", "ogr")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    assert QgsProject.instance().mapLayersByName("GeoChat cars")
+    features = list(layer.getFeatures())
+    assert len(features) == ran.features > 0
+    for feature in features:
+        assert feature["model_src"] == GEOCHAT_REPO and feature["model_rev"] == "a" * 40
+        assert feature["quant"] == "f16" and len(feature["model_hash"]) == 64
+        assert "geochat" in feature["converter"]
+
+    wait_for(lambda: dialog.delete_button.isVisibleTo(dialog))
+    assert "frees" in dialog.delete_button.text()
+    dialog.delete_button.click()
+    wait_for(lambda: not dialog.delete_button.isVisibleTo(dialog))
+    assert "Deleted the original checkpoint" in dialog.status_label.text()
+    assert not (tmp_path / "models" / "models" / "geochat-7b").exists()
+    assert client.model_status({"model": model_choice.model_request("geochat-7b", settings())})["ready"]
+    assert not [m for m in set(sys.modules) - before if m.split(".")[0] in HEAVY]
+
+
+def test_cancel_during_download_keeps_the_bytes_and_get_resumes(client, hub, tmp_path):
+    dialog = dialog_for(client)
+    choose(dialog, "hf", None)
+    hub.stall_after[(GEOCHAT_REPO, SHARD_1)] = 1000
+    dialog.get_button.click()
+    part = tmp_path / "models" / "models" / "geochat-7b" / (SHARD_1 + ".part")
+    wait_for(lambda: part.is_file() and part.stat().st_size >= 1000, 120)
+    dialog.cancel_button.click()
+    hub.release.set()
+    wait_for(lambda: not dialog.busy, 120)
+    assert "Cancelled" in dialog.status_label.text(), dialog.status_label.text()
+    assert part.stat().st_size >= 1000 and dialog.get_button.isEnabled()
+    hub.stall_after.clear()
+    hub.requests.clear()
+    dialog.refresh_plan()
+    wait_for(lambda: "Checking" not in dialog.plan_label.text())
+    assert "resumes" in dialog.plan_label.text(), dialog.plan_label.text()
+    get(dialog)
+    assert dialog.result is not None, dialog.status_label.text()
+    ranges = [r for _, p, r in hub.weight_requests() if p.endswith(SHARD_1)]
+    assert ranges and ranges[0].startswith("bytes=") and ranges[0] != "bytes=0-"
+
+
+def test_cancel_during_conversion_leaves_no_model_and_no_temporary_files(client, hub, tmp_path):
+    dialog = dialog_for(client)
+    choose(dialog, "gguf", "q8_0")
+    dialog.get_button.click()
+    task = dialog.task
+
+    def stop_once_downloaded(event):  # on the worker: the cancel reaches the child at once
+        if event.get("phase") in ("convert", "quantize") or (
+                event.get("phase") == "download" and event.get("done") == event.get("total")):
+            task.stop.set()
+
+    task.progressed.connect(stop_once_downloaded, Qt.ConnectionType.DirectConnection)
+    wait_for(lambda: not dialog.busy)
+    text = dialog.status_label.text()
+    assert "Cancelled during convert" in text or "Cancelled during quantize" in text, text
+    assert dialog.result is None
+    converted = tmp_path / "models" / "converted" / "geochat-7b"
+    assert not converted.exists() or list(converted.iterdir()) == []
+    assert not list((tmp_path / "models" / "models").rglob("*.part"))
+    assert model_choice.fetch_rows(client) and \
+        model_choice.model_status("geochat-7b", settings())[0] == model_choice.MISSING
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root and mount")
+    run = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
+                         capture_output=True, text=True)
+    if run.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {run.stderr.strip()}")
+    yield folder
+    if subprocess.run(["umount", str(folder)], capture_output=True).returncode:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_disk_is_refused_before_any_byte(client, hub, small_disk):
+    dialog = dialog_for(client, str(small_disk))
+    assert "Not enough free disk space" in dialog.plan_label.text(), dialog.plan_label.text()
+    hub.requests.clear()
+    get(dialog)
+    assert dialog.status_label.text().count("Not started: Not enough free disk space") == 1
+    # only the configs are read (into memory, for the sizes); no weight, nothing written
+    assert all(p.endswith("config.json") for _, p, _ in hub.weight_requests())
+    assert list(small_disk.iterdir()) == []
+
+
+def test_a_missing_shard_gives_a_clear_message(client, hub, tmp_path):
+    del hub.repos[GEOCHAT_REPO].files[SHARD_2]
+    dialog = dialog_for(client)
+    get(dialog)
+    message = dialog.status_label.text()
+    assert GEOCHAT_REPO in message and SHARD_2 in message, message
+    assert dialog.result is None
+    assert all(p.endswith("config.json") for _, p, _ in hub.weight_requests())

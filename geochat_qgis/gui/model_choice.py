@@ -81,6 +81,9 @@ def catalog_rows() -> list[dict[str, Any]]:
                                       for f in files if isinstance(f, dict)),
                 "choices": [], "local": bool(raw.get("path")),
             }
+    own = {name: row["download_bytes"] for name, row in by_name.items()}
+    for row in by_name.values():  # what its conversion needs is downloaded too
+        row["download_bytes"] += sum(own.get(name, 0) for name in row["requires"])
     return list(by_name.values())
 
 
@@ -170,7 +173,9 @@ def model_status(choice_key: str, settings: Any, row: Optional[dict[str, Any]] =
     if row is None:
         if choice_key and Path(choice_key).expanduser().exists():
             return READY, f"local model {Path(choice_key).name}"
-        if choice_key in {r["name"] for r in catalog_rows()}:
+        with _ROWS_LOCK:
+            listed = bool(_ROWS)  # listed already without it: asking again would not help
+        if choice_key in {r["name"] for r in catalog_rows()} and not listed:
             return CHECKING, "looking for it in the model cache..."
         return NOT_FOUND, f"'{choice_key}' is neither a file nor a catalog model"
     title = row.get("title") or row.get("name")

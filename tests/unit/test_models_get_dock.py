@@ -48,6 +48,12 @@ def test_catalog_rows_list_geochat_7b_before_any_runtime(monkeypatch, tmp_path):
     assert model_choice.model_status("geochat-7b", settings())[0] == model_choice.CHECKING
     assert model_choice.model_status("nope", settings())[0] == model_choice.NOT_FOUND
     assert model_choice.model_status(DEMO_NAME, settings())[0] == model_choice.READY
+    model_choice.remember_rows([{"name": "other", "status": "ready"}])  # listed without it
+    assert model_choice.model_status("geochat-7b", settings())[0] == model_choice.NOT_FOUND
+    model_choice.remember_rows(model_choice.catalog_rows())  # no runtime: the catalog's rows
+    status, sentence = model_choice.model_status("geochat-7b", settings())
+    assert status == model_choice.MISSING and "download 15.8 GB" in sentence, sentence
+    model_choice.remember_rows([])
 
 
 def test_a_broken_user_catalog_keeps_the_builtin_list(monkeypatch, tmp_path):

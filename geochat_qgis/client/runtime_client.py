@@ -105,9 +105,21 @@ class RuntimeClient:
 
     def _heavy_call(self, op: str, payload: dict[str, Any], on_event: EventFn,
                     cancel: Any) -> dict[str, Any]:
-        with self._heavy:
+        """``op`` once the heavy request in progress (the dock's, another algorithm's) is
+        done; cancelling while waiting gives up at once (Cancelled, nothing was run)."""
+        if not self._heavy.acquire(blocking=False):
+            if on_event is not None:
+                on_event({"type": "status", "message": "Waiting for the GeoChat run in "
+                                                       "progress to finish..."})
+            while not self._heavy.acquire(timeout=0.1):
+                if is_cancelled(cancel):
+                    raise RuntimeClientError("Cancelled while waiting for another GeoChat run "
+                                             "to finish: nothing was run.", "Cancelled")
+        try:
             self._cancel_now.clear()
             return self._call(op, payload, on_event, cancel, heavy=True)
+        finally:
+            self._heavy.release()
 
     # ------------------------------------------------------------------ light requests
     def ping(self) -> float:

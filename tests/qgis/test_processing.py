@@ -380,6 +380,41 @@ def test_batch_over_two_rasters_and_two_prompts(provider, data_dir, tmp_path):
                        str(data_dir / "rgb1_fake_nir_epsg3857.tif")}
 
 
+def test_a_run_waits_for_the_docks_run_and_cancelling_the_wait_touches_neither(
+        provider, demo_raster, tmp_path):
+    """The dock and Processing share one runtime: while the dock's run goes on, an algorithm
+    waits its turn; cancelling it while it waits ends it at once with nothing run, and the
+    dock's run finishes all its tiles."""
+    import threading
+
+    import processing
+
+    started = threading.Event()
+    dock: dict = {}
+
+    def dock_run() -> None:
+        request = {"raster": str(demo_raster), "task": "refer", "prompts": ["car"],
+                   "model": {"name": MODEL}, "options": {"max_new_tokens": 24},
+                   "extent": list(corner(demo_raster, 1024, 300)),
+                   "output": {"path": str(tmp_path / "dock.gpkg")}}
+        dock["result"] = shared_client().run(request, on_event=lambda event: started.set())
+
+    thread = threading.Thread(target=dock_run)
+    thread.start()
+    assert started.wait(120), "the dock's run did not start"
+    feedback = RecordingFeedback()
+    threading.Timer(0.5, feedback.cancel).start()
+    began = time.monotonic()
+    with pytest.raises(QgsProcessingException, match="Cancelled while waiting"):
+        processing.run("geochat:detect", detect_parameters(
+            demo_raster, "car", str(tmp_path / "processing.gpkg"),
+            corner_extent(demo_raster, 200, 200)), feedback=feedback)
+    assert time.monotonic() - began < 5
+    thread.join(180)
+    assert dock["result"].tiles_done == 3 and not dock["result"].cancelled
+    assert not (tmp_path / "processing.gpkg").exists()
+
+
 def test_detect_in_a_model_with_export(provider, demo_raster, tmp_path):
     """The model builder's API: raster + extent -> geochat:detect -> geochat:export."""
     import processing

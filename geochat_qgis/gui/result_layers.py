@@ -6,7 +6,7 @@ import hashlib
 import re
 import uuid
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from qgis.core import (
     QgsApplication,
@@ -19,9 +19,10 @@ from qgis.core import (
 from qgis.PyQt.QtGui import QColor
 
 from ..__about__ import resource
-from ..core.results import Detection
-from ..core.errors import ExportError
-from ..core.export import export_detections
+from ..core.errors import ExportError  # stdlib only
+
+if TYPE_CHECKING:  # the core's packages stay out of QGIS's process (Processing styles with this)
+    from ..core.results import Detection
 
 GROUP_NAME = "GeoChat results"
 RESULTS_FOLDER = "geochat_results"
@@ -85,6 +86,8 @@ def write_result_file(detections: Sequence[Detection], crs_text: Optional[str], 
     Files, not memory layers: results survive saving and reopening the project, and QGIS does
     not warn about losing them on exit.
     """
+    from ..core.export import export_detections
+
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{safe_layer_name(name)[:60]}_{uuid.uuid4().hex[:8]}.gpkg"
     return export_detections(detections, path, crs_text or None, RESULTS_TABLE)

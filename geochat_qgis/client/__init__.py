@@ -32,6 +32,13 @@ API::
         problems, model)
     client.model_status(request) -> dict(ready, message, kind, family, model, loaded, missing)
     client.get_model(model_id, options=None, on_event=None, cancel=None) -> dict
+    client.model_list(cache_dir=None) -> [dict(name, title, family, status, download_bytes,
+        memory_needed, needs_conversion, requires, choices [{target, quant, bytes, backends,
+        not_here, installed}])]                   # the dock's list (gui/model_choice.py)
+    client.plan_get(model_id, options=None) -> dict(ok, problems, download_bytes, disk_needed,
+        disk_free, memory_needed, memory_available, sources, choices, message)
+    client.delete_sources(model_id, cache_dir=None, dry_run=False) -> dict(folders, bytes, deleted)
+    client.check_model(request) -> dict(ready, message)   # a server is asked for its models
     client.export(source, layer, destination, driver=None) -> dict(output, features)
     client.status(deep=False) -> dict(geochat, python, versions, backends, import_errors,
                                       gpus, loaded)
@@ -51,8 +58,8 @@ child failed), RuntimeMissing (subclass) when no usable runtime is installed. ``
 only before tiles run; afterwards it returns a RunResult whose ``error``/``cancelled``/
 ``crashed`` say how it ended (a killed child: "... killed (SIGKILL), likely out of memory ...";
 its finished tiles are written by a fresh child). Heavy requests (run, ask, get_model) take
-turns; light ones (plan, status, export, model_status, ping) may run meanwhile. The child keeps
-the last model loaded between requests.
+turns; light ones (plan, status, export, model_status, model_list, plan_get, ping) may run
+meanwhile. The child keeps the last model loaded between requests.
 """
 from .errors import RuntimeClientError, RuntimeMissing
 from .locate import RUNTIME_PYTHON_ENV, runtime_command, runtime_state

@@ -16,7 +16,7 @@ import threading
 import traceback
 from typing import Any, Callable, Optional
 
-from qgis.core import QgsApplication, QgsMessageLog, QgsTask
+from qgis.core import QgsApplication, QgsMessageLog, QgsSettings, QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
 from qgis.PyQt.QtWidgets import (
     QComboBox,
@@ -71,6 +71,25 @@ class ClientTask(QgsTask):
     def cancel(self) -> None:
         self.stop.set()
         super().cancel()
+
+
+def qgis_proxy(settings: Optional[QgsSettings] = None) -> Optional[dict]:
+    """QGIS's proxy (Settings > Options > Network) for the runtime's downloads, or None when
+    QGIS uses none (the runtime then keeps its environment's)."""
+    settings = settings or QgsSettings()
+    if str(settings.value("proxy/proxyEnabled", False)).lower() not in ("true", "1"):
+        return None
+
+    def urls(key: str) -> list[str]:
+        value = settings.value(key, []) or []
+        return [u for u in ([value] if isinstance(value, str) else list(value)) if u]
+
+    return {"enabled": True, "type": str(settings.value("proxy/proxyType", "DefaultProxy")),
+            "host": str(settings.value("proxy/proxyHost", "") or ""),
+            "port": str(settings.value("proxy/proxyPort", "") or ""),
+            "user": str(settings.value("proxy/proxyUser", "") or ""),
+            "password": str(settings.value("proxy/proxyPassword", "") or ""),
+            "excluded": urls("proxy/proxyExcludedUrls") + urls("proxy/noProxyUrls")}
 
 
 def human_bytes(n: Optional[float]) -> str:
@@ -182,7 +201,7 @@ class GetModelDialog(QDialog):
     def options(self) -> dict:
         target, quant = self.choice()
         options = {"target": target, "quant": quant, "cache_dir": self.cache_dir or None,
-                   "endpoint": self.endpoint or None}
+                   "endpoint": self.endpoint or None, "proxy": qgis_proxy()}
         return {k: v for k, v in options.items() if v is not None}
 
     def _say(self, label: QLabel, text: str, colour: Optional[str] = None) -> None:

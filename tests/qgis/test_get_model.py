@@ -226,3 +226,29 @@ def test_a_missing_shard_gives_a_clear_message(client, hub, tmp_path):
     assert GEOCHAT_REPO in message and SHARD_2 in message, message
     assert dialog.result is None
     assert all(p.endswith("config.json") for _, p, _ in hub.weight_requests())
+
+
+def test_downloads_go_through_qgis_proxy_settings(client, hub):
+    from qgis.core import QgsSettings
+
+    settings = QgsSettings()
+    values = {"proxy/proxyEnabled": True, "proxy/proxyType": "HttpProxy",
+              "proxy/proxyHost": "127.0.0.1", "proxy/proxyPort": str(hub.server_address[1]),
+              "proxy/proxyUser": "ana", "proxy/proxyPassword": "s3cret"}
+    try:
+        for key, value in values.items():
+            settings.setValue(key, value)
+        model_choice.fetch_rows(client)
+        row = model_choice.remembered("geochat-7b")
+        # a hub name only the proxy can reach (127.0.0.1 itself is always reached directly)
+        dialog = GetModelDialog(row, client, endpoint="http://models.example.invalid")
+        wait_for(lambda: "Checking" not in dialog.plan_label.text())
+        choose(dialog, "gguf", "f16")
+        get(dialog)
+        assert dialog.result is not None, dialog.status_label.text()
+    finally:
+        for key in values:
+            settings.remove(key)
+    assert any(url.endswith(SHARD_2) for url in hub.proxied), hub.proxied
+    assert all(url.startswith("http://models.example.invalid/") for url in hub.proxied)
+    assert hub.proxy_auth and set(hub.proxy_auth) == {"Basic YW5hOnMzY3JldA=="}

@@ -4,6 +4,7 @@ catalog with json and imports nothing of the core."""
 from __future__ import annotations
 
 import ast
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -135,3 +136,19 @@ def test_check_server_says_unreachable(tmp_path):
         assert status == model_choice.UNREACHABLE and "127.0.0.1:9" in sentence
     finally:
         client.close()
+
+
+def test_qgis_proxy_is_applied_to_the_child_and_taken_back(monkeypatch):
+    from geochat_qgis.core.runtime.model_ops import apply_proxy
+    from geochat_qgis.core.weights.download import DownloadError
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://system:8080")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    apply_proxy({"proxy": {"enabled": True, "type": "HttpProxy", "host": "proxy.corp",
+                           "port": "3128", "user": "ana", "excluded": ["https://mirror.corp/x"]}})
+    assert os.environ["HTTPS_PROXY"] == "http://ana@proxy.corp:3128"
+    assert os.environ["NO_PROXY"].endswith("mirror.corp")
+    apply_proxy({"proxy": None})  # the proxy switched off in QGIS: the environment's own again
+    assert os.environ["HTTPS_PROXY"] == "http://system:8080" and "NO_PROXY" not in os.environ
+    with pytest.raises(DownloadError, match="HTTP proxy"):
+        apply_proxy({"proxy": {"enabled": True, "type": "Socks5Proxy", "host": "s", "port": 1080}})

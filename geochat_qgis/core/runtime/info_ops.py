@@ -126,9 +126,13 @@ def export(message: dict[str, Any]) -> dict[str, Any]:
 def get_model(message: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """Download (and convert) a catalog model with core/weights' get_model, streaming
     ``{"type": "get_model", "phase", "done", "total", "rate", "eta"}`` events. Options:
-    target (gguf | hf), quant, cache_dir, endpoint, hf_cache, ignore_memory."""
+    target (gguf | hf), quant, cache_dir, endpoint, hf_cache, ignore_memory, proxy (QGIS's
+    proxy settings: model_ops.apply_proxy)."""
     options = message.get("options") or {}
     name = str(message["model"])
+    from .model_ops import apply_proxy
+
+    apply_proxy(options)  # QGIS's proxy settings, sent by the dock
     try:
         from ..weights.get import get_model as get
     except ImportError:  # TODO(coordinator): H6's core/weights/get.py not there: download only

@@ -6,15 +6,45 @@ imports core/weights itself.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import os
+from typing import Any, Mapping, Optional
 
 from ..errors import GeoChatError
 
 DEMO_TITLE = "Tiny demo model (random answers)"
+_BEFORE_PROXY: dict[str, Optional[str]] = {}  # the variables apply_proxy replaced, as they were
 
 
 def _cache(message: dict[str, Any]) -> Optional[str]:
     return (message.get("cache_dir") or (message.get("options") or {}).get("cache_dir")) or None
+
+
+def apply_proxy(options: Mapping[str, Any]) -> None:
+    """QGIS's proxy (``options["proxy"]``: enabled, type, host, port, user, password,
+    excluded) as this child's HTTPS_PROXY / HTTP_PROXY / NO_PROXY, which the downloads read.
+    Nothing said, disabled, or QGIS's "default" (system) proxy: the environment's own (a proxy
+    set by an earlier request is taken back)."""
+    from ..weights.download import DownloadError
+    from ..weights.proxy import proxy_environment
+
+    for name, value in _BEFORE_PROXY.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    _BEFORE_PROXY.clear()
+    proxy = options.get("proxy") or {}
+    if not proxy.get("enabled") or not proxy.get("host"):
+        return
+    try:
+        variables = proxy_environment(
+            str(proxy["host"]), int(proxy["port"]) if proxy.get("port") else None,
+            proxy.get("user") or None, proxy.get("password") or None,
+            str(proxy.get("type") or "HttpProxy"), proxy.get("excluded") or ())
+    except ValueError as exc:
+        raise DownloadError(str(exc)) from None
+    _BEFORE_PROXY.update({name: os.environ.get(name) for name in variables})
+    os.environ.update(variables)
 
 
 def model_list(message: dict[str, Any], ctx: Any = None) -> dict[str, Any]:
@@ -37,6 +67,7 @@ def plan_get(message: dict[str, Any], ctx: Any = None) -> dict[str, Any]:
     from ..weights.get_plan import plan_get as plan
 
     options = message.get("options") or {}
+    apply_proxy(options)
     result = plan(str(message["model"]), options.get("target"), options.get("quant"),
                   _cache(message), endpoint=options.get("endpoint") or None,
                   hf_cache=options.get("hf_cache"),

@@ -57,7 +57,7 @@ class ClientTask(QgsTask):
         try:
             self.result = self.work(self.stop, self.progressed.emit)
         except RuntimeClientError as exc:
-            self.error = exc.message if exc.kind != "Cancelled" else "Cancelled. " + exc.message
+            self.error = exc.message  # a cancel says "Cancelled during <phase>; ..."
             return False
         except Exception as exc:  # noqa: BLE001 - never take QGIS down; say what happened
             QgsMessageLog.logMessage(traceback.format_exc(), "GeoChat")

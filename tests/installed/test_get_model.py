@@ -110,22 +110,24 @@ def main(iface):
 '''
 
 
-def tiny_repos(folder: Path) -> tuple[Path, Path]:
-    """The tiny GeoChat and CLIP-336 repositories, written by the checkout's .venv (it has
-    torch; QGIS never sees it)."""
+def tiny_models(folder: Path) -> tuple[Path, Path, Path]:
+    """The tiny GeoChat and CLIP-336 repositories and a tiny GGUF pair, written by the
+    checkout's .venv (it has torch; QGIS never sees it)."""
     python = ROOT / ".venv" / "bin" / "python"
     if not python.exists():
         pytest.skip("needs the checkout's .venv (torch) to write the tiny GeoChat checkpoint")
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); from hub_repos import tiny_geochat_repos;"
-              " tiny_geochat_repos(__import__('pathlib').Path(sys.argv[2]))")
+    script = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
+              " from hub_repos import tiny_geochat_repos; tiny_geochat_repos(Path(sys.argv[2]));"
+              " from geochat_qgis.core.weights.demo_gguf import write_demo_gguf;"
+              " write_demo_gguf(Path(sys.argv[2]) / 'gguf', seed=0)")
     subprocess.run([str(python), "-c", script, str(ROOT / "tests" / "unit"), str(folder)],
                    env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, check=True, timeout=300)
-    return folder / "geochat-7B", folder / "clip-vit-large-patch14-336"
+    return folder / "geochat-7B", folder / "clip-vit-large-patch14-336", folder / "gguf"
 
 
 @pytest.fixture(scope="module")
-def session(installed, demo_model, tmp_path_factory) -> dict:
-    if not (installed.deps_dir).exists():
+def session(installed, tmp_path_factory) -> dict:
+    if not installed.deps_dir.exists():
         pytest.skip("needs the managed runtime test_as_installed.py installs (run the whole tier)")
     base = tmp_path_factory.mktemp("get-model")
     catalog = base / "catalog.json"
@@ -136,8 +138,8 @@ def session(installed, demo_model, tmp_path_factory) -> dict:
     }]}), encoding="utf-8")
     generator = serve_repo_hub()
     hub = next(generator)
-    hub.add_folder(REPO, demo_model, commit=COMMIT)
-    geochat, clip = tiny_repos(base / "repos")
+    geochat, clip, gguf = tiny_models(base / "repos")
+    hub.add_folder(REPO, gguf, commit=COMMIT)
     hub.add_folder(GEOCHAT_REPO, geochat, commit="a" * 40)
     hub.add_folder(CLIP_REPO, clip, commit="c" * 40)
     config = {"report": str(base / "report.json"), "forbidden": list(FORBIDDEN),
@@ -163,7 +165,7 @@ def session(installed, demo_model, tmp_path_factory) -> dict:
     report_path = Path(config["report"])
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     return {"report": report, "events": read_events(events), "code": code, "output": str(output),
-            "requests": requests, "demo_model": demo_model}
+            "requests": requests, "gguf": gguf}
 
 
 def explain(session: dict) -> str:
@@ -197,7 +199,7 @@ def test_get_ends_ready_and_the_run_carries_provenance(session):
     assert report["status"][0] == "ready", report["status"]
     run = report["run"]
     assert run["valid"] and run["features"] > 0 and len(run["values"]) == run["features"]
-    digest = hashlib.sha256((session["demo_model"] / "model.gguf").read_bytes()).hexdigest()
+    digest = hashlib.sha256((session["gguf"] / "model.gguf").read_bytes()).hexdigest()
     assert {json.dumps(v, sort_keys=True) for v in run["values"]} == {json.dumps(
         {"model_src": REPO, "model_rev": COMMIT, "model_hash": digest}, sort_keys=True)}
     assert report["heavy_modules"] == [], "core packages were imported into QGIS"

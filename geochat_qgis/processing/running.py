@@ -83,6 +83,9 @@ def report(result: RunResult, feedback: QgsProcessingFeedback) -> None:
     if len(result.failures) > MAX_REPORTED_FAILURES:
         feedback.pushWarning(f"... and {len(result.failures) - MAX_REPORTED_FAILURES} more "
                              "tile failures.")
+    if failed and result.tiles_done:
+        feedback.pushWarning(f"{failed} of {result.tiles_planned} tiles failed: the output has "
+                             "nothing from their areas.")
     if not result.tiles_done:
         if result.output is None or result.failures or result.cancelled or result.error:
             raise QgsProcessingException(nothing_written(result))

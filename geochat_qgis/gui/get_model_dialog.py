@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 from qgis.core import QgsApplication, QgsMessageLog, QgsSettings, QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
 from qgis.PyQt.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDialog,
     QGridLayout,
@@ -168,6 +169,12 @@ class GetModelDialog(QDialog):
         self.plan_label.setObjectName("GeoChatGetPlan")
         self.plan_label.setWordWrap(True)
         layout.addWidget(self.plan_label)
+        self.memory_box = QCheckBox("Go ahead with less memory than the conversion needs "
+                                    "(it may swap and take much longer)", self)
+        self.memory_box.setObjectName("GeoChatGetIgnoreMemory")
+        self.memory_box.setVisible(False)
+        self.memory_box.toggled.connect(lambda _on: self.refresh_plan())
+        layout.addWidget(self.memory_box)
         self.progress_grid = QGridLayout()
         layout.addLayout(self.progress_grid)
         self.status_label = QLabel(self)
@@ -201,7 +208,8 @@ class GetModelDialog(QDialog):
     def options(self) -> dict:
         target, quant = self.choice()
         options = {"target": target, "quant": quant, "cache_dir": self.cache_dir or None,
-                   "endpoint": self.endpoint or None, "proxy": qgis_proxy()}
+                   "endpoint": self.endpoint or None, "proxy": qgis_proxy(),
+                   "ignore_memory": self.memory_box.isChecked() or None}
         return {k: v for k, v in options.items() if v is not None}
 
     def _say(self, label: QLabel, text: str, colour: Optional[str] = None) -> None:
@@ -224,6 +232,9 @@ class GetModelDialog(QDialog):
         self.show_plan(plan)
 
     def show_plan(self, plan: dict) -> None:
+        available, needed = plan.get("memory_available"), plan.get("memory_needed") or 0
+        short = available is not None and not plan.get("installed") and available < needed
+        self.memory_box.setVisible(short or self.memory_box.isChecked())
         if plan.get("problems"):
             self._say(self.plan_label, " ".join(plan["problems"]), RED)
             return

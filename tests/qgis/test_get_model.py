@@ -252,3 +252,16 @@ def test_downloads_go_through_qgis_proxy_settings(client, hub):
     assert any(url.endswith(SHARD_2) for url in hub.proxied), hub.proxied
     assert all(url.startswith("http://models.example.invalid/") for url in hub.proxied)
     assert hub.proxy_auth and set(hub.proxy_auth) == {"Basic YW5hOnMzY3JldA=="}
+
+
+def test_too_little_memory_offers_to_go_ahead_anyway(client, hub):
+    dialog = dialog_for(client)
+    assert dialog.memory_box.isHidden() and "ignore_memory" not in dialog.options()
+    short = {"memory_available": 1 << 30, "memory_needed": 3 << 30, "installed": None,
+             "problems": ["The conversion needs about 3.2 GB of memory, 1.1 GB is available."]}
+    dialog.show_plan(short)  # what the plan says on a 1 GB machine
+    assert not dialog.memory_box.isHidden() and "1.1 GB" in dialog.plan_label.text()
+    dialog.memory_box.setChecked(True)  # asks the runtime for the plan again, going ahead
+    assert dialog.options()["ignore_memory"] is True
+    wait_for(lambda: "Checking" not in dialog.plan_label.text())
+    assert "to download" in dialog.plan_label.text()  # this machine has the memory

@@ -1,8 +1,11 @@
 """The OpenAI HTTP backend against a real ``python -m llama_cpp.server`` on 127.0.0.1.
 
 The server runs the tiny GeoChat GGUF with ``--chat_format mtmd`` (the GGUF's own llava_v1 chat
-template): greedy answers over HTTP must equal the in-process llama.cpp backend's, which shows
-that both paths send the same prompt and image.
+template). It encodes images with libmtmd, whose LLaVA graph is wrong for GeoChat (CLS last; the
+in-process backend computes GeoChat's features itself on such builds). So greedy answers over
+HTTP are compared with the in-process backend running libmtmd too: equal answers show that both
+paths send the same prompt and the same pixels; the in-process default (the project's encoder)
+evaluates the same prompt tokens.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import pytest
 
 from geochat_qgis.core.backends.base import Conversation, GenerateOptions
 from geochat_qgis.core.backends.grammar import REFER_GRAMMAR
-from geochat_qgis.core.backends.llama_cpp import LlamaCppBackend
+from geochat_qgis.core.backends.llama_cpp import LlamaCppBackend, LlamaCppSettings
 from geochat_qgis.core.backends.openai_http import HttpSettings, OpenAIHttpBackend
 from geochat_qgis.core.errors import BackendError
 from geochat_qgis.core.families import get_family
@@ -58,10 +61,10 @@ class LlamaServer:
                 with urllib.request.urlopen(request, timeout=2) as response:
                     self.models = json.load(response)
                 break
-            except OSError:
+            except OSError as exc:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"llama_cpp.server did not start: see {log}")
+                    raise RuntimeError(f"llama_cpp.server did not start: see {log}") from exc
                 time.sleep(0.3)
 
     @property
@@ -89,18 +92,25 @@ def tiles():
 
 
 def test_http_answers_equal_in_process_llama_cpp(server, tiny_gguf, tiles):
-    """Same prompt tokens, same greedy answers (llama-cpp-python's completion may run past
-    max_tokens to finish a multi-byte character, so free text is compared as a prefix)."""
+    """Same prompt tokens, same greedy answers as in process with the server's image graph
+    (llama-cpp-python's completion may run past max_tokens to finish a multi-byte character,
+    so free text is compared as a prefix)."""
     model = server.models["data"][0]["id"]
     http = OpenAIHttpBackend(model, settings=HttpSettings(base_url=server.url, api_key=KEY,
                                                              max_in_flight=2))
     free = GenerateOptions(max_new_tokens=20)
     boxes = GenerateOptions(max_new_tokens=256, grammar=REFER_GRAMMAR)
-    with http, LlamaCppBackend(tiny_gguf) as local:
+    same_graph = LlamaCppSettings(vision="libmtmd")
+    with http, LlamaCppBackend(tiny_gguf, settings=same_graph) as local, \
+            LlamaCppBackend(tiny_gguf) as own:
         for options in (free, boxes):
             over_http = http.generate(tiles, Conversation.single(REFER), options)
             in_process = local.generate(tiles, Conversation.single(REFER), options)
             assert [g.prompt_tokens for g in over_http] == [g.prompt_tokens for g in in_process]
+            if options is free:  # the project's encoder: the same prompt, GeoChat's features
+                project = own.generate(tiles, Conversation.single(REFER), options)
+                assert [g.prompt_tokens for g in project] == [g.prompt_tokens for g in over_http]
+                assert own.vision.startswith("the project") and local.vision == "libmtmd"
             for remote, here in zip(over_http, in_process):
                 assert remote.text.startswith(here.text) and len(here.text) > 3
     assert [g.text for g in over_http] == [g.text for g in in_process]  # the grammar's run

@@ -61,7 +61,7 @@ def test_same_seed_same_model_other_seed_other_weights(ckpt: Path, tmp_path: Pat
     assert time.monotonic() - start < 30
     other = build_tiny_geochat(tmp_path / "other", "geochat-checkpoint", seed=1)
     assert (again / "tokenizer.model").read_bytes() == (ckpt / "tokenizer.model").read_bytes()
-    first, second, third = original_tensors(ckpt, with_clip=False), original_tensors(again, with_clip=False), original_tensors(other, with_clip=False)
+    first, second, third = (original_tensors(path, with_clip=False) for path in (ckpt, again, other))
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not torch.equal(first["lm_head.weight"], third["lm_head.weight"])
     size = sum(p.stat().st_size for p in again.rglob("*") if p.is_file())

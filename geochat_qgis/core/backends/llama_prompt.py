@@ -111,7 +111,10 @@ class PromptEvaluator:
         for i in range(0, len(tokens), self.n_batch):
             if check is not None:
                 check()
-            self._decode_guard(lambda: self.llama.eval(tokens[i:i + self.n_batch]))
+            try:
+                self.llama.eval(tokens[i:i + self.n_batch])
+            except RuntimeError as exc:
+                raise BackendError(f"llama.cpp could not evaluate the prompt ({exc})") from exc
 
     def _eval_rows(self, image: ImageSegment, start: int, check) -> None:
         import llama_cpp
@@ -141,13 +144,6 @@ class PromptEvaluator:
             llama.input_ids[first:first + n] = image.token_id
             llama.n_tokens = first + n
             llama._requires_eval = False
-
-    @staticmethod
-    def _decode_guard(run: Callable[[], None]) -> None:
-        try:
-            run()
-        except RuntimeError as exc:
-            raise BackendError(f"llama.cpp could not evaluate the prompt ({exc})") from exc
 
     def last_logits(self) -> np.ndarray:
         """The logits after the last evaluated position (a copy)."""

@@ -48,8 +48,8 @@ class TorchClip:
                 for ln1, qkv, out, ln2, up, down in self.layers:
                     h = F.layer_norm(x, (d,), *ln1, eps=eps) @ qkv[0] + qkv[1]
                     q, k, v = h.reshape(n, 3, heads, d // heads).permute(1, 2, 0, 3)
-                    scores = torch.softmax((q * (d // heads) ** -0.5) @ k.transpose(1, 2), -1)
-                    x = x + ((scores @ v).transpose(0, 1).reshape(n, d) @ out[0] + out[1])
+                    mixed = F.scaled_dot_product_attention(q, k, v)
+                    x = x + (mixed.transpose(0, 1).reshape(n, d) @ out[0] + out[1])
                     h = F.layer_norm(x, (d,), *ln2, eps=eps) @ up[0] + up[1]
                     h = h * torch.sigmoid(1.702 * h) if vision.quick_gelu else F.gelu(h)
                     x = x + (h @ down[0] + down[1])

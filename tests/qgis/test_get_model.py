@@ -94,11 +94,22 @@ def choose(dialog: GetModelDialog, target: str, quant) -> None:
     wait_for(lambda: "Checking" not in dialog.plan_label.text())
 
 
-def stall_half_way(hub) -> int:
-    """The hub sends the first half of shard 1, then waits for ``hub.release``."""
+def start_stalled_get(client, hub, tmp_path) -> tuple[GetModelDialog, Path, int]:
+    """A Get (HF) whose shard 1 stops half way (the hub waits for ``hub.release``): the
+    dialog, the partial file (some bytes in it) and the half."""
+    dialog = dialog_for(client)
+    choose(dialog, "hf", None)
     half = len(hub.repos[GEOCHAT_REPO].files[SHARD_1]) // 2
     hub.stall_after[(GEOCHAT_REPO, SHARD_1)] = half
-    return half
+    dialog.get_button.click()
+    part = tmp_path / "models" / "models" / "geochat-7b" / (SHARD_1 + ".part")
+    wait_for(lambda: part.is_file() and part.stat().st_size > 0, 120)
+    return dialog, part, half
+
+
+def resumed_from(hub) -> list[str]:
+    """The Range headers shard 1 was asked for (since ``hub.requests`` was cleared)."""
+    return [r for _, p, r in hub.weight_requests() if p.endswith(SHARD_1)][:1]
 
 
 def get(dialog: GetModelDialog) -> None:
@@ -156,12 +167,7 @@ def test_get_ends_with_a_ready_model_whose_results_carry_provenance(
 
 
 def test_cancel_during_download_keeps_the_bytes_and_get_resumes(client, hub, tmp_path):
-    dialog = dialog_for(client)
-    choose(dialog, "hf", None)
-    half = stall_half_way(hub)
-    dialog.get_button.click()
-    part = tmp_path / "models" / "models" / "geochat-7b" / (SHARD_1 + ".part")
-    wait_for(lambda: part.is_file() and part.stat().st_size > 0, 120)  # then the hub stalls
+    dialog, part, half = start_stalled_get(client, hub, tmp_path)
     dialog.cancel_button.click()
     hub.release.set()
     wait_for(lambda: not dialog.busy, 120)
@@ -174,8 +180,7 @@ def test_cancel_during_download_keeps_the_bytes_and_get_resumes(client, hub, tmp
     assert "resumes" in dialog.plan_label.text(), dialog.plan_label.text()
     get(dialog)
     assert dialog.result is not None, dialog.status_label.text()
-    ranges = [r for _, p, r in hub.weight_requests() if p.endswith(SHARD_1)]
-    assert ranges[:1] == [f"bytes={half}-"]
+    assert resumed_from(hub) == [f"bytes={half}-"]
 
 
 def test_cancel_during_conversion_leaves_no_model_and_no_temporary_files(client, hub, tmp_path):
@@ -279,12 +284,7 @@ def test_too_little_memory_offers_to_go_ahead_anyway(client, hub):
 def test_a_get_cut_by_quitting_qgis_resumes_in_the_next_session(hub, tmp_path):
     first = RuntimeClient(python=RUNTIME)
     try:
-        dialog = dialog_for(first)
-        choose(dialog, "hf", None)
-        half = stall_half_way(hub)
-        dialog.get_button.click()
-        part = tmp_path / "models" / "models" / "geochat-7b" / (SHARD_1 + ".part")
-        wait_for(lambda: part.is_file() and part.stat().st_size > 0, 120)  # then the hub stalls
+        dialog, part, half = start_stalled_get(first, hub, tmp_path)
         first.close(timeout=1)  # QGIS quits: the runtime child goes with it, mid-download
         hub.release.set()
         wait_for(lambda: not dialog.busy, 60)
@@ -304,5 +304,4 @@ def test_a_get_cut_by_quitting_qgis_resumes_in_the_next_session(hub, tmp_path):
         assert dialog.result is not None, dialog.status_label.text()
     finally:
         second.close()
-    ranges = [r for _, p, r in hub.weight_requests() if p.endswith(SHARD_1)]
-    assert ranges[:1] == [f"bytes={half}-"]
+    assert resumed_from(hub) == [f"bytes={half}-"]

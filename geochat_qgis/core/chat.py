@@ -3,7 +3,9 @@
 The extent goes to the model at native resolution when it fits one tile, otherwise as an overview
 downsampled to one tile; :class:`ChatReply.how` says which. Earlier turns are kept (multi-turn, the
 image with the first turn); a region (``[identify]``) drawn on the map in any CRS becomes the box
-in the tile frame. The dock, the ``ask`` command and Processing's describe use this one path.
+in the tile frame. The same extent gives the same tile pixels, so a backend that keeps what it
+evaluated (llama.cpp) continues a follow-up from the earlier turn: it pays only the new turn;
+a changed extent, model or history shares less and is evaluated from where it differs. The dock, the ``ask`` command and Processing's describe use this one path.
 """
 from __future__ import annotations
 
@@ -54,6 +56,9 @@ class ChatReply:
     seconds: float
     prompt_tokens: int
     generated_tokens: int
+    #: prompt tokens the backend evaluated for this turn (less than ``prompt_tokens`` when it
+    #: continued from what the conversation's earlier turn left evaluated)
+    evaluated_tokens: int = 0
 
 
 def overview_spec(raster: str, spec: TileSpec, extent=None, extent_crs: Optional[str] = None,
@@ -133,9 +138,10 @@ def ask(request: ChatRequest, backend: Backend, on_token: Optional[TokenCallback
     for detection in answer.detections:
         detection.attributes.update(task=request.task, prompt=request.question,
                                     model=backend.describe(), raster=str(request.raster))
+    evaluated = generation.extra.get("evaluated_tokens", generation.prompt_tokens)
     return ChatReply(user_text, answer, request.output_crs or plan.crs, how, tile,
                      time.perf_counter() - started, generation.prompt_tokens,
-                     generation.generated_tokens)
+                     generation.generated_tokens, evaluated)
 
 
 def as_history(replies: Sequence[ChatReply]) -> list[tuple[str, str]]:

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from geochat_qgis.core.backends.base import CancelToken, Conversation, GenerateOptions
+from geochat_qgis.core.backends.base import CancelToken, Conversation, GenerateOptions, Turn
 from geochat_qgis.core.backends.factory import BackendCache, BackendSpec, resolve_spec
 from geochat_qgis.core.backends.grammar import REFER_GRAMMAR, box_grammar
 from geochat_qgis.core.backends.llama_cpp import LlamaCppBackend, LlamaCppSettings
@@ -166,3 +166,45 @@ def test_truncated_gguf(tiny_gguf, tmp_path, keep):
     shutil.copy(tiny_gguf / "mmproj.gguf", tmp_path / "mmproj.gguf")
     with pytest.raises(ModelError, match="truncated|damaged"):
         LlamaCppBackend(tmp_path).load()
+
+
+PHRASES = ("building", "road", "car", "ship")
+
+
+def test_prompts_of_a_tile_continue_from_its_image_prefix(backend, tiles):
+    """Issue 16: the tile is encoded once and its prefix (system text, image) evaluated once;
+    each further prompt pays only its own text, and answers what a fresh evaluation answers."""
+    prompts = [get_family("geochat").build_prompt("refer", phrase) for phrase in PHRASES]
+    options = GenerateOptions(max_new_tokens=12)
+    backend.evaluator.forget()
+    backend.encoder.clear()
+    encoded = backend.encoder.encoded
+    shared = [backend.generate(tiles[:1], Conversation.single(text), options)[0]
+              for text in prompts]
+    assert backend.encoder.encoded == encoded + 1
+    assert shared[0].extra["evaluated_tokens"] == shared[0].prompt_tokens
+    for generation in shared[1:]:  # less than the image alone: no image position again
+        assert 0 < generation.extra["evaluated_tokens"] < 40 < 1296 < generation.prompt_tokens
+    fresh = []
+    for text in prompts:
+        backend.evaluator.forget()
+        fresh.append(backend.generate(tiles[:1], Conversation.single(text), options)[0])
+        assert fresh[-1].extra["evaluated_tokens"] == fresh[-1].prompt_tokens
+    assert [g.text for g in shared] == [g.text for g in fresh]
+
+
+def test_follow_up_turn_pays_only_itself_and_equals_a_fresh_evaluation(backend, tiles):
+    """A conversation continues from the evaluated first turn; another tile starts over."""
+    options = GenerateOptions(max_new_tokens=10)
+    backend.evaluator.forget()
+    first = backend.generate(tiles[:1], Conversation.single(REFER), options)[0]
+    follow = Conversation([Turn(REFER, first.text), Turn("[refer] and the road?")])
+    second = backend.generate(tiles[:1], follow, options)[0]
+    assert second.prompt_tokens > first.prompt_tokens
+    assert second.extra["evaluated_tokens"] < 0.1 * first.extra["evaluated_tokens"]
+    backend.evaluator.forget()
+    again = backend.generate(tiles[:1], follow, options)[0]
+    assert again.extra["evaluated_tokens"] == again.prompt_tokens
+    assert again.text == second.text
+    other = backend.generate(tiles[1:], follow, options)[0]  # another image: from the image on
+    assert other.extra["evaluated_tokens"] > 1296 and other.extra["image_encoded"]

@@ -51,6 +51,12 @@ def test_ask_streams_and_keeps_history(backend, demo_raster):
     second = ask(follow, backend)
     # the second prompt holds the first turn: more prompt tokens than the first had
     assert second.prompt_tokens > first.prompt_tokens
+    # the same extent, model and history: the follow-up continues from the first turn (issue 16)
+    assert second.evaluated_tokens < 0.1 * first.evaluated_tokens
+    backend.evaluator.forget()
+    fresh = ask(follow, backend)
+    assert fresh.evaluated_tokens == fresh.prompt_tokens
+    assert fresh.answer.raw == second.answer.raw
 
 
 def test_identify_region_becomes_a_box_in_the_tile_frame(backend, demo_raster):

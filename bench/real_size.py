@@ -1,0 +1,196 @@
+"""Speed at real model sizes: a tile's image and prompt prefix read once, whatever is asked of it.
+
+Random weights at real dimensions, written by the project's own random-weight GGUF code
+(``core/vision/tiny_gguf.py``: numpy, no torch) and quantised to q4_k_m by the converter's
+``quantize_gguf``: GeoChat-7B's text model (Vicuna-7B shape) or, with ``--quick``, a Llama of
+about 1.1B parameters (TinyLlama's shape), both with CLIP ViT-L/14 at 504 px (23 layers, GeoChat's
+tower) and the mlp2x_gelu projector. The vocabulary is a SentencePiece model trained on GeoChat's
+prompt language (``core/weights/tiny.py``), padded to Llama's 32,000 pieces, so prompts have
+about GeoChat's text length and the output layer its real cost.
+
+On the same tiles in one run, per tile:
+- project: the llama.cpp backend (the project's encoder) asks 4 detection prompts; the first
+  starts from nothing, the others continue from the tile's evaluated prefix; then a follow-up
+  chat turn about the first answer;
+- naive: llama-cpp-python's own LLaVA chat handler (what GeoChat's demo and
+  ``llama_cpp.server`` do), one full chat completion per prompt: the image encoded and the
+  whole prompt evaluated each time; its first prompt is "raw" (one prompt).
+Greedy, ``--tokens`` new tokens per answer. The last line is JSON with the ratios.
+
+    python bench/real_size.py --quick          # 1.1B text model, 3 tiles
+    python bench/real_size.py [--tiles 2]      # GeoChat-7B dimensions (~4 GB q4_k_m, ~14 GB to build)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CACHE = ROOT / "bench" / ".cache" / "real_size"
+PHRASES = ("building", "road", "car", "ship")
+FOLLOW_UP = "How many of them are there?"
+VOCAB = 32000
+
+
+def vocabulary() -> tuple[list[str], list[float], list[int]]:
+    """The tiny GeoChat tokenizer's pieces, padded with unused pieces to Llama's 32,000."""
+    import sentencepiece as spm
+
+    from geochat_qgis.core.weights.tiny import train_tokenizer
+
+    sp = spm.SentencePieceProcessor(model_proto=train_tokenizer())
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    scores = [sp.get_score(i) for i in range(len(pieces))]
+    kinds = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+             for i in range(len(pieces))]
+    extra = VOCAB - len(pieces)
+    return (pieces + [f"<unused{i}>" for i in range(extra)], scores + [-1e4] * extra,
+            kinds + [4] * extra)
+
+
+def build(variant: str) -> Path:
+    """The GGUF pair (model.gguf q4_k_m, mmproj.gguf f16) for ``variant``, built once."""
+    from geochat_qgis.core.vision.tiny_gguf import (
+        LLAMA_1B,
+        LLAMA_7B,
+        VIT_L_504,
+        write_llama_gguf,
+        write_mlp_mmproj,
+    )
+    from geochat_qgis.core.weights.quantize import quantize_gguf
+
+    dims = LLAMA_1B if variant == "1b" else LLAMA_7B
+    folder = CACHE / variant
+    folder.mkdir(parents=True, exist_ok=True)
+    mmproj, model = folder / "mmproj.gguf", folder / "model.gguf"
+    if not mmproj.exists():
+        start = time.perf_counter()
+        write_mlp_mmproj(folder / "mmproj.tmp", dims.n_embd, VIT_L_504, seed=0, half=True)
+        (folder / "mmproj.tmp").replace(mmproj)
+        print(f"built {mmproj} in {time.perf_counter() - start:.0f} s", flush=True)
+    if not model.exists():
+        start = time.perf_counter()
+        f16 = folder / "model-f16.gguf"
+        write_llama_gguf(f16, dims, seed=0, half=True, vocab=vocabulary())
+        written = time.perf_counter() - start
+        quantize_gguf(f16, model, "q4_k_m")
+        f16.unlink()
+        print(f"built {model} (f16 {written:.0f} s, q4_k_m {time.perf_counter() - start - written:.0f} s)",
+              flush=True)
+    return folder
+
+
+def naive(folder: Path, threads: int, tokens: int):
+    """A function answering (tile, user text) as llama-cpp-python's LLaVA handler does."""
+    import llama_cpp
+    from llama_cpp.llama_chat_format import Llava15ChatHandler
+
+    from geochat_qgis.core.backends.images import png_data_uri
+    from geochat_qgis.core.families.llava_v1 import SYSTEM
+
+    handler = Llava15ChatHandler(clip_model_path=str(folder / "mmproj.gguf"), verbose=False)
+    llama = llama_cpp.Llama(str(folder / "model.gguf"), chat_handler=handler, n_ctx=2048,
+                            n_threads=threads, verbose=False)
+
+    def ask(tile, text: str) -> tuple[float, int]:
+        start = time.perf_counter()
+        answer = llama.create_chat_completion(messages=[
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_uri(tile)}},
+                                         {"type": "text", "text": text}]},
+        ], max_tokens=tokens, temperature=0.0, repeat_penalty=1.0)
+        return time.perf_counter() - start, answer["usage"]["prompt_tokens"]
+
+    return ask, llama
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the 1.1B text model on 3 tiles")
+    parser.add_argument("--tiles", type=int, default=None, help="tiles (default 3 quick, 2 7B)")
+    parser.add_argument("--tokens", type=int, default=24, help="new tokens per answer")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--kv-f32", action="store_true", help="the project with a float32 KV cache")
+    parser.add_argument("--no-naive", action="store_true", help="skip llama-cpp-python's handler")
+    args = parser.parse_args()
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(args.threads))
+    import numpy as np
+
+    from geochat_qgis.core.backends.base import Conversation, GenerateOptions, Turn
+    from geochat_qgis.core.backends.llama_cpp import LlamaCppBackend, LlamaCppSettings
+    from geochat_qgis.core.families import get_family
+
+    variant = "1b" if args.quick else "7b"
+    folder = build(variant)
+    rng = np.random.default_rng(0)
+    tiles = [rng.integers(0, 256, (504, 504, 3), dtype=np.uint8)
+             for _ in range(args.tiles or (3 if args.quick else 2))]
+    family = get_family("geochat")
+    prompts = [family.build_prompt("refer", phrase) for phrase in PHRASES]
+    options = GenerateOptions(max_new_tokens=args.tokens)
+    settings = LlamaCppSettings(n_threads=args.threads, vision="project", kv_f32=args.kv_f32,
+                                vision_device="cpu")
+    rows: dict[str, list[float]] = {k: [] for k in ("project_1", "project_4", "first_turn",
+                                                    "follow_up", "raw_1", "naive_4")}
+    evaluated: dict[str, list[int]] = {k: [] for k in rows}
+    with LlamaCppBackend(folder, settings=settings) as project:
+        for tile in tiles:
+            project.evaluator.forget()
+            project.encoder.clear()
+            start = time.perf_counter()
+            first = project.generate([tile], Conversation.single(prompts[0]), options)[0]
+            one = time.perf_counter() - start
+            follow_start = time.perf_counter()
+            follow = project.generate([tile], Conversation(
+                [Turn(prompts[0], first.text), Turn(FOLLOW_UP)]), options)[0]
+            follow_s = time.perf_counter() - follow_start
+            rest_start = time.perf_counter()
+            rest = [project.generate([tile], Conversation.single(text), options)[0]
+                    for text in prompts[1:]]
+            four = one + time.perf_counter() - rest_start
+            rows["project_1"].append(one)
+            rows["first_turn"].append(one)
+            rows["follow_up"].append(follow_s)
+            rows["project_4"].append(four)
+            first_eval = first.extra["evaluated_tokens"]
+            evaluated["project_1"].append(first_eval)
+            evaluated["first_turn"].append(first_eval)
+            evaluated["follow_up"].append(follow.extra["evaluated_tokens"])
+            evaluated["project_4"].append(first_eval + sum(g.extra["evaluated_tokens"] for g in rest))
+            print(f"project: 1 prompt {one:.1f} s, 4 prompts {four:.1f} s, follow-up "
+                  f"{follow_s:.1f} s ({evaluated['project_4'][-1]} tokens evaluated)", flush=True)
+    if not args.no_naive:
+        ask, llama = naive(folder, args.threads, args.tokens)
+        for tile in tiles:
+            runs = [ask(tile, text) for text in prompts]
+            rows["raw_1"].append(runs[0][0])
+            rows["naive_4"].append(sum(seconds for seconds, _ in runs))
+            evaluated["raw_1"].append(runs[0][1])
+            evaluated["naive_4"].append(sum(count for _, count in runs))
+            print(f"naive: 1 prompt {runs[0][0]:.1f} s, 4 prompts {rows['naive_4'][-1]:.1f} s",
+                  flush=True)
+        llama.close()
+    mean = {k: float(np.mean(v)) for k, v in rows.items() if v}
+    for name, seconds in mean.items():
+        print(f"{name}: {seconds:.2f} s per tile, {np.mean(evaluated[name]):.0f} tokens evaluated")
+    ratios = {
+        "prompts4_over_1": round(mean["project_4"] / mean["project_1"], 3),
+        "naive_over_project_4": round(mean["naive_4"] / mean["project_4"], 3) if "naive_4" in mean else None,
+        "followup_over_first": round(mean["follow_up"] / mean["first_turn"], 3),
+        "project_over_raw_1": round(mean["project_1"] / mean["raw_1"], 3) if "raw_1" in mean else None,
+    }
+    extra = {"variant": variant, "tiles": len(tiles), "threads": args.threads,
+             "kv_f32": args.kv_f32, "tokens": args.tokens,
+             **{f"{k}_s_per_tile": round(v, 2) for k, v in mean.items()}}
+    print(json.dumps(extra))
+    print(json.dumps(ratios))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

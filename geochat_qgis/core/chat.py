@@ -5,7 +5,8 @@ downsampled to one tile; :class:`ChatReply.how` says which. Earlier turns are ke
 image with the first turn); a region (``[identify]``) drawn on the map in any CRS becomes the box
 in the tile frame. The same extent gives the same tile pixels, so a backend that keeps what it
 evaluated (llama.cpp) continues a follow-up from the earlier turn: it pays only the new turn;
-a changed extent, model or history shares less and is evaluated from where it differs. The dock, the ``ask`` command and Processing's describe use this one path.
+a changed extent, model or history shares less and is evaluated from where it differs. The dock,
+the ``ask`` command and Processing's describe use this one path.
 """
 from __future__ import annotations
 

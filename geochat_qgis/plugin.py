@@ -78,6 +78,9 @@ class GeoChatPlugin:
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None
+        from .client import close_shared_client
+
+        close_shared_client()  # the runtime child (and its loaded model) goes with the plugin
         if self.log_handler is not None:
             remove_log_handler(self.log_handler)
             self.log_handler = None
@@ -109,8 +112,15 @@ class GeoChatPlugin:
             settings = PluginSettings.load()
             self.deps_dialog = DepsDialog(settings.backend, self.iface.mainWindow(),
                                           device=settings.device)
+            self.deps_dialog.finished.connect(self._on_deps_dialog_closed)
         self.deps_dialog.open()
         self.deps_dialog.raise_()
+
+    def _on_deps_dialog_closed(self, _result: int) -> None:
+        if self.dock is not None:
+            if self.deps_dialog is not None and self.deps_dialog.installed:
+                self.dock.on_runtime_installed()
+            self.dock.refresh_runtime()
 
     def _on_action_toggled(self, checked: bool) -> None:
         if checked:

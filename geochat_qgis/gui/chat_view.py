@@ -50,7 +50,7 @@ def linked_html(text: str, layer_id: Optional[str], counts: dict[str, int],
 
     for label in sorted(counts, key=len, reverse=True):
         pattern = re.compile(re.escape(html.escape(label)), re.IGNORECASE)
-        body = pattern.sub(lambda m: anchor(label, m.group(0)), body, count=1)
+        body = pattern.sub(lambda m, label=label: anchor(label, m.group(0)), body, count=1)
     features = ", ".join(f"{anchor(label, html.escape(label))} ({n})" for label, n in sorted(counts.items()))
     return f"{body}<br/><small>Features: {features}</small>"
 

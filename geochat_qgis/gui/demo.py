@@ -11,8 +11,8 @@ from typing import Callable
 from qgis.core import QgsProject, QgsRasterLayer
 from qgis.gui import QgisInterface
 
-from ..core.weights.demo import DEMO_NAME, DEMO_NOTE
 from . import area as areas
+from .model_choice import DEMO_NAME, DEMO_NOTE
 
 DEMO_PROMPT = "building; road"
 
@@ -44,8 +44,8 @@ def start_demo(iface: QgisInterface, plugin, raster: Path, out: Path) -> Callabl
     streaming = {"saved": False}
     original_wire = dock._wire
 
-    def wire(run) -> None:
-        original_wire(run)
+    def wire(run, *args) -> None:
+        original_wire(run, *args)
 
         def first_tokens(_piece: str) -> None:
             if not streaming["saved"]:

@@ -238,7 +238,6 @@ class DepsDialog(QDialog):
         self._outcome_shown = True
         self.checks = list(checks)
         self.installed = True
-        deps_check.forget()
         modules = ", ".join(f"{c.module} {c.version}".strip() for c in self.checks)
         for check in self.checks:
             line = f"ok  {check.module} {check.version} ({check.file})"

@@ -1,4 +1,9 @@
-"""The GeoChat chat dock: follows the active raster layer; ask, find, identify, preview, run."""
+"""The GeoChat chat dock: follows the active raster layer; ask, find, identify, preview, run.
+
+Everything the model does runs in the runtime child through ``geochat_qgis.client``: this
+module, like all of QGIS's side, imports only QGIS, Qt and the standard library. Until the
+runtime is installed the dock says what is missing and offers one button for the installer.
+"""
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -27,7 +32,7 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from ..core.errors import GeoChatError
+from ..core.errors import GeoChatError  # stdlib only
 from ..toolbelt.settings import PluginSettings
 from . import area as areas
 from .chat_history import load_history
@@ -73,7 +78,7 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
         self.iface = iface
         self.layer: Optional[QgsRasterLayer] = None
         self.settings = PluginSettings.load()
-        self.runner = Runner(lambda: self.settings.runtime)
+        self.runner = Runner()
         self.preview = TilePreview(iface.mapCanvas())
         self.drawn_rectangle: Optional[QgsRectangle] = None
         self.region: Optional[QgsGeometry] = None
@@ -84,6 +89,8 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
         self._watched_layers: set[str] = set()
         self.aoi_layer: Optional[QgsVectorLayer] = None
         self._server_check: Optional[GeoChatTask] = None
+        self._runtime_check: Optional[GeoChatTask] = None
+        self._deps_dialog = None
         self._build_ui()
         self.iface.currentLayerChanged.connect(self.set_layer)
         QgsProject.instance().readProject.connect(self._reload_history)
@@ -98,6 +105,22 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
         self.layer_label.setWordWrap(True)
         self.layer_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         layout.addWidget(self.layer_label)
+
+        runtime_row = QHBoxLayout()
+        self.runtime_label = QLabel(body)
+        self.runtime_label.setObjectName("GeoChatRuntimeStatus")
+        self.runtime_label.setWordWrap(True)
+        self.runtime_button = QPushButton("Install the runtime...", body)
+        self.runtime_button.setObjectName("GeoChatInstallRuntime")
+        self.runtime_button.setToolTip("Install GeoChat's runtime (the core packages and the "
+                                       "chosen backend) into its own environment; QGIS's "
+                                       "Python is not changed")
+        self.runtime_button.clicked.connect(self.install_runtime)
+        runtime_row.addWidget(self.runtime_label, 1)
+        runtime_row.addWidget(self.runtime_button)
+        layout.addLayout(runtime_row)
+        self.runtime_label.setVisible(False)
+        self.runtime_button.setVisible(False)
 
         model_row = QHBoxLayout()
         self.model_combo = QComboBox(body)
@@ -192,6 +215,7 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
         layout.addWidget(self.results_bar)
         self.setWidget(body)
         self._on_task_changed()
+        self.refresh_runtime()
         self.refresh_model_status()
 
     # ------------------------------------------------------------------ state
@@ -245,6 +269,7 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
     def _on_backend_chosen(self, _index: int) -> None:
         self.settings.backend = self.backend_combo.currentData()
         self.settings.save()
+        self.refresh_runtime()
         self.refresh_model_status()
 
     def open_settings(self) -> None:
@@ -253,10 +278,82 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
         dialog = SettingsDialog(self.settings, self)
         if dialog.exec():
             self.backend_combo.setCurrentIndex(max(0, self.backend_combo.findData(self.settings.backend)))
-            if not self.runner.busy:
-                self.runner.cache.clear()  # a changed runtime or device loads afresh
+            self.refresh_runtime()
             self.refresh_model_status()
 
+    # ------------------------------------------------------------------ runtime
+    def refresh_runtime(self) -> None:
+        """Say whether the runtime can run the chosen backend: at once when none is installed,
+        else after a short probe of its interpreter in the background (no child started)."""
+        from ..client import RuntimeState, runtime_command
+
+        if runtime_command() is None:
+            self.show_runtime(RuntimeState(False, None, [], ""))
+            return
+        backend = self.settings.backend
+
+        def probe(_cancel, _token, _progress):
+            from ..client import runtime_state
+
+            return runtime_state(backend=backend)
+
+        self._runtime_check = GeoChatTask("GeoChat: checking the runtime", probe, quiet=True)
+        self._runtime_check.resultReady.connect(self.show_runtime)
+        QgsApplication.taskManager().addTask(self._runtime_check)
+
+    def show_runtime(self, state: Any) -> None:
+        """Show a runtime state (client.RuntimeState): nothing when ready, else what is missing
+        and the install button."""
+        if state.ready:
+            self.runtime_ready()
+            return
+        backend = self.settings.backend
+        if state.python is None:
+            text = (f"The GeoChat runtime is not installed. It holds the model packages (the "
+                    f"core and the {backend} backend) in an environment of its own, outside "
+                    "QGIS's Python: install it once with the button.")
+        else:
+            missing = ", ".join(state.missing) or "its packages"
+            text = (f"The GeoChat runtime lacks {missing} for the {backend} backend: install "
+                    "them with the button.")
+        self.runtime_label.setText(f'<span style="color:#b00020">{text}</span>')
+        self.runtime_label.setToolTip(state.message)
+        self.runtime_label.setVisible(True)
+        self.runtime_button.setVisible(True)
+
+    def runtime_ready(self) -> None:
+        self.runtime_label.setVisible(False)
+        self.runtime_button.setVisible(False)
+
+    def install_runtime(self) -> None:
+        """Open the installer for the chosen backend (core packages + backend, into the managed
+        environment); the runtime line follows once it closes."""
+        from .deps_dialog import DepsDialog
+
+        if self._deps_dialog is not None and self._deps_dialog.isVisible():
+            self._deps_dialog.raise_()
+            return
+        self._deps_dialog = DepsDialog(self.settings.backend, self, device=self.settings.device)
+        self._deps_dialog.finished.connect(self._on_installer_closed)
+        self._deps_dialog.open()
+
+    def _on_installer_closed(self, _result: int) -> None:
+        dialog = self._deps_dialog
+        if dialog is not None and dialog.installed:
+            self.on_runtime_installed()
+        self.refresh_runtime()
+        self.refresh_model_status()
+
+    def on_runtime_installed(self) -> None:
+        """After an install (this dock's button or the plugin menu): a child started before it
+        is not reused, and the models are listed afresh."""
+        if not self.runner.busy:
+            from ..client import close_shared_client
+
+            close_shared_client()
+        remember_rows([])
+
+    # ------------------------------------------------------------------ model
     def refresh_model_status(self) -> None:
         try:
             status, sentence = model_status(self.model_combo.currentData() or "", self.settings)
@@ -275,7 +372,8 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
 
         cache = self.settings.cache_dir
         self._model_list = GeoChatTask("GeoChat: listing models",
-                                       lambda _cancel, _token, _progress: fetch_rows(shared_client(), cache))
+                                       lambda _cancel, _token, _progress: fetch_rows(shared_client(), cache),
+                                       quiet=True)
         self._model_list.resultReady.connect(lambda _rows: self.refresh_model_status())
         QgsApplication.taskManager().addTask(self._model_list)
 
@@ -289,7 +387,7 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
 
         key, settings, api_key = self.model_combo.currentData() or "", self.settings, self._api_key()
         self._server_check = GeoChatTask("GeoChat: checking the server", lambda _cancel, _token, _progress:
-                                         check_server(shared_client(), key, settings, api_key))
+                                         check_server(shared_client(), key, settings, api_key), quiet=True)
         self._server_check.resultReady.connect(lambda result: self._show_status(*result))
         QgsApplication.taskManager().addTask(self._server_check)
 
@@ -359,6 +457,14 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
     def cleanup(self) -> None:
         """Stop work and disconnect from QGIS before the dock is deleted."""
         self.runner.close()
+        for pending in (self._runtime_check, self._server_check, getattr(self, "_model_list", None)):
+            try:
+                pending.resultReady.disconnect()
+            except (AttributeError, RuntimeError, TypeError):
+                pass  # none, finished and gone, or never connected
+        if self._deps_dialog is not None:
+            self._deps_dialog.close()  # cancels a running install
+            self._deps_dialog = None
         self.preview.clear()
         self.region_tool.clear()
         canvas = self.iface.mapCanvas()

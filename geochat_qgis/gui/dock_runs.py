@@ -1,29 +1,27 @@
-"""The dock's runs: plan the tiles, confirm, run in the background, show the results.
+"""The dock's runs: a request of the user's choices, planned, confirmed, run, shown.
 
-Everything slow happens in QgsTasks (see runner.py): the main thread only reads the widgets
-before a run and opens the result files after it. Mixed into GeoChatDock.
+The dock gathers its widgets into one plain JSON request (the runtime's, see
+``geochat_qgis/client``); the runtime child plans the tiles, runs the job or answers the
+question and writes the result GeoPackage. Every request runs in a QgsTask (runner.py); the
+main thread only reads the widgets before and opens the result file after. Mixed into
+GeoChatDock.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from qgis.core import Qgis, QgsProject, QgsVectorLayer
-from qgis.PyQt.QtWidgets import QDialog, QMessageBox
+from qgis.PyQt.QtWidgets import QMessageBox
 
-from ..core.chat import ChatReply, ChatRequest, overview_plan
-from ..core.errors import GeoChatError
-from ..core.pipeline import Job, JobResult
-from ..core.tiling import TileSpec, plan_tiles
-from ..core.weights.demo import DEMO_NAME
-from ..toolbelt.feature_detections import to_shapely
+from ..core.errors import GeoChatError  # stdlib only
 from ..toolbelt.settings import DEFAULT_SECONDS_PER_TILE, load_speed, save_speed
 from . import area as areas
 from .chat_history import model_history, save_history
-from .deps_check import missing_for
-from .model_choice import backend_spec
-from .result_layers import add_result_layer, results_folder, write_result_file
+from .model_choice import DEMO_NAME, model_request
+from .result_layers import RESULTS_TABLE, add_result_layer, result_path, results_folder
+from .runner import client
 from .tile_preview import describe_estimate, estimate_seconds, human_duration
 
 log = logging.getLogger(__name__)
@@ -40,24 +38,62 @@ TASKS = (
     ("identify", "Identify a region [identify]", False),
 )
 TILED = {task for task, _label, tiled in TASKS if tiled}
+Then = Callable[[dict, Optional[areas.Area]], None]
 
 
 class RunsMixin:
     """Planning, running and showing results; GeoChatDock provides the widgets it reads."""
 
-    # ------------------------------------------------------------------ preview
-    def tile_spec(self) -> TileSpec:
-        return TileSpec(tile_size=self.settings.tile_size, overlap=self.settings.overlap,
-                        gsd=self.settings.gsd or None)
-
+    # ------------------------------------------------------------------ the request
     def prompts(self) -> list[str]:
         text = self.prompt_edit.text().strip()
         if self.task_name == "refer":
             return [p.strip() for p in text.split(";") if p.strip()]
         return [text] if text else []
 
+    def model_key(self) -> str:
+        return self.model_combo.currentData() or self.settings.model
+
+    def build_request(self, area: Optional[areas.Area], api_key: Optional[str] = None,
+                      check: bool = True) -> dict[str, Any]:
+        """The runtime request for the dock's choices (GeoChatError names what is missing
+        when ``check``)."""
+        task, settings = self.task_name, self.settings
+        model = model_request(self.model_key(), settings, api_key)
+        request: dict[str, Any] = {
+            "raster": self.layer.source(), "task": task, "model": model,
+            "tiling": {"tile_size": settings.tile_size or None, "overlap": settings.overlap,
+                       "gsd": settings.gsd or None},
+            "output": {"crs": self._output_crs()},
+            "options": {"max_new_tokens": settings.max_new_tokens,
+                        "iou_threshold": settings.iou_threshold,
+                        "angle_convention": settings.angle_convention,
+                        "grammar": bool(settings.grammar and task == "refer"
+                                        and model.get("backend") == "llama.cpp")},
+        }
+        if area is not None:
+            request.update(area.request())
+        if task in TILED:
+            request["prompts"] = self.prompts()
+            if check and not request["prompts"] and task != "grounding":
+                raise GeoChatError("type what to find (one phrase, or several separated by ';')")
+            return request
+        request.update(question=self.prompt_edit.text().strip(),
+                       history=[list(turn) for turn in model_history(self.chat.messages)],
+                       classes=[c.strip() for c in self.classes_edit.text().split(",") if c.strip()])
+        if task == "identify":
+            if self.region is None:
+                if check:
+                    raise GeoChatError("draw the region first: press Region, click its corners, "
+                                       "right click")
+            else:
+                request.update(region_wkt=self.region.asWkt(),
+                               region_crs=areas.crs_wkt(self._canvas_crs()))
+        return request
+
+    # ------------------------------------------------------------------ preview
     def show_preview(self) -> None:
-        """Plan the tiles in the background and draw the grid with a time estimate."""
+        """Plan the tiles in the runtime and draw the grid with a time estimate."""
         self._plan(then=None)
 
     def send(self) -> None:
@@ -66,48 +102,43 @@ class RunsMixin:
             return
         self._plan(then=self._run_planned)
 
-    def _plan(self, then: Optional[Callable[[Optional[areas.Area], Any], None]]) -> None:
-        """Everything slow (reading the raster, reprojecting, resolving the model, building the
-        demo model) runs in a task; the main thread only gathers what the widgets say."""
+    def _plan(self, then: Optional[Then]) -> None:
+        """The runtime check and the plan run in a task (they may start the runtime child);
+        the main thread only gathers what the widgets say."""
         if self.layer is None or self.runner.busy:
             return
-        task_name = self.task_name
         try:
-            area = None if task_name == "identify" else self.current_area()
-            api_key = self._api_key() if then else None
+            area = None if self.task_name == "identify" else self.current_area()
+            request = self.build_request(area, self._api_key() if then else None,
+                                         check=then is not None)
         except GeoChatError as exc:
             self._report_plan_problem(str(exc), then)
             return
-        tiled = task_name in TILED
-        spec = self.tile_spec() if tiled else replace(self.tile_spec(), overlap=0.0)
-        raster, settings = self.layer.source(), replace(self.settings)
-        model_key = self.model_combo.currentData() or self.settings.model
-        prompts = len(self.prompts()) if tiled else 1
+        backend = request["model"].get("backend") or self.settings.backend
+        model_key, tiled = self.model_key(), request["task"] in TILED
+        prompts = len(request.get("prompts") or []) if tiled else 1
 
         def work(_cancel, _on_token, _on_progress):
-            plan = None
-            if area is not None and tiled:
-                plan = plan_tiles(raster, spec, extent=area.extent, extent_crs=area.crs, aoi=area.aoi)
-            elif area is not None:  # a question is asked about one (overview) tile of the area
-                plan, _how = overview_plan(raster, spec, area.extent, area.crs, area.aoi)
-            if then is None:
-                return plan, None, None
-            missing = missing_for(settings.backend, settings.runtime, settings.device)
-            return plan, backend_spec(model_key, settings, api_key), missing
+            from ..client import runtime_state
+
+            state = runtime_state(backend=backend)
+            return client().plan(request) if state.ready else state
 
         def planned(result) -> None:
-            plan, backend, missing = result
-            if missing is not None and not self._install_dependencies(settings.backend):
+            if not hasattr(result, "footprints_wkt"):  # the runtime is not ready
+                self.show_runtime(result)
+                self._report_plan_problem(result.message, then)
                 return
-            seconds = 0.0
-            if plan is not None:
-                self.preview.show(plan)
-                seconds = estimate_seconds(len(plan), prompts, self._seconds_per_tile(model_key))
-                self.preview_label.setText(describe_estimate(len(plan), seconds))
+            self.runtime_ready()
+            self.preview.show(result.footprints_wkt, result.crs_wkt)
+            seconds = estimate_seconds(result.tiles if tiled else 1, prompts,
+                                       self._seconds_per_tile(model_key))
+            self.preview_label.setText(describe_estimate(result.tiles, seconds) if tiled
+                                       else result.message)
             if then is not None:
                 if seconds > self.settings.ask_above_seconds and not self._confirm_long(seconds):
                     return
-                then(area, backend)
+                then(request, area)
 
         task = self.runner.start("GeoChat: planning tiles", work)
         task.resultReady.connect(planned)
@@ -116,32 +147,10 @@ class RunsMixin:
         task.taskTerminated.connect(self._update_enabled)
         self._update_enabled()
 
-    def _install_dependencies(self, backend: str) -> bool:
-        """The backend's packages are missing: offer the installer; True once installed."""
-        from .deps_dialog import DepsDialog
-
-        if DepsDialog(backend, self, device=self.settings.device).exec() != QDialog.DialogCode.Accepted:
-            self.chat.add("error", f"The {backend} backend's packages are not installed: install "
-                                   "them (Plugins > GeoChat > Install model dependencies...) or "
-                                   "choose another backend.")
-            return False
-        self.runner.cache.clear()  # a runtime started before the install must not be reused
-        return True
-
     def _report_plan_problem(self, message: str, then) -> None:
         self.preview_label.setText(message)
         if then is not None:
             self.chat.add("error", message)
-
-    def _run_planned(self, area: Optional[areas.Area], spec) -> None:
-        try:
-            if self.task_name in TILED:
-                self._start_detect(spec, area)
-            else:
-                self._start_chat(spec, area)
-        except GeoChatError as exc:
-            self.chat.add("error", str(exc))
-        self._update_enabled()
 
     @staticmethod
     def _seconds_per_tile(model_key: str) -> float:
@@ -165,123 +174,101 @@ class RunsMixin:
         crs = QgsProject.instance().crs()
         return areas.crs_wkt(crs if crs.isValid() else self.layer.crs())
 
-    def _start_chat(self, spec, area: Optional[areas.Area]) -> None:
-        question = self.prompt_edit.text().strip()
-        task = self.task_name
-        region = region_crs = None
-        if task == "identify":
-            if self.region is None:
-                raise GeoChatError("draw the region first: press Region, click its corners, right click")
-            region, region_crs = to_shapely(self.region), areas.crs_wkt(self._canvas_crs())
-        classes = [c.strip() for c in self.classes_edit.text().split(",") if c.strip()]
-        request = ChatRequest(
-            self.layer.source(), question, task=task, family=spec.family,
-            extent=area.extent if area else None, extent_crs=area.crs if area else None,
-            history=model_history(self.chat.messages), region=region, region_crs=region_crs,
-            classes=classes, output_crs=self._output_crs(),
-            max_new_tokens=self.settings.max_new_tokens,
-            family_settings=self._family_settings(spec.family),
-        )
-        self.chat.add("user", question or f"[{task}]")
-        run = self.runner.start_chat(request, spec, self._result_writer(
-            lambda reply: (reply.answer.detections, reply.crs, f"GeoChat {reply.user_text[:40]}")))
-        self._wire(run)
-        self.chat.begin_stream()
+    # ------------------------------------------------------------------ run
+    def _run_planned(self, request: dict[str, Any], area: Optional[areas.Area]) -> None:
+        task = request["task"]
+        if task in TILED:
+            prompts = "; ".join(request.get("prompts") or [])
+            name = f"GeoChat {task}: {prompts[:40]}"
+            where = area.description if area else "layer"
+            self.chat.add("user", f"[{task}] {prompts} over the {where}")
+        else:
+            name = f"GeoChat {(request.get('question') or task)[:40]}"
+            self.chat.add("user", request.get("question") or f"[{task}]")
+        path = result_path(results_folder(QgsProject.instance()), name)
+        request["output"].update(path=str(path), layer=RESULTS_TABLE)
+        if task in TILED:
+            run = self.runner.start_request(
+                f"GeoChat: {task} over {self.layer.name()}",
+                lambda t, cancel: client().run(request, t.on_event, cancel))
+            self.progress.setValue(0)
+        else:
+            run = self.runner.start_request(
+                f"GeoChat: {task}", lambda t, cancel: client().ask(request, t.on_event, cancel))
+            self.chat.begin_stream()
+        self._wire(run, name, task)
+        self._update_enabled()
 
-    def _start_detect(self, spec, area: areas.Area) -> None:
-        prompts = self.prompts()
-        if not prompts and self.task_name != "grounding":
-            raise GeoChatError("type what to find (one phrase, or several separated by ';')")
-        job = Job(
-            raster=self.layer.source(), task=self.task_name, prompts=prompts, family=spec.family,
-            extent=area.extent, extent_crs=area.crs, aoi=area.aoi, tile_spec=self.tile_spec(),
-            backend=spec, output_crs=self._output_crs(), max_new_tokens=self.settings.max_new_tokens,
-            grammar=self.settings.grammar and spec.kind == "llama.cpp" and self.task_name == "refer",
-            iou_threshold=self.settings.iou_threshold,
-            family_settings=self._family_settings(spec.family),
-        )
-        self.chat.add("user", f"[{self.task_name}] {'; '.join(prompts)} over the {area.description}")
-        task_name = self.task_name
-        run = self.runner.start_detect(job, spec, self._result_writer(
-            lambda result: (result.detections, result.crs,
-                            f"GeoChat {task_name}: {'; '.join(prompts)[:40]} ({result.run_id[:6]})"),
-            always=True))
-        self._wire(run)
-        self.progress.setValue(0)
-
-    def _family_settings(self, family: str) -> dict:
-        return {"angle_convention": self.settings.angle_convention} if family == "geochat" else {}
-
-    def _wire(self, run) -> None:
+    def _wire(self, run, name: str = "", task: str = "") -> None:
         layer_id = self.layer.id()
         run.tokenReceived.connect(self.chat.append_token)
         run.tileProgress.connect(lambda done, total: self.progress.setValue(int(100 * done / max(1, total))))
-        run.resultReady.connect(lambda result: self._on_result(layer_id, result))
+        run.tileFailed.connect(self._on_tile_failed)
+        run.statusChanged.connect(self.preview_label.setText)
+        run.resultReady.connect(lambda result: self._on_result(layer_id, result, name, task))
         run.failed.connect(lambda message: self._on_failed(layer_id, message))
         run.taskCompleted.connect(self._update_enabled)
         run.taskTerminated.connect(self._update_enabled)
+
+    def _on_tile_failed(self, tile: str, message: str) -> None:
+        self.preview_label.setText(f"tile {tile} failed: {message}")
+        log.warning("GeoChat: tile %s failed: %s", tile, message)
 
     def _on_failed(self, layer_id: str, message: str) -> None:
         self.chat.end_stream()
         self.chat.add("error", message)
         self.iface.messageBar().pushMessage("GeoChat", message, Qgis.Warning, 8)
         log.warning("%s", message)
+        if "runtime" in message.lower() and "install" in message.lower():
+            self.refresh_runtime()
         self._save(layer_id)
         self._update_enabled()
 
-    def _on_result(self, layer_id: str, result: Any) -> None:
-        """Main thread: add the layer, write the answer, keep the history."""
+    def _on_result(self, layer_id: str, result: Any, name: str, task: str) -> None:
+        """Main thread: open the result file, write the answer, keep the history."""
         self.chat.end_stream()
-        value, written = result
-        if isinstance(value, ChatReply):
-            self._show_reply(value, written)
-        elif isinstance(value, JobResult):
-            self._show_job(value, written)
+        try:
+            if hasattr(result, "tiles_done"):
+                self._show_job(result, name, task)
+            else:
+                self._show_reply(result, name, task)
+        except GeoChatError as exc:
+            self.chat.add("error", str(exc))
         self._save(layer_id)
         self._update_enabled()
 
-    def _result_writer(self, what: Callable[[Any], tuple], always: bool = False):
-        """A worker-side step writing the run's detections to their own GeoPackage; the main
-        thread then only opens it. Gives ``(result, (path, name) or None)``."""
-        folder = results_folder(QgsProject.instance())  # read here, on the main thread
-
-        def finish(result):
-            detections, crs, name = what(result)
-            if not detections and not always:
-                return result, None
-            return result, (write_result_file(detections, crs, name, folder), name)
-
-        return finish
-
-    def _open_layer(self, written, detections) -> Optional[QgsVectorLayer]:
-        if written is None:
+    def _open_layer(self, output: Optional[str], table: str, name: str, task: str,
+                    counts: dict[str, int]) -> Optional[QgsVectorLayer]:
+        if not output:
             return None
-        path, name = written
-        masks = bool(detections) and all(d.kind == "mask" for d in detections)
-        layer = add_result_layer(path, name, [d.label for d in detections], masks)
+        layer = add_result_layer(Path(output), name, list(counts), task == "segment",
+                                 table=table or RESULTS_TABLE)
         self._watch(layer)
         return layer
 
-    def _show_reply(self, reply: ChatReply, written) -> None:
-        layer = self._open_layer(written, reply.answer.detections)
-        self.chat.add("assistant", reply.answer.text or reply.answer.raw, raw=reply.answer.raw,
+    def _show_reply(self, reply: Any, name: str, task: str) -> None:
+        layer = self._open_layer(reply.output, reply.layer, name, task, reply.counts)
+        self.chat.add("assistant", reply.text or reply.raw, raw=reply.raw,
                       user_text=reply.user_text, layer_id=layer.id() if layer else None,
-                      counts=_counts(reply.answer.detections))
-        self.chat.add("info", f"(looked at {reply.how}; {reply.generated_tokens} tokens in {reply.seconds:.1f} s)")
+                      counts=dict(reply.counts))
+        self.chat.add("info", f"(looked at {reply.how}; {reply.generated_tokens} tokens in "
+                              f"{reply.seconds:.1f} s)")
 
-    def _show_job(self, result: JobResult, written) -> None:
-        layer = self._open_layer(written, result.detections)
-        prompts = max(1, len({a.prompt for a in result.answers}))
-        if result.tiles_done:
-            save_speed(self.model_combo.currentData() or self.settings.model,
-                       result.seconds / (result.tiles_done * prompts))
+    def _show_job(self, result: Any, name: str, task: str) -> None:
+        layer = self._open_layer(result.output, result.layer, name, task, result.counts)
+        prompts = max(1, len({a.get("prompt") for a in result.answers}))
+        if result.tiles_done and result.seconds:
+            save_speed(self.model_key(), result.seconds / (result.tiles_done * prompts))
         status = "cancelled, results so far kept" if result.cancelled else (
             f"stopped: {result.error}" if result.error else "done")
-        text = (f"Found {len(result.detections)} object(s) in {result.tiles_done} of "
+        text = (f"Found {result.features} object(s) in {result.tiles_done} of "
                 f"{result.tiles_planned} tile(s) in {result.seconds:.1f} s ({status}).")
         if result.failures:
-            text += f" {len(result.failures)} tile(s) failed: {result.failures[0].message}"
-        self.chat.add("assistant", text, layer_id=layer.id(), counts=_counts(result.detections))
+            text += f" {len(result.failures)} tile(s) failed: {result.failures[0].get('message')}"
+        if result.note:
+            text += f" {result.note}"
+        self.chat.add("assistant", text, layer_id=layer.id() if layer else None,
+                      counts=dict(result.counts))
         self.progress.setValue(100)
 
     def _save(self, layer_id: str) -> None:
@@ -290,10 +277,3 @@ class RunsMixin:
 
     def _reload_history(self, *_args: Any) -> None:
         self.set_layer(self.iface.activeLayer())
-
-
-def _counts(detections) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for detection in detections:
-        counts[detection.label] = counts.get(detection.label, 0) + 1
-    return counts

@@ -1,4 +1,5 @@
-"""Exporting result layers with the core's writer: one layer to a file, or all of them at once."""
+"""Exporting result layers with the core's writer (in the runtime): one layer to a file, or all
+of them into one GeoPackage."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,10 +7,9 @@ from typing import Optional
 
 from qgis.core import QgsProject, QgsVectorLayer
 
-from ..core.export import export_detections
-from ..toolbelt.feature_detections import feature_detections
-from .area import crs_wkt
+from ..core.errors import ExportError  # stdlib only
 from .result_layers import GROUP_NAME, safe_layer_name
+from .runner import client
 
 ALL_RESULTS_FILE = "geochat_results.gpkg"
 
@@ -27,11 +27,29 @@ def default_export_folder(project: QgsProject) -> Path:
     return Path(project.absolutePath()) if project.absolutePath() else Path.home()
 
 
+def layer_file(layer: QgsVectorLayer) -> tuple[str, Optional[str]]:
+    """(file, layer name inside it) of a result layer opened from a file."""
+    parts = layer.source().split("|")
+    table = next((p.split("=", 1)[1] for p in parts[1:] if p.startswith("layername=")), None)
+    if layer.providerType() != "ogr" or not Path(parts[0]).is_file():
+        raise ExportError(f"'{layer.name()}' is not a GeoChat result file: export it with "
+                          "Layer > Save As...")
+    return parts[0], table
+
+
 def export_layer(layer: QgsVectorLayer, path: Path, layer_name: Optional[str] = None) -> Path:
-    """Write ``layer``'s detections to ``path`` (.shp, .gpkg or .geojson), atomically."""
-    crs = crs_wkt(layer.crs())
-    detections = feature_detections(layer.getFeatures(), crs)
-    return export_detections(detections, path, crs, layer_name)
+    """Write ``layer``'s features to ``path`` (.shp, .gpkg or .geojson), atomically; into the
+    GeoPackage table ``layer_name`` when given (the file's other tables stay)."""
+    from ..client import RuntimeClientError
+
+    source, table = layer_file(layer)
+    if layer.isEditable() and layer.isModified():
+        raise ExportError(f"'{layer.name()}' has unsaved edits: save or discard them first")
+    try:
+        reply = client().export(source, table, str(path), destination_layer=layer_name)
+    except RuntimeClientError as exc:
+        raise ExportError(exc.message) from None
+    return Path(reply.get("output") or path)
 
 
 def export_all(project: QgsProject, path: Path) -> list[str]:

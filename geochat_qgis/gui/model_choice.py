@@ -241,11 +241,3 @@ def check_server(client: Any, choice_key: str, settings: Any,
     except RuntimeClientError as exc:
         return UNREACHABLE, exc.message
     return (READY if reply.get("ready") else UNREACHABLE), str(reply.get("message") or "")
-
-
-def backend_spec(choice_key: str, settings: Any, api_key: Optional[str] = None) -> Any:
-    """TEMPORARY, for the dock until it runs through the client (HA, issue 11): the core's
-    BackendSpec for the choice. Delete once nothing imports it; use :func:`model_request`."""
-    from ..core.jobs import backend_spec as resolve  # the one core import, going away
-
-    return resolve({"model": model_request(choice_key, settings, api_key)})

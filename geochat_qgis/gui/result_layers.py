@@ -1,4 +1,5 @@
-"""Result layers: one memory layer per run, in a "GeoChat results" group, styled from QML."""
+"""Result layers: the GeoPackage the runtime wrote for a run, opened in a "GeoChat results"
+group and styled from QML (one colour per label)."""
 from __future__ import annotations
 
 import colorsys
@@ -6,7 +7,7 @@ import hashlib
 import re
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 from qgis.core import (
     QgsApplication,
@@ -20,9 +21,6 @@ from qgis.PyQt.QtGui import QColor
 
 from ..__about__ import resource
 from ..core.errors import ExportError  # stdlib only
-
-if TYPE_CHECKING:  # the core's packages stay out of QGIS's process (Processing styles with this)
-    from ..core.results import Detection
 
 GROUP_NAME = "GeoChat results"
 RESULTS_FOLDER = "geochat_results"
@@ -79,25 +77,22 @@ def safe_layer_name(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", name).strip("_") or "detections"
 
 
-def write_result_file(detections: Sequence[Detection], crs_text: Optional[str], name: str,
-                      folder: Path) -> Path:
-    """Write ``detections`` (already in ``crs_text``) to a GeoPackage of their own (worker side).
+def result_path(folder: Path, name: str) -> Path:
+    """A new GeoPackage path in ``folder`` for the run called ``name`` (the folder is made).
 
     Files, not memory layers: results survive saving and reopening the project, and QGIS does
     not warn about losing them on exit.
     """
-    from ..core.export import export_detections
-
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{safe_layer_name(name)[:60]}_{uuid.uuid4().hex[:8]}.gpkg"
-    return export_detections(detections, path, crs_text or None, RESULTS_TABLE)
+    return folder / f"{safe_layer_name(name)[:60]}_{uuid.uuid4().hex[:8]}.gpkg"
 
 
 def add_result_layer(path: Path, name: str, labels: Sequence[str], masks: bool,
-                     project: Optional[QgsProject] = None) -> QgsVectorLayer:
-    """Open a written result file as a styled layer at the top of the results group."""
+                     project: Optional[QgsProject] = None, table: str = RESULTS_TABLE) -> QgsVectorLayer:
+    """Open a written result file (its layer ``table``) as a styled layer at the top of the
+    results group."""
     project = project or QgsProject.instance()
-    layer = QgsVectorLayer(f"{path}|layername={RESULTS_TABLE}", name, "ogr")
+    layer = QgsVectorLayer(f"{path}|layername={table}", name, "ogr")
     if not layer.isValid():
         raise ExportError(f"QGIS could not open the results written to {path}")
     style_layer(layer, labels, masks)

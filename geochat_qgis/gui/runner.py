@@ -1,31 +1,26 @@
-"""Starts chat questions and detect runs as QgsTasks over one cached, loaded backend."""
+"""The dock's one task at a time: planning, a run or a question, each a QgsTask whose work
+calls the shared runtime client (the model stays loaded in the runtime child between them)."""
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
 from qgis.core import QgsApplication
 
-from ..core.backends.factory import BackendCache, BackendSpec
-from ..core.chat import ChatRequest, ask
-from ..core.pipeline import Job, run_job
-from .run_task import GeoChatTask
+from .run_task import GeoChatTask, Work
 
-# more work on the worker thread once the result is in (e.g. writing the result file)
-Finish = Optional[Callable[[Any], Any]]
+
+def client() -> Any:
+    """The process-wide runtime client the dock and Processing share."""
+    from ..client import shared_client
+
+    return shared_client()
 
 
 class Runner:
-    """One run at a time; the loaded model is kept for the next request (same spec)."""
+    """Starts the dock's tasks; ``busy`` while one is queued or running."""
 
-    def __init__(self, runtime: Callable[[], str]) -> None:
-        self._runtime = runtime  # "subprocess" | "inprocess", read at each load
-        self.cache = BackendCache(factory=self._open)
+    def __init__(self) -> None:
         self.task: Optional[GeoChatTask] = None
-
-    def _open(self, spec: BackendSpec):
-        from ..core.runtime.backend import open_backend
-
-        return open_backend(spec, self._runtime())
 
     @property
     def busy(self) -> bool:
@@ -35,37 +30,30 @@ class Runner:
         except RuntimeError:  # the finished task's C++ object is gone
             return False
 
-    def start_chat(self, request: ChatRequest, spec: BackendSpec, finish: Finish = None) -> GeoChatTask:
-        def work(cancel, on_token, _on_progress):
-            reply = ask(request, self.cache.get(spec), on_token=on_token, cancel=cancel)
-            return finish(reply) if finish else reply
-
-        return self.start(f"GeoChat: {request.task}", work)
-
-    def start_detect(self, job: Job, spec: BackendSpec, finish: Finish = None) -> GeoChatTask:
-        def work(cancel, on_token, on_progress):
-            backend = self.cache.get(spec)
-            result = run_job(job, backend, cancel=cancel, on_token=on_token,
-                             on_progress=lambda p: on_progress(p.done, p.total))
-            return finish(result) if finish else result
-
-        return self.start(f"GeoChat: {job.task} over {job.raster}", work)
-
-    def start(self, description: str, work) -> GeoChatTask:
+    def start(self, description: str, work: Work) -> GeoChatTask:
         """Run ``work(cancel, on_token, on_progress)`` as the current task."""
-        self.task = GeoChatTask(description, work)
-        QgsApplication.taskManager().addTask(self.task)
-        return self.task
+        return self._add(GeoChatTask(description, work))
+
+    def start_request(self, description: str, call: Callable[[GeoChatTask, Any], Any]) -> GeoChatTask:
+        """A task running ``call(task, cancel)`` (e.g. ``client().run(request,
+        task.on_event, cancel)``): runtime events reach the main thread as the task's signals."""
+        task = GeoChatTask(description, lambda cancel, _token, _progress: call(task, cancel))
+        return self._add(task)
+
+    def _add(self, task: GeoChatTask) -> GeoChatTask:
+        self.task = task
+        QgsApplication.taskManager().addTask(task)
+        return task
 
     def cancel(self) -> None:
-        """Stop the current task between tokens or tiles. Only the core's token is set:
-        QgsTask.cancel() on a task still queued has crashed QGIS 3.22 (seen in tests)."""
+        """Stop the current task: the runtime stops between tokens or tiles and keeps the
+        finished tiles. Only the token is set: QgsTask.cancel() on a task still queued has
+        crashed QGIS 3.22 (seen in tests)."""
         if self.busy:
             self.task.cancel_token.cancel()
 
     def close(self, wait_ms: int = 15000) -> None:
-        """Cancel what runs, wait for it to stop, and free the model (plugin unload)."""
+        """Cancel what runs and wait for it to stop (dock teardown)."""
         if self.busy:
             self.task.cancel_token.cancel()
             self.task.waitForFinished(wait_ms)
-        self.cache.clear()

@@ -48,9 +48,6 @@ class SettingsDialog(QDialog):
         self.settings = settings
         form = QFormLayout(self)
         self.backend = _combo(("llama.cpp", "transformers", "openai"), settings.backend, self)
-        self.runtime = _combo(("subprocess", "inprocess"), settings.runtime, self)
-        self.runtime.setToolTip("subprocess: the model runs in its own process, so a crash "
-                                "cannot take QGIS down")
         self.model = QLineEdit(settings.model, self)
         self.mmproj = QLineEdit(settings.mmproj, self)
         self.cache_dir = QLineEdit(settings.cache_dir, self)
@@ -58,7 +55,8 @@ class SettingsDialog(QDialog):
         self.device = _combo(("auto", "cpu", "cuda"), settings.device, self)
         self.threads = _spin(settings.threads, 0, 256, self)
         self.gpu_layers = _spin(settings.gpu_layers, -1, 999, self)
-        self.tile_size = _spin(settings.tile_size, 28, 4096, self)
+        self.tile_size = _spin(settings.tile_size, 0, 4096, self)
+        self.tile_size.setSpecialValueText("the model's own")
         self.overlap = _spin(settings.overlap, 0.0, 0.9, self, decimals=2)
         self.gsd = _spin(settings.gsd, 0.0, 10000.0, self, decimals=3)
         self.iou = _spin(settings.iou_threshold, 0.05, 1.0, self, decimals=2)
@@ -72,7 +70,7 @@ class SettingsDialog(QDialog):
         self.auth = QgsAuthConfigSelect(self)
         self.auth.setConfigId(settings.auth_config_id)
         rows = (
-            ("Backend", self.backend), ("Runtime", self.runtime), ("Model (name or path)", self.model),
+            ("Backend", self.backend), ("Model (name or path)", self.model),
             ("mmproj (GGUF)", self.mmproj), ("Model cache folder", self.cache_dir),
             ("Device", self.device), ("Threads (0 = auto)", self.threads),
             ("GPU layers (-1 = all when a GPU is present)", self.gpu_layers),
@@ -84,7 +82,8 @@ class SettingsDialog(QDialog):
         )
         for label, widget in rows:
             form.addRow(label, widget)
-        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel, parent=self)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok
+                                   | QDialogButtonBox.StandardButton.Cancel, parent=self)
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
         form.addRow(buttons)
@@ -92,8 +91,9 @@ class SettingsDialog(QDialog):
     def apply(self) -> PluginSettings:
         """Copy the widgets into the settings (and save them)."""
         s = self.settings
-        s.backend, s.runtime = self.backend.currentText(), self.runtime.currentText()
-        s.model, s.mmproj, s.cache_dir = self.model.text().strip(), self.mmproj.text().strip(), self.cache_dir.text().strip()
+        s.backend = self.backend.currentText()
+        s.model, s.mmproj = self.model.text().strip(), self.mmproj.text().strip()
+        s.cache_dir = self.cache_dir.text().strip()
         s.device, s.threads, s.gpu_layers = self.device.currentText(), self.threads.value(), self.gpu_layers.value()
         s.tile_size, s.overlap, s.gsd = self.tile_size.value(), self.overlap.value(), self.gsd.value()
         s.iou_threshold, s.angle_convention = self.iou.value(), self.angle.currentText()

@@ -1,14 +1,13 @@
 """The tiling preview on the canvas: the tile grid a run will use, its count and time estimate."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from qgis.core import QgsGeometry, QgsWkbTypes
 from qgis.gui import QgsMapCanvas, QgsRubberBand
 from qgis.PyQt.QtGui import QColor
 
-from ..core.tiling import TilePlan
-from ..toolbelt.detection_features import crs_from_text
+from ..toolbelt.crs import crs_from_text
 
 MAX_DRAWN = 5000  # beyond this the grid is summarised, not drawn tile by tile
 
@@ -35,18 +34,19 @@ class TilePreview:
         self.canvas = canvas
         self.band: Optional[QgsRubberBand] = None
 
-    def show(self, plan: TilePlan) -> int:
-        """Draw ``plan``'s tiles; returns how many were drawn."""
+    def show(self, footprints_wkt: Sequence[str], crs_text: Optional[str]) -> int:
+        """Draw the tile footprints (WKT in ``crs_text``, as the runtime's plan gives them);
+        returns how many were drawn."""
         self.clear()
         band = QgsRubberBand(self.canvas, QgsWkbTypes.PolygonGeometry)
         band.setColor(QColor(0, 120, 255, 25))
         band.setStrokeColor(QColor(0, 120, 255, 200))
         band.setWidth(1)
-        source = crs_from_text(plan.crs) if plan.crs else self.canvas.mapSettings().destinationCrs()
+        source = crs_from_text(crs_text) if crs_text else self.canvas.mapSettings().destinationCrs()
         drawn = 0
-        for tile in plan.tiles[:MAX_DRAWN]:
-            # the rubber band reprojects from the raster CRS to the canvas CRS
-            band.addGeometry(QgsGeometry.fromWkt(tile.footprint.wkt), source, False)
+        for wkt in footprints_wkt[:MAX_DRAWN]:
+            # the rubber band reprojects from the plan's CRS to the canvas CRS
+            band.addGeometry(QgsGeometry.fromWkt(wkt), source, False)
             drawn += 1
         band.updatePosition()
         band.update()

@@ -15,13 +15,12 @@ PREFIX = "geochat"
 @dataclass
 class PluginSettings:
     backend: str = "llama.cpp"  # llama.cpp | transformers | openai
-    runtime: str = "subprocess"  # subprocess | inprocess
     model: str = ""  # catalog name or path
     mmproj: str = ""
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # 0 = let the backend choose
     gpu_layers: int = -1  # -1 = all when a GPU is present
-    tile_size: int = 504
+    tile_size: int = 0  # 0 = the model family's own (GeoChat 504 px, GeoPixel 1680 px)
     overlap: float = 0.1
     gsd: float = 0.0  # 0 = native
     iou_threshold: float = 0.5

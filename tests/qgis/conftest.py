@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from qgis_runtime import runtime_python  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -37,3 +40,31 @@ def qgis_profile(build_module, plugin_zip, tmp_path_factory) -> tuple[Path, str]
     qgis_dir = tmp_path_factory.mktemp("qgis-settings")
     build_module.install(plugin_zip, qgis_dir=qgis_dir, profile="test")
     return qgis_dir, "test"
+
+
+# ---------------------------------------------------------------- the runtime child
+@pytest.fixture(scope="module")
+def runtime_cache(tmp_path_factory):
+    """A model cache of its own for the shared runtime child of this module (GEOCHAT_CACHE),
+    the demo model built there once by the runtime's interpreter. Yields (cache, demo folder)."""
+    import os
+    import subprocess
+
+    from geochat_qgis.client import close_shared_client
+
+    python = runtime_python()
+    cache = tmp_path_factory.mktemp("models")
+    saved = os.environ.get("GEOCHAT_CACHE")
+    os.environ["GEOCHAT_CACHE"] = str(cache)
+    close_shared_client()  # a child started before would not see the cache
+    built = subprocess.run(
+        [*python, "-c", "from geochat_qgis.core.weights.demo import demo_model_dir; "
+                        "print(demo_model_dir())"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    yield cache, Path(built.stdout.strip().splitlines()[-1])
+    close_shared_client()
+    if saved is None:
+        os.environ.pop("GEOCHAT_CACHE", None)
+    else:
+        os.environ["GEOCHAT_CACHE"] = saved

@@ -17,7 +17,6 @@ from qgis.PyQt.QtWidgets import QApplication, QDialog
 from geochat_qgis.core.deps.environment import ManagedEnv
 from geochat_qgis.core.deps.pip import probe_imports
 from geochat_qgis.core.deps.requirements import BackendRequirements, PipStep
-from geochat_qgis.gui import deps_check
 from geochat_qgis.gui.deps_dialog import DepsDialog
 from geochat_qgis.plugin import MENU, GeoChatPlugin
 from geochat_qgis.toolbelt.settings import PluginSettings
@@ -73,11 +72,13 @@ def test_real_backend_describes_its_cpu_or_cuda_build(qgis_app, home):
     widget = DepsDialog("llama.cpp", device="cpu")
     assert widget.accelerator_combo.isEnabled()
     assert "llama-cpp-python" in widget.packages_label.text()
+    for core in ("numpy", "rasterio", "shapely", "pyproj", "pyogrio"):  # runtime = core + backend
+        assert core in widget.packages_label.text()
     assert "/whl/cpu" in widget.packages_label.text() or sys.platform == "darwin"
     widget.accelerator_combo.setCurrentIndex(widget.accelerator_combo.findData("cuda"))
     widget.accelerator_combo.activated.emit(widget.accelerator_combo.currentIndex())
     assert widget.requirements.accelerator == "cuda"
-    assert "600 MB" in widget.size_label.text()
+    assert "1020 MB" in widget.size_label.text()  # the core (420 MB) + CUDA llama.cpp (600 MB)
     geopixel = DepsDialog("geopixel", device="cpu")  # impossible on CPU: said, not offered
     assert "NVIDIA GPU only" in geopixel.status_label.text()
     assert not geopixel.install_button.isEnabled()
@@ -149,33 +150,6 @@ def test_copy_diagnostics_redacts_the_home_folder(dialog, home):
     assert "backend llama.cpp: " in text
     assert str(home) not in text
     assert "copied to the clipboard" in dialog.status_label.text()
-
-
-def test_missing_for_checks_the_runtimes_interpreter_and_remembers_ready(qgis_app, tmp_path,
-                                                                         monkeypatch):
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the in-process check may extend it
-    deps_check.forget()
-    assert deps_check.missing_for("openai", "subprocess", "cpu") is None
-    # no managed environment: the runtime child runs this Python, which has llama.cpp
-    monkeypatch.setenv("GEOCHAT_DEPS_DIR", str(tmp_path / "none"))
-    started = time.perf_counter()
-    assert deps_check.missing_for("llama.cpp", "subprocess", "cpu") is None
-    first = time.perf_counter() - started
-    again = []
-    for _ in range(3):
-        started = time.perf_counter()
-        assert deps_check.missing_for("llama.cpp", "subprocess", "cpu") is None
-        again.append(time.perf_counter() - started)
-    assert min(again) < first / 10  # remembered: no second process
-    assert deps_check.missing_for("llama.cpp", "inprocess", "cpu") is None
-    # an empty managed environment: the child would run its Python, where llama.cpp is missing
-    env = ManagedEnv.default(tmp_path / "empty")
-    env.create()
-    monkeypatch.setenv("GEOCHAT_DEPS_DIR", str(tmp_path / "empty"))
-    missing = deps_check.missing_for("llama.cpp", "subprocess", "cpu")
-    assert missing is not None and missing.backend == "llama.cpp" and missing.accelerator == "cpu"
-    assert "llama-cpp-python" in missing.steps[0].packages
-    deps_check.forget()
 
 
 def test_plugin_menu_opens_the_installer_and_unload_removes_it(qgis_iface, home):

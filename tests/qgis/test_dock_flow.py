@@ -1,45 +1,46 @@
-"""The analyst's flow in the dock, in real QGIS offscreen, with the tiny GGUF through llama.cpp."""
+"""The analyst's flow in the dock, in real QGIS offscreen: the tiny demo model through
+llama.cpp in the runtime child (GEOCHAT_RUNTIME_PYTHON), QGIS's process holding only QGIS."""
 from __future__ import annotations
 
-import json
-import shutil
+import sys
 import time
 
 import pytest
 from qgis.core import (
-    QgsApplication,
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
     QgsProject,
     QgsRasterLayer,
     QgsVectorLayer,
 )
-from qgis.PyQt.QtCore import QCoreApplication, QElapsedTimer, QTimer, QUrl
+from qgis.PyQt.QtCore import QUrl
 
-from geochat_qgis.core.export import FIELDS
 from geochat_qgis.gui import area as areas
 from geochat_qgis.gui.chat_view import HIGHLIGHT, phrase_href
 from geochat_qgis.gui.dock import GeoChatDock
 from geochat_qgis.gui.result_layers import GROUP_NAME
+from qgis_runtime import FORBIDDEN, run_until_done, runtime_python
+
+# the core's export schema (core/export.py FIELDS; QGIS's side does not import the core)
+SCHEMA = {"label", "phrase", "task", "prompt", "model", "angle", "score", "kind", "flags",
+          "tile_id", "raster", "run_id", "created"}
+_BEFORE = {name for name in FORBIDDEN if name in sys.modules}  # imported by others' modules
+
+
+def forbidden_modules() -> list[str]:
+    return [name for name in FORBIDDEN if name in sys.modules and name not in _BEFORE]
 
 
 @pytest.fixture()
-def demo_cache(tiny_gguf, tmp_path):
-    """A model cache whose tiny demo model is the session's tiny GGUF (no rebuild)."""
-    shutil.copytree(tiny_gguf, tmp_path / "tiny-demo")
-    return tmp_path
-
-
-@pytest.fixture()
-def dock(qgis_iface, qgis_new_project, demo_raster, demo_cache):
+def dock(qgis_iface, qgis_new_project, demo_raster, runtime_cache):
     QgsProject.instance().setCrs(QgsCoordinateReferenceSystem("EPSG:4326"))
     raster = QgsRasterLayer(str(demo_raster), "cogeo")
     QgsProject.instance().addMapLayer(raster)
     qgis_iface.setActiveLayer(raster)
     widget = GeoChatDock(qgis_iface)
-    widget.settings.cache_dir = str(demo_cache)
-    widget.settings.runtime = "inprocess"
+    widget.settings.cache_dir = str(runtime_cache[0])
     widget.settings.backend = "llama.cpp"
+    widget.settings.tile_size = 0  # the family's own (GeoChat: 504 px)
     widget.settings.max_new_tokens = 24
     widget.settings.ask_above_seconds = 1e9
     widget.model_combo.setCurrentIndex(widget.model_combo.findData("tiny-demo"))
@@ -47,6 +48,7 @@ def dock(qgis_iface, qgis_new_project, demo_raster, demo_cache):
     widget.cleanup()
     widget.deleteLater()
     QgsProject.instance().removeAllMapLayers()
+    assert not forbidden_modules(), "core packages were imported into QGIS's process"
 
 
 def choose(dock: GeoChatDock, task: str, prompt: str, area: str = areas.LAYER) -> None:
@@ -56,40 +58,12 @@ def choose(dock: GeoChatDock, task: str, prompt: str, area: str = areas.LAYER) -
     dock.prompt_edit.setText(prompt)
 
 
-def run_until_done(dock: GeoChatDock, timeout: float = 120.0) -> float:
-    """Spin the event loop until the dock's task ends; returns the longest main-thread stall (ms)."""
-    gaps = []
-    clock = QElapsedTimer()
-    clock.start()
-
-    def tick():
-        gaps.append(clock.restart())
-
-    timer = QTimer()
-    timer.setInterval(10)
-    timer.timeout.connect(tick)
-    timer.start()
-    deadline = time.monotonic() + timeout
-    idle_rounds = 0  # planning, then running: idle must last a while to count as done
-    while idle_rounds < 50:
-        QCoreApplication.processEvents()
-        time.sleep(0.002)
-        busy = dock.runner.busy or QgsApplication.taskManager().countActiveTasks()
-        idle_rounds = 0 if busy else idle_rounds + 1
-        assert time.monotonic() < deadline, "the run did not finish"
-    timer.stop()
-    print("longest main-thread gaps (ms):", sorted(gaps)[-5:])
-    return max(gaps[1:] or [0])
-
-
 def test_find_objects_adds_a_layer_in_project_crs(dock):
-    dock.settings.runtime = "subprocess"  # the plugin's default: the model runs in a child
     choose(dock, "refer", "car")
-    # a first preview imports the geo libraries once (dlopen holds the GIL whichever thread
-    # does it); the run below is then measured as an analyst's every run is
-    dock.show_preview()
+    dock.show_preview()  # planned by the runtime child: footprints come back as WKT
     run_until_done(dock)
-    assert dock.preview_label.text().startswith("9 tile(s)")
+    assert dock.preview_label.text().startswith("9 tile(s)"), dock.preview_label.text()
+    assert dock.preview.band is not None and dock.preview.band.size() == 9
     dock.send()
     assert dock.runner.busy and dock.cancel_button.isEnabled()
     stall = run_until_done(dock)
@@ -97,7 +71,8 @@ def test_find_objects_adds_a_layer_in_project_crs(dock):
     assert group is not None and len(group.findLayers()) == 1, dock.chat.messages
     layer = group.findLayers()[0].layer()
     assert layer.crs().authid() == "EPSG:4326"
-    assert {f.name for f in FIELDS} <= set(layer.fields().names())
+    assert layer.source().split("|")[0].endswith(".gpkg")  # the runtime's GeoPackage
+    assert SCHEMA <= set(layer.fields().names())
     assert layer.featureCount() >= 1  # the grammar makes even random weights answer with boxes
     feature = next(layer.getFeatures())
     assert feature["task"] == "refer" and feature["prompt"] == "car" and feature["label"] == "car"
@@ -109,8 +84,10 @@ def test_find_objects_adds_a_layer_in_project_crs(dock):
     last = dock.chat.messages[-1]
     assert last["role"] == "assistant" and last["layer_id"] == layer.id()
     assert last["counts"]["car"] == layer.featureCount()
-    # the interface stayed responsive: no main-thread stall over 100 ms during the run
-    assert stall < 100, f"main thread blocked for {stall} ms"
+    # the interface stayed responsive: the run (seconds) never blocked the main thread; the
+    # longest stall is opening and styling the result (about 40 ms; 250 leaves room for a
+    # loaded 2-core machine)
+    assert stall < 250, f"main thread blocked for {stall} ms"
 
 
 def test_chat_streams_tokens_and_keeps_history_with_the_project(dock):
@@ -163,51 +140,6 @@ def test_settings_dialog_round_trip(dock):
     assert PluginSettings.load().tile_size == 448
 
 
-def test_download_button_fetches_a_catalog_model_then_runs_it(
-        qgis_iface, qgis_new_project, demo_raster, tiny_gguf, hub, tmp_path, monkeypatch):
-    """A user catalog entry served by a hub on 127.0.0.1: status, download with progress, run."""
-    for name in ("model.gguf", "mmproj.gguf"):
-        hub.files[f"/team/tiny-geochat/resolve/main/{name}"] = (tiny_gguf / name).read_bytes()
-    catalog = tmp_path / "user_catalog.json"
-    catalog.write_text(json.dumps({"models": [{
-        "name": "team-tiny", "title": "Team tiny GeoChat", "family": "geochat",
-        "format": "gguf", "repo": "team/tiny-geochat", "backends": ["llama.cpp"],
-        "files": [{"path": "model.gguf", "role": "model"}, {"path": "mmproj.gguf", "role": "mmproj"}],
-    }]}))
-    monkeypatch.setenv("GEOCHAT_USER_CATALOG", str(catalog))
-    monkeypatch.setenv("GEOCHAT_HF_ENDPOINT", hub.url)
-    monkeypatch.setenv("GEOCHAT_CACHE", str(tmp_path / "cache"))
-    raster = QgsRasterLayer(str(demo_raster), "cogeo")
-    QgsProject.instance().addMapLayer(raster)
-    qgis_iface.setActiveLayer(raster)
-    widget = GeoChatDock(qgis_iface)
-    try:
-        widget.settings.runtime, widget.settings.backend = "inprocess", "llama.cpp"
-        widget.settings.cache_dir, widget.settings.ask_above_seconds = "", 1e9
-        widget.settings.max_new_tokens = 16
-        widget.model_combo.setCurrentIndex(widget.model_combo.findData("team-tiny"))
-        widget.refresh_model_status()
-        assert widget.status_label.text().find("not downloaded") >= 0
-        assert not widget.download_button.isHidden()
-        widget.download_model()
-        run_until_done(widget)
-        assert "ready" in widget.status_label.text(), widget.chat.messages
-        assert widget.download_button.isHidden() and widget.progress.value() == 100
-        assert (tmp_path / "cache" / "models" / "team-tiny" / "model.gguf").is_file()
-        choose(widget, "refer", "road")
-        widget.send()
-        run_until_done(widget)
-        answer = widget.chat.messages[-1]
-        assert answer["role"] == "assistant" and answer["text"].startswith("Found"), widget.chat.messages
-        layer = QgsProject.instance().mapLayer(answer["layer_id"])
-        assert layer.crs() == raster.crs()  # the new project has no CRS: the raster's is used
-        models = {f["model"] for f in layer.getFeatures()}
-        assert models and all("team-tiny" in m or "model.gguf" in m for m in models), models
-    finally:
-        widget.cleanup()
-        QgsProject.instance().removeAllMapLayers()
-
-
 def test_cancel_mid_run_ends_within_a_tile_and_keeps_finished_tiles(dock):
     dock.settings.overlap = 0.5  # 16 tiles over the 1024 px demo raster
     choose(dock, "refer", "house")
@@ -221,8 +153,8 @@ def test_cancel_mid_run_ends_within_a_tile_and_keeps_finished_tiles(dock):
 
     original_wire = dock._wire
 
-    def wire(run):
-        original_wire(run)
+    def wire(run, *args):
+        original_wire(run, *args)
         marks["start"] = time.monotonic()
         run.tileProgress.connect(on_progress)
         run.resultReady.connect(lambda _result: marks.setdefault("end", time.monotonic()))
@@ -288,12 +220,11 @@ def test_identify_a_drawn_region(dock, qgis_iface):
     assert answer["user_text"].startswith("[identify] What is the object present at {<")
 
 
-def test_server_status_says_unreachable_then_ready(dock, tiny_gguf):
+def test_server_status_says_unreachable_then_ready(dock, runtime_cache):
     """The openai backend's status line asks the server: a closed port, then a real
     `python -m llama_cpp.server` on 127.0.0.1 serving the tiny GGUF."""
     import socket
     import subprocess
-    import sys
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -304,9 +235,10 @@ def test_server_status_says_unreachable_then_ready(dock, tiny_gguf):
     dock.refresh_model_status()
     run_until_done(dock)
     assert "server unreachable" in dock.status_label.text(), dock.status_label.text()
+    demo = runtime_cache[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_gguf / "model.gguf"),
-         "--clip_model_path", str(tiny_gguf / "mmproj.gguf"), "--chat_format", "llava-1-5",
+        [*runtime_python(), "-m", "llama_cpp.server", "--model", str(demo / "model.gguf"),
+         "--clip_model_path", str(demo / "mmproj.gguf"), "--chat_format", "llava-1-5",
          "--model_alias", "tiny", "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -321,3 +253,47 @@ def test_server_status_says_unreachable_then_ready(dock, tiny_gguf):
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_first_use_says_the_runtime_is_missing_and_offers_the_installer(
+        qgis_iface, qgis_new_project, demo_raster, tmp_path, monkeypatch):
+    """No runtime (no GEOCHAT_RUNTIME_PYTHON, an empty managed-environment folder): the dock
+    says so at once, Send names what to do and starts no child, and the one button opens the
+    installer for the core packages plus the chosen backend, into the managed environment."""
+    from geochat_qgis.client import close_shared_client, shared_client
+    from geochat_qgis.gui.deps_dialog import DepsDialog
+
+    close_shared_client()
+    monkeypatch.delenv("GEOCHAT_RUNTIME_PYTHON", raising=False)
+    monkeypatch.setenv("GEOCHAT_DEPS_DIR", str(tmp_path / "deps"))
+    raster = QgsRasterLayer(str(demo_raster), "cogeo")
+    QgsProject.instance().addMapLayer(raster)
+    qgis_iface.setActiveLayer(raster)
+    widget = GeoChatDock(qgis_iface)
+    try:
+        widget.settings.backend = "llama.cpp"
+        widget.refresh_runtime()
+        assert not widget.runtime_label.isHidden() and not widget.runtime_button.isHidden()
+        text = widget.runtime_label.text()
+        assert "runtime is not installed" in text and "llama.cpp" in text, text
+        choose(widget, "refer", "car")
+        widget.send()
+        run_until_done(widget)
+        error = widget.chat.messages[-1]
+        assert error["role"] == "error" and "not installed" in error["text"], widget.chat.messages
+        assert "Install" in error["text"]
+        assert shared_client().pid is None  # no child was started
+        widget.runtime_button.click()
+        dialog = widget._deps_dialog
+        assert isinstance(dialog, DepsDialog) and dialog.isVisible()
+        packages = dialog.packages_label.text()
+        for package in ("rasterio", "shapely", "pyproj", "numpy", "llama-cpp-python"):
+            assert package in packages, packages
+        assert str(tmp_path / "deps") in str(dialog.env.path)
+        dialog.close()
+        assert not widget.runtime_button.isHidden()  # nothing was installed
+    finally:
+        widget.cleanup()
+        widget.deleteLater()
+        QgsProject.instance().removeAllMapLayers()
+        close_shared_client()

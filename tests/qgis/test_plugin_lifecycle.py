@@ -1,11 +1,22 @@
 """The plugin loaded from its installed zip the way QGIS loads it (qgis.utils), offscreen."""
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import qgis.utils
-from qgis.core import QgsApplication, QgsProject, QgsRasterLayer, QgsVectorLayer
+from qgis.core import (
+    QgsApplication,
+    QgsCoordinateReferenceSystem,
+    QgsProject,
+    QgsRasterLayer,
+    QgsVectorLayer,
+)
+from qgis_runtime import FORBIDDEN, run_until_done, runtime_python
 
 NAME = "geochat_qgis"
 
@@ -96,3 +107,75 @@ def test_dock_starts_on_the_active_layer(installed_plugin_path, qgis_iface, demo
     assert plugin.dock.layer is raster
     assert qgis.utils.unloadPlugin(NAME)
     QgsProject.instance().removeAllMapLayers()
+
+
+FRESH = "GEOCHAT_TEST_FRESH_PROCESS"
+
+
+def test_a_dock_run_and_a_question_leave_qgis_holding_only_qgis(request, tmp_path):
+    """The installed plugin in a fresh QGIS process: a find-objects run with the demo model
+    through the dock adds a layer with features, a question gets an answer, unloading stops
+    the runtime child, and no core package (numpy, shapely, ...) was ever imported here."""
+    runtime_python()  # skips without a runtime
+    if not os.environ.get(FRESH):  # modules other tests imported must not count: a fresh Python
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", f"{__file__}::{request.node.name}", "-q",
+             "-p", "no:cacheprovider"], cwd=str(Path(__file__).resolve().parents[2]),
+            env={**os.environ, FRESH: "1"}, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+        assert done.stdout.strip().splitlines()[-1].startswith("1 passed"), done.stdout[-3000:]
+        return
+    request.getfixturevalue("runtime_cache")
+    plugins_dir = request.getfixturevalue("installed_plugin_path")
+    demo_raster = request.getfixturevalue("demo_raster")
+    assert [m for m in FORBIDDEN if m in sys.modules] == []
+    plugin = _start(plugins_dir)
+    plugin.show_dock()
+    dock = plugin.dock
+    QgsProject.instance().setCrs(QgsCoordinateReferenceSystem("EPSG:4326"))
+    raster = QgsRasterLayer(str(demo_raster), "cogeo")
+    QgsProject.instance().addMapLayer(raster)
+    dock.set_layer(raster)
+    dock.settings.backend, dock.settings.max_new_tokens = "llama.cpp", 24
+    dock.settings.ask_above_seconds, dock.settings.tile_size = 1e9, 0
+    dock.model_combo.setCurrentIndex(dock.model_combo.findData("tiny-demo"))
+    dock.task_combo.setCurrentIndex(dock.task_combo.findData("refer"))
+    dock.area_combo.setCurrentIndex(dock.area_combo.findData("layer"))
+    dock.prompt_edit.setText("car")
+    dock.send()
+    run_until_done(dock, timeout=300)
+    answer = dock.chat.messages[-1]
+    assert answer["role"] == "assistant" and answer["text"].startswith("Found"), dock.chat.messages
+    layer = QgsProject.instance().mapLayer(answer["layer_id"])
+    assert isinstance(layer, QgsVectorLayer) and layer.featureCount() >= 1
+    assert layer.crs().authid() == "EPSG:4326" and layer.renderer().type() == "categorizedSymbol"
+
+    dock.task_combo.setCurrentIndex(dock.task_combo.findData("chat"))
+    dock.prompt_edit.setText("What is in this image?")
+    dock.send()
+    run_until_done(dock, timeout=300)
+    roles = [m["role"] for m in dock.chat.messages]
+    assert roles[-3:] == ["user", "assistant", "info"], dock.chat.messages
+    assert dock.chat.messages[-2]["user_text"] == "What is in this image?"
+
+    pid = sys.modules[f"{NAME}.client"].shared_client().pid
+    assert pid is not None  # the model ran in the runtime child
+    assert qgis.utils.unloadPlugin(NAME)
+    deadline = time.monotonic() + 15
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid), "the runtime child outlived the plugin"
+    QgsProject.instance().removeAllMapLayers()
+    assert [m for m in FORBIDDEN if m in sys.modules] == []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it when it is our zombie
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -8,32 +8,12 @@ and the subprocess runtime all implement this same class.
 from __future__ import annotations
 
 import abc
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from ..errors import Cancelled
-
-
-class CancelToken:
-    """Set from any thread; backends check it between tokens and between tiles."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def cancel(self) -> None:
-        self._event.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
-
-    def raise_if_cancelled(self) -> None:
-        """Raise :class:`Cancelled` once :meth:`cancel` was called."""
-        if self._event.is_set():
-            raise Cancelled("Cancelled by the user; results finished so far are kept.")
+from ..cancel import CancelToken  # noqa: F401 - its home before; many import it from here
 
 
 @dataclass

@@ -9,6 +9,7 @@ few 504 px tiles (about a second of model time each).
 """
 from __future__ import annotations
 
+import importlib
 import os
 import shlex
 import subprocess
@@ -45,7 +46,6 @@ from qgis.core import (  # noqa: E402
 )
 from qgis.PyQt.QtCore import QVariant  # noqa: E402
 
-from geochat_qgis.client import close_shared_client, shared_client  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny-demo"
@@ -61,6 +61,16 @@ SCHEMA = ["label", "phrase", "task", "prompt", "model", "angle", "score", "kind"
 # builds a model in process): the in-session checks see only what this module's runs add; the
 # fresh-process test at the end sees everything
 _BEFORE: set[str] = set()
+
+
+def shared_client():
+    """The runtime client the algorithms use: looked up at each call, as unloading the plugin
+    (an earlier test of the session) makes QGIS drop and re-import the package's modules."""
+    return importlib.import_module("geochat_qgis.client").shared_client()
+
+
+def close_shared_client() -> None:
+    importlib.import_module("geochat_qgis.client").close_shared_client()
 
 
 def forbidden_modules() -> list[str]:
@@ -763,10 +773,11 @@ def test_a_run_stopped_early_loads_the_file_it_wrote(provider, demo_raster, dete
     before = output.read_bytes()
     killed: list[int] = []
 
-    def kill_once(value: float) -> None:
-        if not killed:
-            killed.append(shared_client().pid)
-            os.kill(killed[0], signal.SIGKILL)
+    def kill_once(value: float) -> None:  # a Qt slot: raising here would abort the process
+        pid = shared_client().pid
+        if not killed and pid:
+            killed.append(pid)
+            os.kill(pid, signal.SIGKILL)
 
     feedback = QgsProcessingFeedback()
     feedback.progressChanged.connect(kill_once)
@@ -822,10 +833,11 @@ def test_a_runtime_killed_mid_run_keeps_the_finished_tile(provider, demo_raster,
     feedback = RecordingFeedback()
     killed: list[int] = []
 
-    def on_progress(value: float) -> None:
-        if not killed:
-            killed.append(shared_client().pid)
-            os.kill(killed[0], signal.SIGKILL)
+    def on_progress(value: float) -> None:  # a Qt slot: raising here would abort the process
+        pid = shared_client().pid
+        if not killed and pid:
+            killed.append(pid)
+            os.kill(pid, signal.SIGKILL)
 
     feedback.progressChanged.connect(on_progress)
     output = tmp_path / "killed.gpkg"

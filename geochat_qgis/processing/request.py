@@ -99,10 +99,12 @@ def read_aoi(alg: QgsProcessingAlgorithm, parameters: dict, context: QgsProcessi
     wkts = [geometry_wkt(f.geometry()) for f in source.getFeatures(request)
             if f.hasGeometry() and not f.geometry().isEmpty()]
     if not wkts:
+        count = source.featureCount()
+        why = (f"its {count} features have no geometry" if count > 0
+               else "it has no features (or none is selected, when only selected ones count)")
         raise QgsProcessingException(
-            f"The area of interest {name or '(unnamed layer)'} has no polygons"
-            f"{' selected' if source.featureCount() else ''}: draw or select at least one, "
-            "or leave the area of interest empty for the whole extent.")
+            f"The area of interest {name or '(unnamed layer)'} has no polygons ({why}): draw "
+            "or select at least one, or leave the area of interest empty for the whole extent.")
     area.keys["aoi_wkt"] = wkts
     crs = source.sourceCrs()
     area.keys["aoi_crs"] = crs_text(crs) if crs.isValid() else crs_text(area.crs)

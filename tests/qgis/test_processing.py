@@ -958,6 +958,37 @@ def test_without_a_runtime_the_message_names_the_install_menu_entry(provider, de
     assert not list(tmp_path.iterdir())
 
 
+# what processing/* may import besides qgis and the standard library (relative to the package)
+PLUGIN_MODULES_ALLOWED = {"client", "toolbelt.fields", "__about__", "gui.result_layers"}
+
+
+def test_processing_imports_only_qgis_the_standard_library_and_the_client():
+    """Every import in processing/*, at the top or inside a function (branches no test runs
+    included): qgis, the standard library, the stdlib-only client and qgis-only modules."""
+    import ast
+
+    package = ROOT / "geochat_qgis"
+    offenders = []
+    for path in sorted((package / "processing").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [(alias.name, 0) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [(node.module or "", node.level)]
+            else:
+                continue
+            for name, level in names:
+                if level == 0:
+                    ok = name.split(".")[0] in {"qgis", "__future__"} | sys.stdlib_module_names
+                elif level == 1:
+                    ok = True  # processing's own modules
+                else:
+                    ok = name in PLUGIN_MODULES_ALLOWED
+                if not ok:
+                    offenders.append(f"{path.name}: {'.' * level}{name}")
+    assert offenders == []
+
+
 FRESH_RUN = """
 import json, sys
 from qgis.core import QgsApplication, QgsVectorLayer

@@ -8,11 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from qgis.core import QgsCoordinateReferenceSystem, QgsMapLayer, QgsRectangle, QgsVectorLayer, QgsWkbTypes
+from qgis.core import QgsCoordinateReferenceSystem, QgsMapLayer, QgsRectangle, QgsVectorLayer
 from qgis.gui import QgsMapCanvas
 
 from ..core.errors import GeoChatError  # stdlib only
 from ..toolbelt.crs import crs_to_text
+from ..toolbelt.qgis_compat import POLYGON_GEOMETRY
 
 CANVAS, LAYER, RECTANGLE, SELECTION = "canvas", "layer", "rectangle", "selection"
 CHOICES = {
@@ -69,7 +70,7 @@ def layer_area(layer: QgsMapLayer) -> Area:
 
 def selection_area(layer: Optional[QgsMapLayer]) -> Area:
     """The selected polygons of a vector layer as the AOI (their bounding box as the extent)."""
-    if not isinstance(layer, QgsVectorLayer) or layer.geometryType() != QgsWkbTypes.PolygonGeometry:
+    if not isinstance(layer, QgsVectorLayer) or layer.geometryType() != POLYGON_GEOMETRY:
         raise GeoChatError("select polygons in a polygon layer (and make it the AOI layer) first")
     geoms = [f.geometry() for f in layer.getSelectedFeatures()
              if not f.geometry().isNull() and not f.geometry().isEmpty()]

@@ -217,7 +217,7 @@ class RunsMixin:
     def _on_failed(self, layer_id: str, message: str) -> None:
         self.chat.end_stream()
         self.chat.add("error", message)
-        self.iface.messageBar().pushMessage("GeoChat", message, Qgis.Warning, 8)
+        self.iface.messageBar().pushMessage("GeoChat", message, Qgis.MessageLevel.Warning, 8)
         log.warning("%s", message)
         if "runtime" in message.lower() and "install" in message.lower():
             self.refresh_runtime()

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-from qgis.core import QgsGeometry, QgsPointXY, QgsWkbTypes
+from qgis.core import QgsGeometry, QgsPointXY
 from qgis.gui import QgsMapCanvas, QgsMapMouseEvent, QgsMapTool, QgsRubberBand
 from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtGui import QColor, QKeyEvent
+
+from ..toolbelt.qgis_compat import POLYGON_GEOMETRY
 
 
 class RegionMapTool(QgsMapTool):
@@ -21,7 +23,7 @@ class RegionMapTool(QgsMapTool):
     def __init__(self, canvas: QgsMapCanvas) -> None:
         super().__init__(canvas)
         self.points: list[QgsPointXY] = []
-        self.band = QgsRubberBand(canvas, QgsWkbTypes.PolygonGeometry)
+        self.band = QgsRubberBand(canvas, POLYGON_GEOMETRY)
         self.band.setColor(QColor(255, 140, 0, 90))
         self.band.setStrokeColor(QColor(255, 140, 0))
         self.band.setWidth(2)
@@ -56,7 +58,7 @@ class RegionMapTool(QgsMapTool):
 
     def reset(self) -> None:
         self.points = []
-        self.band.reset(QgsWkbTypes.PolygonGeometry)
+        self.band.reset(POLYGON_GEOMETRY)
 
     def _redraw(self) -> None:
         geometry = self.geometry()

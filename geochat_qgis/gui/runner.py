@@ -26,7 +26,8 @@ class Runner:
     def busy(self) -> bool:
         try:
             return self.task is not None and self.task.status() in (
-                GeoChatTask.Queued, GeoChatTask.OnHold, GeoChatTask.Running)
+                GeoChatTask.TaskStatus.Queued, GeoChatTask.TaskStatus.OnHold,
+                GeoChatTask.TaskStatus.Running)
         except RuntimeError:  # the finished task's C++ object is gone
             return False
 

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from qgis.core import QgsGeometry, QgsWkbTypes
+from qgis.core import QgsGeometry
 from qgis.gui import QgsMapCanvas, QgsRubberBand
 from qgis.PyQt.QtGui import QColor
 
 from ..toolbelt.crs import crs_from_text
+from ..toolbelt.qgis_compat import POLYGON_GEOMETRY
 
 MAX_DRAWN = 5000  # beyond this the grid is summarised, not drawn tile by tile
 
@@ -38,7 +39,7 @@ class TilePreview:
         """Draw the tile footprints (WKT in ``crs_text``, as the runtime's plan gives them);
         returns how many were drawn."""
         self.clear()
-        band = QgsRubberBand(self.canvas, QgsWkbTypes.PolygonGeometry)
+        band = QgsRubberBand(self.canvas, POLYGON_GEOMETRY)
         band.setColor(QColor(0, 120, 255, 25))
         band.setStrokeColor(QColor(0, 120, 255, 200))
         band.setWidth(1)

@@ -9,9 +9,9 @@ LOG_TAG = "GeoChat"
 LOGGER_NAME = "geochat_qgis"
 
 _LEVELS = (
-    (logging.ERROR, Qgis.Critical),
-    (logging.WARNING, Qgis.Warning),
-    (logging.INFO, Qgis.Info),
+    (logging.ERROR, Qgis.MessageLevel.Critical),
+    (logging.WARNING, Qgis.MessageLevel.Warning),
+    (logging.INFO, Qgis.MessageLevel.Info),
 )
 
 
@@ -20,7 +20,7 @@ def qgis_level(levelno: int) -> "Qgis.MessageLevel":
     for threshold, level in _LEVELS:
         if levelno >= threshold:
             return level
-    return Qgis.Info
+    return Qgis.MessageLevel.Info
 
 
 class QgisLogHandler(logging.Handler):

@@ -131,7 +131,7 @@ def test_cancel_stops_the_install(qgis_app, home, when):
     widget = DepsDialog("demo", requirements=ABSENT)
     widget.install_button.click()
     if when == "running":  # pip is asking the index (seconds) when the cancel comes
-        wait_until(lambda: widget.task.status() == widget.task.Running, timeout=60)
+        wait_until(lambda: widget.task.status() == widget.task.TaskStatus.Running, timeout=60)
     widget.cancel_button.click()
     wait_until(lambda: not widget.running, timeout=60)
     assert widget.status_label.text() == "Cancelled."

@@ -97,3 +97,30 @@ def test_gguf_or_missing_folder_is_explained(tmp_path):
 def test_geopixel_refuses_without_cuda(tmp_path):
     with pytest.raises(BackendError, match="GeoPixel needs an NVIDIA GPU.*--backend llama.cpp"):
         GeoPixelBackend(tmp_path).load()
+
+
+def test_prompts_of_a_tile_share_one_prefill(backend, tiles):
+    """Issue 16: the prefix up to the image is evaluated once for the tiles of a batch; each
+    prompt continues from its cache and answers what a fresh evaluation answers, greedy."""
+    from geochat_qgis.core.backends.base import Turn
+    from geochat_qgis.core.families import get_family
+
+    family = get_family("geochat")
+    prompts = [family.build_prompt("refer", phrase) for phrase in ("building", "road", "car")]
+    conversations = [Conversation.single(text) for text in prompts]
+    conversations.append(Conversation([Turn(prompts[0], "a roof."), Turn("and the road?")]))
+    options = GenerateOptions(max_new_tokens=6)
+    backend.prefix.drop()
+    prefills = backend.prefix.prefills
+    shared = [backend.generate(tiles, conversation, options) for conversation in conversations]
+    assert backend.prefix.prefills == prefills + 1
+    first, *rest = shared
+    assert all(g.extra["evaluated_tokens"] == g.prompt_tokens for g in first)
+    assert all(g.extra["evaluated_tokens"] < 60 < 1296 < g.prompt_tokens for r in rest for g in r)
+    fresh = []
+    for conversation in conversations:
+        backend.prefix.drop()
+        fresh.append(backend.generate(tiles, conversation, options))
+    assert [[g.text for g in r] for r in shared] == [[g.text for g in r] for r in fresh]
+    backend.generate(tiles[:1], conversations[0], options)  # other tiles: a new prefill
+    assert backend.prefix.prefills == prefills + 2 + len(conversations)

@@ -5,9 +5,14 @@ batched ``generate`` (left padding). CPU: float32. The prompt is exactly :func:`
 images go through the checkpoint's processor on its PIL path (models.md: the torchvision resize
 differs by up to 21 grey levels). Tokens stream through a batch-aware streamer; a stopping
 criterion ends generation between tokens when the cancel token is set.
+
+The prompts of a tile share their prefix (system text and image): it is evaluated once (one
+prefill, its key/value cache kept), and each prompt about the same tiles continues from it
+(:class:`_PrefixCache`), so a 4-prompt run or a follow-up chat turn pays only its own text.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -93,6 +98,73 @@ def _cancel_criteria(cancel):
     return CancelCriteria()
 
 
+def _image_token_id(model) -> int:
+    config = model.config
+    return getattr(config, "image_token_id", None) or config.image_token_index
+
+
+class _PrefixCache:
+    """The key/value cache of the last batch's prompt prefix (up to and including the image)."""
+
+    def __init__(self) -> None:
+        self.key: Optional[tuple] = None
+        self.cache = None
+        self.length = 0
+        self.prefills = 0  # prefixes evaluated (cache misses), for tests and benchmarks
+
+    @staticmethod
+    def prefix_length(input_ids, image_token_id: int) -> int:
+        """Positions up to and including the last image token (0: none, or rows differ)."""
+        import torch
+
+        if not bool(torch.all(input_ids == input_ids[:1])):
+            return 0  # rows of one batch hold one prompt; anything else is not shared
+        where = (input_ids[0] == image_token_id).nonzero()
+        return int(where[-1]) + 1 if len(where) else 0
+
+    def take(self, model, inputs, image_token_id: int):
+        """(cache holding the prefix, its length) for ``inputs``, evaluating it on a miss;
+        (None, 0) when the prompt has no shareable prefix."""
+        import torch
+
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        length = self.prefix_length(ids, image_token_id)
+        if not length or length >= ids.shape[1] or not bool(mask.all()):
+            return None, 0
+        pixels = inputs["pixel_values"]
+        digest = hashlib.blake2b(pixels.detach().float().cpu().numpy().tobytes(),
+                                 digest_size=16).hexdigest()
+        key = (digest, tuple(ids[0, :length].tolist()), ids.shape[0], str(pixels.dtype))
+        if key != self.key:
+            self.drop()
+            with torch.inference_mode():
+                out = model(input_ids=ids[:, :length], pixel_values=pixels,
+                            attention_mask=mask[:, :length], use_cache=True, logits_to_keep=1)
+            self.cache = getattr(out, "cache", None) or out.past_key_values
+            self.key, self.length = key, length
+            self.prefills += 1
+        return self.cache, self.length
+
+    def restore(self) -> None:
+        """Cut the cache back to the prefix after a generation appended to it."""
+        if self.cache is not None:
+            excess = self.cache.get_seq_length() - self.length
+            if excess > 0:
+                self.cache.crop(-excess)  # negative: remove that many (every 4.x/5.x version)
+
+    def drop(self) -> None:
+        self.key, self.cache, self.length = None, None, 0
+
+
+def _cache_keyword() -> str:
+    """generate()'s name for a given cache: ``cache`` (transformers 5.x), else the old one."""
+    try:
+        from transformers.generation.utils import ALL_CACHE_NAMES  # noqa: F401
+    except ImportError:
+        return "past_key_values"
+    return "cache"
+
+
 class TransformersBackend(Backend):
     """A LLaVA checkpoint folder (config.json, weights, processor) on CUDA or CPU."""
 
@@ -112,6 +184,7 @@ class TransformersBackend(Backend):
         self.model = None
         self.processor = None
         self.device = "cpu"
+        self.prefix = _PrefixCache()
 
     @classmethod
     def from_loaded(cls, model, processor, path: str | os.PathLike[str] = "in-memory",
@@ -180,6 +253,7 @@ class TransformersBackend(Backend):
 
     def close(self) -> None:
         self.model = self.processor = None
+        self.prefix.drop()
 
     def generate(self, images: Sequence[np.ndarray], conversation: Conversation,
                  options: GenerateOptions) -> list[Generation]:
@@ -211,6 +285,13 @@ class TransformersBackend(Backend):
                     if options.cancel is not None else None)
         start = time.perf_counter()
         try:
+            prefills = self.prefix.prefills
+            cache, shared = self.prefix.take(model, inputs, _image_token_id(model))
+            if cache is None or self.prefix.prefills > prefills:
+                shared = 0  # the whole prompt was evaluated for this generation
+            if cache is not None:  # the prefix is in the cache: no pixels, only the rest is read
+                inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
+                extra[_cache_keyword()] = cache
             with torch.inference_mode():
                 output = model.generate(
                     **inputs, max_new_tokens=options.max_new_tokens, do_sample=not greedy,
@@ -218,8 +299,13 @@ class TransformersBackend(Backend):
                     else eos_id,
                     streamer=streamer, stopping_criteria=criteria, **extra,
                 )
+            self.prefix.restore()
         except RuntimeError as exc:
+            self.prefix.drop()
             raise BackendError(f"transformers generate failed: {exc}") from exc
+        except BaseException:  # cancelled mid-way: the cache may hold a partial answer
+            self.prefix.drop()
+            raise
         options.check_cancel()
         seconds = (time.perf_counter() - start) / max(1, len(pil_images))
         prompt_length = inputs["input_ids"].shape[1]
@@ -235,6 +321,7 @@ class TransformersBackend(Backend):
                 generated_tokens=len(new_ids),
                 seconds=seconds,
                 extra={"finish_reason": "length" if len(new_ids) >= options.max_new_tokens
-                       else "stop"},
+                       else "stop",
+                       "evaluated_tokens": prompt_length - shared},
             ))
         return results

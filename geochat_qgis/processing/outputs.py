@@ -3,6 +3,7 @@ GeoPackage layer) the runtime writes itself, by the core's rule (an existing fil
 only by a complete run)."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -37,6 +38,7 @@ def output_file(alg: QgsProcessingAlgorithm, parameters: dict, context: QgsProce
     if not value:
         raise QgsProcessingException(alg.invalidSinkError(parameters, name))
     path, layer = destination(value)
+    path = Path(os.path.abspath(path.expanduser()))  # the runtime child may run elsewhere
     if path.suffix.lower() not in DRIVERS:
         raise QgsProcessingException(
             f"{path.name}: GeoChat writes .shp, .gpkg or .geojson files; choose one of them "

@@ -69,11 +69,11 @@ def settings(**changes):
     return SimpleNamespace(**{**base, **changes})
 
 
-def wait_for(condition, timeout: float = 300.0) -> None:
+def wait_for(condition, timeout: float = 300.0, why=lambda: "") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
+            raise AssertionError(f"timed out waiting {why()}")
         QgsApplication.processEvents()
         time.sleep(0.02)
 
@@ -305,3 +305,57 @@ def test_a_get_cut_by_quitting_qgis_resumes_in_the_next_session(hub, tmp_path):
     finally:
         second.close()
     assert resumed_from(hub) == [f"bytes={half}-"]
+
+
+def test_the_dock_gets_geochat_with_its_get_button_then_finds_objects_with_it(
+        hub, tmp_path, demo_raster, qgis_iface, qgis_new_project):
+    from qgis.core import QgsRasterLayer
+
+    from geochat_qgis.client import close_shared_client
+    from geochat_qgis.gui import area as areas
+    from geochat_qgis.gui.dock import GeoChatDock
+
+    close_shared_client()  # the dock's runtime child starts with the hub's settings
+    model_choice.remember_rows([])
+    raster = QgsRasterLayer(str(demo_raster), "cogeo")
+    QgsProject.instance().addMapLayer(raster)
+    qgis_iface.setActiveLayer(raster)
+    dock = GeoChatDock(qgis_iface)
+    try:
+        dock.settings.backend, dock.settings.cache_dir = "llama.cpp", ""
+        dock.settings.max_new_tokens, dock.settings.ask_above_seconds = 30, 1e9
+        index = dock.model_combo.findData("geochat-7b")
+        assert index >= 0, "GeoChat-7B is not in the dock's model list"
+        dock.model_combo.setCurrentIndex(index)
+        dock.refresh_model_status()  # listed by the runtime in the background
+        wait_for(lambda: "not downloaded" in dock.status_label.text(), 120)
+        assert "GB" in dock.status_label.text() and not dock.download_button.isHidden()
+        dock.download_button.click()
+        dialog = dock._get_dialog
+        assert dialog.isVisible()
+        wait_for(lambda: "Checking" not in dialog.plan_label.text())
+        choose(dialog, "gguf", "f16")
+        get(dialog)
+        assert dialog.result is not None, dialog.status_label.text()
+        wait_for(lambda: dock.status_label.text().startswith('<span style="color:#2e7d32">ready'), 120)
+        assert dock.download_button.isHidden()
+
+        before = set(QgsProject.instance().mapLayers())
+        dock.task_combo.setCurrentIndex(dock.task_combo.findData("refer"))
+        dock.area_combo.setCurrentIndex(dock.area_combo.findData(areas.LAYER))
+        dock.prompt_edit.setText("car")
+        dock.send()
+        added = lambda: [layer for key, layer in QgsProject.instance().mapLayers().items()  # noqa: E731
+                         if key not in before and isinstance(layer, QgsVectorLayer)]
+        wait_for(lambda: added() and not dock.runner.busy, 300, lambda: dock.chat.messages[-4:])
+        layer = added()[0]
+        features = list(layer.getFeatures())
+        assert features, dock.chat.messages[-3:]
+        assert {(f["model_src"], f["model_rev"], f["quant"]) for f in features} == {
+            (GEOCHAT_REPO, "a" * 40, "f16")}
+    finally:
+        dock.cleanup()
+        dock.deleteLater()
+        close_shared_client()
+        model_choice.remember_rows([])
+        QgsProject.instance().removeAllMapLayers()

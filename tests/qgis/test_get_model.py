@@ -3,7 +3,8 @@ MBZUAI/geochat-7B and a tiny CLIP-336: the runtime child (GEOCHAT_RUNTIME_PYTHON
 converts; QGIS's process holds only the dialog and the client.
 
 - "Get" ends with a ready model, and a find-objects run with it adds a layer whose features
-  carry the provenance attributes; the original checkpoint can then be deleted;
+  carry the provenance attributes; the original checkpoint can then be deleted; the same from
+  the dock (its model list, its Get... button, its run);
 - a cancel during the download keeps the bytes and the next Get resumes them, as it does after
   QGIS quits mid-download; QGIS's proxy settings carry the downloads; too little memory offers
   to go ahead anyway;

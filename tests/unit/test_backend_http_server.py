@@ -153,3 +153,23 @@ def test_cancel_mid_stream(server, tiles):
         http.generate(tiles[:1], Conversation.single(REFER),
                       GenerateOptions(max_new_tokens=200, on_token=on_token, cancel=cancel))
     assert len(pieces) == 3
+
+
+def test_requests_about_a_tile_share_their_start(server, tiles):
+    """Issue 16: a tile's prompts and chat turns send the same system message and PNG first and
+    ask llama-server to keep the prefix (``cache_prompt``); the server answers such requests."""
+    from geochat_qgis.core.backends.base import Turn
+
+    http = OpenAIHttpBackend("tiny", settings=HttpSettings(base_url=server.url, api_key=KEY))
+    options = GenerateOptions(max_new_tokens=4)
+    conversations = [Conversation.single(REFER), Conversation.single("[refer] the road"),
+                     Conversation([Turn(REFER, "a car"), Turn("and the road?")])]
+    bodies = [json.loads(http._payload(tiles[0], c, options, False)) for c in conversations]
+    assert all(body["cache_prompt"] is True for body in bodies)
+    starts = [(body["messages"][0], body["messages"][1]["content"][0]) for body in bodies]
+    assert starts[0] == starts[1] == starts[2] and starts[0][1]["type"] == "image_url"
+    assert bodies[0]["messages"] != bodies[1]["messages"]
+    with http:
+        answers = [http.generate(tiles[:1], c, options)[0] for c in conversations]
+    assert all(a.generated_tokens >= 1 for a in answers)
+    assert answers[2].prompt_tokens > answers[0].prompt_tokens

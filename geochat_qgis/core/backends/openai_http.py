@@ -5,6 +5,11 @@ run at once; 5xx answers and refused or dropped connections are retried with exp
 backoff; 401/403, 404, 5xx, refused connections and timeouts each get a message that says what to
 check. Streaming (SSE) is used when tokens are wanted live or a cancel token is given, so a
 cancel stops reading between tokens.
+
+Prefix caching: every request about a tile starts with the same bytes (system message, then the
+tile's PNG, then the text), so a server that caches prompt prefixes (llama-server's
+``cache_prompt``, vLLM's automatic prefix caching) evaluates a tile's image once for all prompts
+and chat turns. llama_cpp.server's multimodal handlers clear their context on every request.
 """
 from __future__ import annotations
 
@@ -43,8 +48,10 @@ class HttpSettings:
     backoff: float = 0.5  # seconds before the first retry, doubled each time
     grammar_field: Optional[str] = "grammar"  # request field for GBNF (llama.cpp servers)
     # more request fields: llama_cpp.server penalises repeats (1.1) unless told not to, which
-    # breaks greedy decoding as the papers evaluate it; vLLM and Ollama ignore the field
-    extra_body: dict[str, Any] = field(default_factory=lambda: {"repeat_penalty": 1.0})
+    # breaks greedy decoding as the papers evaluate it; llama-server keeps a slot's evaluated
+    # prompt for the next request with ``cache_prompt``; vLLM and Ollama ignore both fields
+    extra_body: dict[str, Any] = field(
+        default_factory=lambda: {"repeat_penalty": 1.0, "cache_prompt": True})
 
 
 class _Retryable(Exception):

@@ -127,6 +127,8 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
         self.model_combo.setObjectName("GeoChatModel")
         for choice in model_choices():
             self.model_combo.addItem(choice.title, choice.key)
+            self.model_combo.setItemData(self.model_combo.count() - 1, choice.note,
+                                         Qt.ItemDataRole.ToolTipRole)
         self.model_combo.addItem("Model file or folder...", "")
         if self.settings.model and self.model_combo.findData(self.settings.model) < 0:
             self.model_combo.insertItem(self.model_combo.count() - 1, self.settings.model, self.settings.model)

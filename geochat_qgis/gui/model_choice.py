@@ -43,6 +43,7 @@ class ModelChoice:
     family: str = "geochat"
     catalog: bool = False
     needs_get: bool = False  # got with the Get dialog (download and convert)
+    note: str = ""  # what runs it on this machine, what getting it takes (the item's tooltip)
 
 
 # ------------------------------------------------------------------ the list
@@ -125,13 +126,13 @@ def model_choices(rows: Optional[list[dict[str, Any]]] = None) -> list[ModelChoi
     if rows is None:
         with _ROWS_LOCK:
             rows = list(_ROWS.values()) or None
-    choices = [ModelChoice(DEMO_NAME, DEMO_TITLE)]
+    choices = [ModelChoice(DEMO_NAME, DEMO_TITLE, note=DEMO_NOTE)]
     for row in rows if rows is not None else catalog_rows():
         if row.get("name") == DEMO_NAME or row.get("family") == "clip" or not _listed(row):
             continue
         title = str(row.get("title") or row["name"])
         choices.append(ModelChoice(str(row["name"]), title, str(row.get("family") or "geochat"),
-                                   True, bool(row.get("needs_conversion"))))
+                                   True, bool(row.get("needs_conversion")), _note(row)))
     return choices
 
 
@@ -153,6 +154,17 @@ def describe_getting(row: dict[str, Any]) -> str:
     if row.get("memory_needed"):
         parts.append(f"converting needs about {_size(row['memory_needed'])} of memory")
     return "; ".join(parts)
+
+
+def _note(row: dict[str, Any]) -> str:
+    if row.get("choices"):
+        runs = _runs_here(row)
+        text = f"runs here with {', '.join(runs)}" if runs else f"does not run here ({_why_not(row)})"
+    else:  # the catalog's own list: what runs it, not yet checked on this machine
+        text = f"runs with {', '.join(row.get('backends_published') or [])}" if row.get(
+            "backends_published") else ""
+    what = "" if row.get("status") == "ready" else describe_getting(row)
+    return "; ".join(p for p in (text, f"getting it: {what}" if what else "") if p)
 
 
 def _runs_here(row: dict[str, Any]) -> list[str]:

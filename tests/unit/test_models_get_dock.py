@@ -27,8 +27,6 @@ def settings(**changes):
 
 def test_model_choice_imports_only_stdlib_and_the_client():
     tree = ast.parse(MODEL_CHOICE.read_text(encoding="utf-8"))
-    # TEMPORARY: backend_spec stays for the dock until it runs through the client (issue 11)
-    tree.body = [n for n in tree.body if getattr(n, "name", "") != "backend_spec"]
     relative = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level}
     absolute = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
                 for a in n.names}
@@ -98,8 +96,10 @@ def test_list_plan_get_and_delete_sources_through_the_runtime(hub, tmp_path):
         assert "llama.cpp" in next(c for c in geochat["choices"] if c["target"] == "gguf")["backends"]
         status, sentence = model_choice.model_status("geochat-7b", settings())
         assert status == model_choice.MISSING and "gguf q4_k_m" in sentence and "GB" in sentence
-        assert model_choice.model_choices()[1:] and any(
-            c.key == "geochat-7b" and c.needs_get for c in model_choice.model_choices())
+        listed = {c.key: c for c in model_choice.model_choices()}
+        assert listed["geochat-7b"].needs_get
+        assert listed["geochat-7b"].note.startswith("runs here with llama.cpp")
+        assert "getting it: download" in listed["geochat-7b"].note
 
         plan = client.plan_get("geochat-7b", {"target": "gguf", "quant": "f16"})
         assert plan["ok"] and plan["problems"] == []

@@ -19,6 +19,7 @@ Greedy, ``--tokens`` new tokens per answer. The last line is JSON with the ratio
 
     python bench/real_size.py --quick          # 1.1B text model, 3 tiles
     python bench/real_size.py [--tiles 2]      # GeoChat-7B dimensions (~4 GB q4_k_m, ~14 GB to build)
+    python bench/real_size.py --tiny --cache DIR  # tiny dimensions: the test suite's smoke run
 """
 from __future__ import annotations
 
@@ -53,24 +54,27 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
             kinds + [4] * extra)
 
 
-def build(variant: str) -> Path:
+def build(variant: str, cache: Path = CACHE) -> Path:
     """The GGUF pair (model.gguf q4_k_m, mmproj.gguf f16) for ``variant``, built once."""
     from geochat_qgis.core.vision.tiny_gguf import (
         LLAMA_1B,
         LLAMA_7B,
         VIT_L_504,
+        ClipDims,
+        LlamaDims,
         write_llama_gguf,
         write_mlp_mmproj,
     )
     from geochat_qgis.core.weights.quantize import quantize_gguf
 
-    dims = LLAMA_1B if variant == "1b" else LLAMA_7B
-    folder = CACHE / variant
+    dims = {"1b": LLAMA_1B, "7b": LLAMA_7B, "tiny": LlamaDims()}[variant]
+    vision = ClipDims(image_size=504, patch_size=84) if variant == "tiny" else VIT_L_504
+    folder = cache / variant
     folder.mkdir(parents=True, exist_ok=True)
     mmproj, model = folder / "mmproj.gguf", folder / "model.gguf"
     if not mmproj.exists():
         start = time.perf_counter()
-        write_mlp_mmproj(folder / "mmproj.tmp", dims.n_embd, VIT_L_504, seed=0, half=True)
+        write_mlp_mmproj(folder / "mmproj.tmp", dims.n_embd, vision, seed=0, half=True)
         (folder / "mmproj.tmp").replace(mmproj)
         print(f"built {mmproj} in {time.perf_counter() - start:.0f} s", flush=True)
     if not model.exists():
@@ -117,6 +121,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--kv-f32", action="store_true", help="the project with a float32 KV cache")
     parser.add_argument("--no-naive", action="store_true", help="skip llama-cpp-python's handler")
+    parser.add_argument("--tiny", action="store_true", help="tiny dimensions (the test's smoke run)")
+    parser.add_argument("--cache", type=Path, default=CACHE, help="where the models are built")
     args = parser.parse_args()
     os.environ.setdefault("OPENBLAS_NUM_THREADS", str(args.threads))
     import numpy as np
@@ -125,11 +131,11 @@ def main() -> int:
     from geochat_qgis.core.backends.llama_cpp import LlamaCppBackend, LlamaCppSettings
     from geochat_qgis.core.families import get_family
 
-    variant = "1b" if args.quick else "7b"
-    folder = build(variant)
+    variant = "tiny" if args.tiny else "1b" if args.quick else "7b"
+    folder = build(variant, args.cache)
     rng = np.random.default_rng(0)
     tiles = [rng.integers(0, 256, (504, 504, 3), dtype=np.uint8)
-             for _ in range(args.tiles or (3 if args.quick else 2))]
+             for _ in range(args.tiles or (2 if variant == "7b" else 3))]
     family = get_family("geochat")
     prompts = [family.build_prompt("refer", phrase) for phrase in PHRASES]
     options = GenerateOptions(max_new_tokens=args.tokens)
@@ -186,7 +192,8 @@ def main() -> int:
     }
     extra = {"variant": variant, "tiles": len(tiles), "threads": args.threads,
              "kv_f32": args.kv_f32, "tokens": args.tokens,
-             **{f"{k}_s_per_tile": round(v, 2) for k, v in mean.items()}}
+             **{f"{k}_s_per_tile": round(v, 2) for k, v in mean.items()},
+             **{f"{k}_tokens_evaluated": round(float(np.mean(evaluated[k]))) for k in mean}}
     print(json.dumps(extra))
     print(json.dumps(ratios))
     return 0

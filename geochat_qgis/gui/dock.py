@@ -376,8 +376,16 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
         self._model_list = GeoChatTask("GeoChat: listing models",
                                        lambda _cancel, _token, _progress: fetch_rows(shared_client(), cache),
                                        quiet=True)
-        self._model_list.resultReady.connect(lambda _rows: self.refresh_model_status())
+        self._model_list.resultReady.connect(lambda _rows: self._on_models_listed())
         QgsApplication.taskManager().addTask(self._model_list)
+
+    def _on_models_listed(self) -> None:
+        """The runtime's list is in: each item says what runs it here; the status follows."""
+        for choice in model_choices():
+            index = self.model_combo.findData(choice.key)
+            if index >= 0:
+                self.model_combo.setItemData(index, choice.note, Qt.ItemDataRole.ToolTipRole)
+        self.refresh_model_status()
 
     def _show_status(self, status: str, sentence: str) -> None:
         colour = "#b00020" if status in (MISSING, NEEDS_GPU, NOT_FOUND, UNREACHABLE) else "#2e7d32"

@@ -331,6 +331,8 @@ def test_the_dock_gets_geochat_with_its_get_button_then_finds_objects_with_it(
         dock.refresh_model_status()  # listed by the runtime in the background
         wait_for(lambda: "not downloaded" in dock.status_label.text(), 120)
         assert "GB" in dock.status_label.text() and not dock.download_button.isHidden()
+        note = dock.model_combo.itemData(index, Qt.ItemDataRole.ToolTipRole)
+        assert note.startswith("runs here with llama.cpp") and "getting it" in note, note
         dock.download_button.click()
         dialog = dock._get_dialog
         assert dialog.isVisible()

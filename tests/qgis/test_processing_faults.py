@@ -18,16 +18,7 @@ from qgis.core import (  # noqa: E402
     QgsVectorLayer,
 )
 
-from processing_helpers import (  # noqa: E402
-    RecordingFeedback,
-    close_shared_client,
-    corner_extent,
-    detect_parameters,
-    features_of,
-    forbidden_modules,
-    run_task,
-    shared_client,
-)
+import processing_helpers as helpers  # noqa: E402
 from processing_helpers import (  # noqa: E402, F401 (fixtures: used as arguments)
     detect_run,
     provider,
@@ -39,7 +30,7 @@ def test_an_aoi_without_polygons_is_refused_by_name(provider, demo_raster, tmp_p
     import processing
 
     empty = QgsVectorLayer("Polygon?crs=EPSG:4326", "my fields", "memory")
-    parameters = detect_parameters(demo_raster, "car", str(tmp_path / "out.gpkg"), "")
+    parameters = helpers.detect_parameters(demo_raster, "car", str(tmp_path / "out.gpkg"), "")
     parameters["AOI"] = empty
     with pytest.raises(QgsProcessingException, match="The area of interest my fields has no "
                                                      "polygons"):
@@ -50,8 +41,8 @@ def test_an_aoi_without_polygons_is_refused_by_name(provider, demo_raster, tmp_p
 def test_bad_bands_and_formats_are_refused_before_the_run(provider, demo_raster, tmp_path):
     import processing
 
-    parameters = detect_parameters(demo_raster, "car", str(tmp_path / "out.gpkg"),
-                                   corner_extent(demo_raster, 100, 100))
+    parameters = helpers.detect_parameters(demo_raster, "car", str(tmp_path / "out.gpkg"),
+                                   helpers.corner_extent(demo_raster, 100, 100))
     with pytest.raises(QgsProcessingException, match="not a list of band numbers"):
         processing.run("geochat:detect", {**parameters, "BANDS": "red,green"})
     with pytest.raises(QgsProcessingException, match=r"\.shp, \.gpkg or \.geojson"):
@@ -109,7 +100,7 @@ class HostileServer:
 
 
 def served_parameters(raster: Path, output: Path, width_px: int, url: str) -> dict:
-    return {**detect_parameters(raster, "car", str(output), corner_extent(raster, width_px, 200)),
+    return {**helpers.detect_parameters(raster, "car", str(output), helpers.corner_extent(raster, width_px, 200)),
             "BACKEND": "openai", "MODEL": "served", "SERVER_URL": url, "GRAMMAR": False}
 
 
@@ -124,7 +115,7 @@ def test_every_tile_failing_is_said_and_keeps_the_existing_output(provider, demo
     output = tmp_path / "cars.gpkg"
     output.write_bytes(earlier.read_bytes())
     before = output.read_bytes()
-    feedback = RecordingFeedback()
+    feedback = helpers.RecordingFeedback()
     try:
         with pytest.raises(QgsProcessingException, match="No tile could be processed"):
             processing.run("geochat:detect", served_parameters(demo_raster, output, 200,
@@ -146,9 +137,9 @@ def test_some_tiles_failing_are_said_and_the_others_written(provider, demo_raste
 
     server = HostileServer(good=4)
     output = tmp_path / "some.gpkg"
-    feedback = RecordingFeedback()
+    feedback = helpers.RecordingFeedback()
     parameters = {**served_parameters(demo_raster, output, 1024, server.url),
-                  "EXTENT": corner_extent(demo_raster, 1024, 600)}
+                  "EXTENT": helpers.corner_extent(demo_raster, 1024, 600)}
     try:
         results = processing.run("geochat:detect", parameters, feedback=feedback)
     finally:
@@ -163,7 +154,7 @@ def test_some_tiles_failing_are_said_and_the_others_written(provider, demo_raste
 def test_segment_without_a_gpu_fails_with_a_clear_message(provider, demo_raster, tmp_path):
     import processing
 
-    if shared_client().status()["gpus"]:
+    if helpers.shared_client().status()["gpus"]:
         pytest.skip("this machine has an NVIDIA GPU: the refusal cannot be seen here")
     with pytest.raises(QgsProcessingException, match="GeoPixel needs an NVIDIA GPU with CUDA"):
         processing.run("geochat:segment", {
@@ -191,8 +182,8 @@ def test_cancel_keeps_an_existing_output_and_writes_the_finished_tile_beside_it(
         feedback.cancel()
 
     feedback.progressChanged.connect(on_progress)
-    results = processing.run("geochat:detect", detect_parameters(
-        demo_raster, "car", str(output), corner_extent(demo_raster, 1024, 300)),
+    results = processing.run("geochat:detect", helpers.detect_parameters(
+        demo_raster, "car", str(output), helpers.corner_extent(demo_raster, 1024, 300)),
         feedback=feedback)
     assert progress and progress[0] == pytest.approx(100 / 3)
     assert max(progress) < 100
@@ -200,8 +191,25 @@ def test_cancel_keeps_an_existing_output_and_writes_the_finished_tile_beside_it(
     assert output.read_bytes() == before
     partial = Path(results["OUTPUT"])
     assert partial.parent == tmp_path and partial.name.startswith("cars-partial-")
-    assert {tile for _, tile, _ in features_of(partial)} <= {"r0_c0"}
-    assert len(features_of(partial)) == results["DETECTIONS"]
+    assert {tile for _, tile, _ in helpers.features_of(partial)} <= {"r0_c0"}
+    assert len(helpers.features_of(partial)) == results["DETECTIONS"]
+
+
+def kill_the_runtime_at_first_progress(feedback: QgsProcessingFeedback) -> list[int]:
+    """SIGKILL the runtime child (as the out-of-memory killer does) when ``feedback`` first
+    reports progress; the pids killed."""
+    import signal
+
+    killed: list[int] = []
+
+    def kill_once(value: float) -> None:  # a Qt slot: raising here would abort the process
+        pid = helpers.shared_client().pid
+        if not killed and pid:
+            killed.append(pid)
+            os.kill(pid, signal.SIGKILL)
+
+    feedback.progressChanged.connect(kill_once)
+    return killed
 
 
 def test_a_run_stopped_early_loads_the_file_it_wrote(provider, demo_raster, detect_run,
@@ -209,26 +217,16 @@ def test_a_run_stopped_early_loads_the_file_it_wrote(provider, demo_raster, dete
     """As the dialog loads outputs: a run stopped by an error (here the runtime killed after
     the first tile) over an existing file loads the partial file it wrote beside it, not the
     old one. (A cancelled run loads nothing: QGIS skips loading after a cancel.)"""
-    import signal
-
     import processing
 
     _, earlier, _ = detect_run
     output = tmp_path / "cars.gpkg"
     output.write_bytes(earlier.read_bytes())
     before = output.read_bytes()
-    killed: list[int] = []
-
-    def kill_once(value: float) -> None:  # a Qt slot: raising here would abort the process
-        pid = shared_client().pid
-        if not killed and pid:
-            killed.append(pid)
-            os.kill(pid, signal.SIGKILL)
-
     feedback = QgsProcessingFeedback()
-    feedback.progressChanged.connect(kill_once)
-    results = processing.runAndLoadResults("geochat:detect", detect_parameters(
-        demo_raster, "car", str(output), corner_extent(demo_raster, 1024, 300)),
+    kill_the_runtime_at_first_progress(feedback)
+    results = processing.runAndLoadResults("geochat:detect", helpers.detect_parameters(
+        demo_raster, "car", str(output), helpers.corner_extent(demo_raster, 1024, 300)),
         feedback=feedback)
     try:
         sources = [layer.source() for layer in QgsProject.instance().mapLayers().values()]
@@ -250,7 +248,7 @@ def test_a_run_that_processes_nothing_keeps_the_existing_output(provider, data_d
     output.write_bytes(earlier.read_bytes())
     before = output.read_bytes()
     with pytest.raises(QgsProcessingException, match="nodata.*kept"):
-        processing.run("geochat:detect", detect_parameters(
+        processing.run("geochat:detect", helpers.detect_parameters(
             data_dir / "all-nodata.tif", "car", str(output), ""))
     assert output.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cars.gpkg"]
@@ -263,7 +261,7 @@ def test_a_raster_without_a_crs_is_refused_with_what_to_do(provider, data_dir, t
     assert not QgsRasterLayer(str(raster), "r").crs().isValid()
     with pytest.raises(QgsProcessingException, match="has no coordinate reference system: "
                                                      "set it"):
-        processing.run("geochat:detect", detect_parameters(raster, "car",
+        processing.run("geochat:detect", helpers.detect_parameters(raster, "car",
                                                            str(tmp_path / "out.gpkg"), ""))
     assert not list(tmp_path.iterdir())
 
@@ -272,33 +270,23 @@ def test_a_runtime_killed_mid_run_keeps_the_finished_tile(provider, demo_raster,
     """The runtime child is SIGKILLed (as the out-of-memory killer does) after the first of
     three tiles: a fresh child writes that tile, the run reports the death as an error, and
     the next run works in yet another child."""
-    import signal
-
     import processing
 
-    feedback = RecordingFeedback()
-    killed: list[int] = []
-
-    def on_progress(value: float) -> None:  # a Qt slot: raising here would abort the process
-        pid = shared_client().pid
-        if not killed and pid:
-            killed.append(pid)
-            os.kill(pid, signal.SIGKILL)
-
-    feedback.progressChanged.connect(on_progress)
+    feedback = helpers.RecordingFeedback()
+    killed = kill_the_runtime_at_first_progress(feedback)
     output = tmp_path / "killed.gpkg"
-    results = processing.run("geochat:detect", detect_parameters(
-        demo_raster, "car", str(output), corner_extent(demo_raster, 1024, 300)),
+    results = processing.run("geochat:detect", helpers.detect_parameters(
+        demo_raster, "car", str(output), helpers.corner_extent(demo_raster, 1024, 300)),
         feedback=feedback)
     assert killed and results["TILES_DONE"] >= 1
     assert results["OUTPUT"] == str(output)
-    found = features_of(output)
+    found = helpers.features_of(output)
     assert len(found) == results["DETECTIONS"]
     assert {tile for _, tile, _ in found} <= {"r0_c0", "r0_c1"}
     assert any("SIGKILL" in w for w in feedback.warnings), feedback.warnings
-    again = processing.run("geochat:detect", detect_parameters(
-        demo_raster, "car", "TEMPORARY_OUTPUT", corner_extent(demo_raster, 200, 200)))
-    assert again["TILES_DONE"] == 1 and shared_client().pid not in (None, killed[0])
+    again = processing.run("geochat:detect", helpers.detect_parameters(
+        demo_raster, "car", "TEMPORARY_OUTPUT", helpers.corner_extent(demo_raster, 200, 200)))
+    assert again["TILES_DONE"] == 1 and helpers.shared_client().pid not in (None, killed[0])
 
 
 def test_cancel_from_the_gui_thread_stops_the_worker_within_a_tile(provider, demo_raster,
@@ -315,14 +303,14 @@ def test_cancel_from_the_gui_thread_stops_the_worker_within_a_tile(provider, dem
 
     feedback.progressChanged.connect(on_progress)
     output = tmp_path / "cancelled.gpkg"
-    ok, results = run_task("geochat:detect", detect_parameters(
-        demo_raster, "car", str(output), corner_extent(demo_raster, 1024, 300)), feedback)
+    ok, results = helpers.run_task("geochat:detect", helpers.detect_parameters(
+        demo_raster, "car", str(output), helpers.corner_extent(demo_raster, 1024, 300)), feedback)
     assert seen and seen[0] == pytest.approx(100 / 3) and max(seen) < 100
     assert feedback.isCanceled()
     assert results["TILES_DONE"] == 1
     assert results["OUTPUT"] == str(output)  # no file was there: the finished tile goes in
-    assert len(features_of(output)) == results["DETECTIONS"]
-    assert {tile for _, tile, _ in features_of(output)} <= {"r0_c0"}
+    assert len(helpers.features_of(output)) == results["DETECTIONS"]
+    assert {tile for _, tile, _ in helpers.features_of(output)} <= {"r0_c0"}
 
 
 def test_model_errors_are_processing_exceptions(provider, demo_raster, tmp_path):
@@ -341,22 +329,22 @@ def test_without_a_runtime_the_message_names_the_install_menu_entry(provider, de
     refused before anything starts, naming the plugin's install entry."""
     import processing
 
-    close_shared_client()
+    helpers.close_shared_client()
     monkeypatch.setenv("GEOCHAT_RUNTIME_PYTHON", "/usr/bin/python3 -I")
     try:
         with pytest.raises(QgsProcessingException) as raised:
-            processing.run("geochat:detect", detect_parameters(
+            processing.run("geochat:detect", helpers.detect_parameters(
                 demo_raster, "car", str(tmp_path / "out.gpkg"),
-                corner_extent(demo_raster, 100, 100)))
+                helpers.corner_extent(demo_raster, 100, 100)))
         message = str(raised.value)
         assert "Raster > GeoChat > Install model dependencies..." in message
         assert "geochat_qgis" in message  # what that interpreter lacks
-        assert shared_client().pid is None  # no child was started
+        assert helpers.shared_client().pid is None  # no child was started
     finally:
-        close_shared_client()
+        helpers.close_shared_client()
     assert not list(tmp_path.iterdir())
 
 
 def test_this_session_imported_no_core_package_in_its_runs():
     """Last: every algorithm this module ran added none of the core's packages here."""
-    assert not forbidden_modules()
+    assert not helpers.forbidden_modules()

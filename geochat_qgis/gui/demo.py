@@ -5,11 +5,13 @@ would look at: the dock empty, streaming and with results, the main window, and 
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable
 
 from qgis.core import QgsProject, QgsRasterLayer
 from qgis.gui import QgisInterface
+from qgis.PyQt.QtCore import QCoreApplication
 
 from . import area as areas
 from .model_choice import DEMO_NAME, DEMO_NOTE
@@ -28,6 +30,13 @@ def start_demo(iface: QgisInterface, plugin, raster: Path, out: Path) -> Callabl
     if not layer.isValid():
         raise RuntimeError(f"the demo raster did not load: {raster}")
     QgsProject.instance().addMapLayer(layer)
+    # QGIS takes a new project's CRS from its first layer in a deferred step: let it happen,
+    # as it has when a user types the prompt (results go in the project CRS)
+    for _ in range(50):
+        QCoreApplication.processEvents()
+        if QgsProject.instance().crs() == layer.crs():
+            break
+        time.sleep(0.01)
     iface.setActiveLayer(layer)
     iface.mapCanvas().setExtent(layer.extent())
     plugin.show_dock()

@@ -99,6 +99,7 @@ def run_pip(
                 on_line(line)
         code = process.wait()
         watcher.set()
+        process.stdout.close()  # not left to the watcher thread's end (a ResourceWarning)
     finally:
         if log:
             log.close()

@@ -297,3 +297,21 @@ def test_first_use_says_the_runtime_is_missing_and_offers_the_installer(
         widget.deleteLater()
         QgsProject.instance().removeAllMapLayers()
         close_shared_client()
+
+
+def test_runtime_events_reach_the_widgets(dock):
+    """The runtime's events (progress, streamed tokens, a tile that failed, a wait) as the
+    dock shows them; the task's signals are delivered on the main thread."""
+    from geochat_qgis.gui.run_task import GeoChatTask
+
+    task = GeoChatTask("events", lambda *_args: None)
+    dock._wire(task, "GeoChat refer: car", "refer")
+    dock.chat.begin_stream()
+    task.on_event({"type": "progress", "done": 3, "total": 4, "detections": 1})
+    task.on_event({"type": "token", "text": "a box", "tile": 0})
+    assert dock.progress.value() == 75 and "a box" in dock.chat.toPlainText()
+    task.on_event({"type": "tile_failed", "tile": "r0c1", "message": "no answer", "prompt": "car"})
+    assert dock.preview_label.text() == "tile r0c1 failed: no answer"
+    task.on_event({"type": "status", "message": "Waiting for the GeoChat run in progress"})
+    assert dock.preview_label.text().startswith("Waiting")
+    dock.chat.end_stream()

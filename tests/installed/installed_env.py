@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,4 +87,12 @@ class Installed:
                 continue
             if str(self.deps_dir) in cmdline and "pip" not in cmdline:
                 found.append(f"{entry.name}: {cmdline.strip()}")
+        return found
+
+    def runtime_processes_after(self, seconds: float = 20.0) -> list[str]:
+        """Live runtime processes once ``seconds`` have passed or none is left: a child whose
+        parent has just exited sees its input close and needs a moment to unwind."""
+        deadline = time.monotonic() + seconds
+        while (found := self.runtime_processes()) and time.monotonic() < deadline:
+            time.sleep(0.5)
         return found

@@ -37,7 +37,7 @@ def session(installed) -> dict:
     report_path = Path(config["report"])
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     return {"report": report, "events": read_events(events), "code": code, "output": str(output),
-            "orphans": installed.runtime_processes()}
+            "orphans": installed.runtime_processes_after(20)}
 
 
 def explain(session: dict) -> str:
@@ -136,4 +136,4 @@ def test_qgis_process_detect_writes_a_geopackage(session, installed, demo_model,
     _table, count = gpkg_features(output)
     assert count == results["DETECTIONS"]
     assert run.returncode == 0, run.stderr[-3000:]
-    assert installed.runtime_processes() == []
+    assert installed.runtime_processes_after(20) == []

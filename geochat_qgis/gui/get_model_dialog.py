@@ -175,6 +175,14 @@ class GetModelDialog(QDialog):
         self.memory_box.setVisible(False)
         self.memory_box.toggled.connect(lambda _on: self.refresh_plan())
         layout.addWidget(self.memory_box)
+        self.install_button = QPushButton("Install what converting needs (torch, about 1 GB)...", self)
+        self.install_button.setObjectName("GeoChatGetInstallConverter")
+        self.install_button.setToolTip("The transformers packages (torch, transformers, safetensors) "
+                                       "go into GeoChat's runtime environment; QGIS's Python is not "
+                                       "changed")
+        self.install_button.setVisible(False)
+        self.install_button.clicked.connect(self.install_converter)
+        layout.addWidget(self.install_button)
         self.progress_grid = QGridLayout()
         layout.addLayout(self.progress_grid)
         self.status_label = QLabel(self)
@@ -235,6 +243,7 @@ class GetModelDialog(QDialog):
         available, needed = plan.get("memory_available"), plan.get("memory_needed") or 0
         short = available is not None and not plan.get("installed") and available < needed
         self.memory_box.setVisible(short or self.memory_box.isChecked())
+        self.install_button.setVisible(bool(plan.get("conversion_missing")))
         if plan.get("problems"):
             self._say(self.plan_label, " ".join(plan["problems"]), RED)
             return
@@ -255,6 +264,15 @@ class GetModelDialog(QDialog):
             parts.append(f"converting needs about {human_bytes(plan['memory_needed'])} of memory"
                          + (f", {human_bytes(available)} available" if available else ""))
         self._say(self.plan_label, "; ".join(parts) + ".")
+
+    def install_converter(self) -> None:
+        """The runtime lacks what converting needs: the installer for the transformers
+        packages (into the runtime's environment); the plan is asked again once it closes."""
+        from .deps_dialog import DepsDialog
+
+        self.deps_dialog = DepsDialog("transformers", self)
+        self.deps_dialog.finished.connect(lambda _result: self.refresh_plan())
+        self.deps_dialog.open()
 
     # ------------------------------------------------------------------ get
     @property

@@ -4,7 +4,7 @@ plugin's installer built (test_as_installed.py runs first and installs it), a hu
 
 In that QGIS the dock's Get dialog (opened as its Get... button opens it):
 - plans GeoChat-7B and refuses it before any byte when the runtime cannot convert (the managed
-  llama.cpp runtime has no torch), naming what to install;
+  llama.cpp runtime has no torch), naming what to install and offering the installer for it;
 - gets a model the user catalog lists (a GGUF pair served by the hub) to the end: progress,
   ready; a find-objects run with it gives features that carry its provenance (repository,
   commit, file hash), and QGIS's process imports no core package throughout.
@@ -67,6 +67,7 @@ def main(iface):
         if phase == "plan geochat":
             report["geochat_takes"] = dialog.takes_label.text()
             report["geochat_plan"] = dialog.plan_label.text()
+            report["install_offered"] = not dialog.install_button.isHidden()
             dialog.get_button.click()
             state["phase"] = report["phase"] = "get geochat"
         elif phase == "get geochat":
@@ -185,6 +186,7 @@ def test_geochat_7b_is_listed_and_got_or_refused_before_any_byte(session):
         assert report["geochat_got"], report["geochat_status"]
         return
     assert "Converting needs" in report["geochat_plan"] and "torch" in report["geochat_plan"]
+    assert report["install_offered"]  # one button installs what converting needs
     assert "Not started" in report["geochat_status"] and not report["geochat_got"]
     assert not [r for r in session["requests"] if "geochat-7B" in r[1] and "/resolve/" in r[1]
                 and not r[1].endswith("config.json")]

@@ -362,3 +362,18 @@ def test_the_dock_gets_geochat_with_its_get_button_then_finds_objects_with_it(
         close_shared_client()
         model_choice.remember_rows([])
         QgsProject.instance().removeAllMapLayers()
+
+
+def test_a_runtime_that_cannot_convert_offers_the_installer(client, hub):
+    dialog = dialog_for(client)
+    assert dialog.install_button.isHidden()  # this runtime has torch: nothing to install
+    dialog.show_plan({"conversion_missing": ["torch", "safetensors"], "installed": None,
+                      "problems": ["Converting needs torch, safetensors, not installed here."]})
+    assert not dialog.install_button.isHidden()
+    dialog.install_button.click()
+    installer = dialog.deps_dialog
+    assert installer.isVisible() and installer.backend == "transformers"
+    installer.reject()  # closed without installing: the plan is asked again
+    assert "Checking" in dialog.plan_label.text()
+    wait_for(lambda: "Checking" not in dialog.plan_label.text())
+    assert dialog.install_button.isHidden() and "to download" in dialog.plan_label.text()

@@ -152,3 +152,13 @@ def test_qgis_proxy_is_applied_to_the_child_and_taken_back(monkeypatch):
     assert os.environ["HTTPS_PROXY"] == "http://system:8080" and "NO_PROXY" not in os.environ
     with pytest.raises(DownloadError, match="HTTP proxy"):
         apply_proxy({"proxy": {"enabled": True, "type": "Socks5Proxy", "host": "s", "port": 1080}})
+
+
+def test_a_runtime_without_torch_is_told_what_converting_needs(hub, tmp_path, monkeypatch):
+    from geochat_qgis.core.runtime.model_ops import plan_get
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # as in the managed llama.cpp runtime
+    plan = plan_get({"model": "geochat-7b", "options": {"target": "gguf", "quant": "q4_k_m"}})
+    assert not plan["ok"] and "torch" in plan["conversion_missing"]
+    assert "Converting needs torch" in plan["message"]
+    assert all(p.endswith("config.json") for _, p, _ in hub.weight_requests())

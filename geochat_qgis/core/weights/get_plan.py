@@ -82,6 +82,7 @@ class GetPlan:
     offline: bool
     problems: tuple[str, ...]
     notes: tuple[str, ...]
+    conversion_missing: tuple[str, ...] = ()  # packages the conversion needs, not installed
 
     @property
     def ok(self) -> bool:
@@ -109,8 +110,11 @@ def is_installed(folder: Path) -> bool:
 def conversion_needs(target: str, quant: Optional[str]) -> list[str]:
     """Python packages the conversion needs that this environment lacks (checked before any
     download: a 16 GB download that cannot be converted helps nobody)."""
+    import importlib
+
     from .machine import _importable
 
+    importlib.invalidate_caches()  # packages installed since this process started count
     needed = {"torch": "torch", "safetensors": "safetensors", "sentencepiece": "sentencepiece"}
     if target == "gguf":
         needed["gguf"] = "gguf"
@@ -279,6 +283,7 @@ def resolve_get(model_id: str, target: Optional[str], quant: Optional[str],
         download_bytes=download, disk_needed=needed, disk_free=free, disk_folder=str(folder),
         memory_needed=memory_needed, memory_available=available, output_folder=str(out_folder),
         installed=installed, offline=offline(), problems=tuple(problems), notes=tuple(notes),
+        conversion_missing=tuple(missing),
     )
     return plan, [(e, remote) for e, (_, remote) in zip([entry, *needs], sources)]
 

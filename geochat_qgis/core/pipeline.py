@@ -222,19 +222,13 @@ def _run_batch(batch, prompts, backend: Backend, family, options: GenerateOption
     """Ask every prompt about the tiles of ``batch``; False when the backend failed for all.
 
     A tile is done once one of its answers was parsed (an unparsable answer is a failure)."""
-    images = [tile.image for tile in batch]
     any_ok = False
     answered: set[str] = set()
     for typed, user_text in prompts:
-        try:
-            generations = backend.generate(images, Conversation.single(user_text, family.name),
-                                           options)
-        except BackendError as exc:
-            log.warning("tiles %s failed: %s", [t.tile_id for t in batch], exc)
-            result.failures += [TileFailure(t.tile_id, str(exc), typed) for t in batch]
-            continue
-        any_ok = True
-        for tile, generation in zip(batch, generations):
+        conversation = Conversation.single(user_text, family.name)
+        pairs = _generate_each(batch, backend, conversation, options, typed, result)
+        any_ok = any_ok or bool(pairs)
+        for tile, generation in pairs:
             size = (tile.image.shape[1], tile.image.shape[0])
             answer = _parse(family, generation.text, size, generation.masks,
                             typed or job.task, tile.tile_id, typed, result)
@@ -253,6 +247,24 @@ def _run_batch(batch, prompts, backend: Backend, family, options: GenerateOption
                 generation.seconds, generation.prompt_tokens, generation.generated_tokens))
     result.tiles_done += len(answered)
     return any_ok
+
+
+def _generate_each(batch, backend: Backend, conversation: Conversation,
+                   options: GenerateOptions, typed: str, result: JobResult) -> list[tuple]:
+    """(tile, generation) for the tiles of ``batch`` the backend answered. A batch the backend
+    failed is asked again tile by tile, so one bad request (a server's HTTP 500 for one image,
+    a cut stream) costs its own tile only, not the answered tiles beside it."""
+    try:
+        return list(zip(batch, backend.generate([t.image for t in batch], conversation, options)))
+    except BackendError as exc:
+        if len(batch) == 1:
+            log.warning("tile %s failed: %s", batch[0].tile_id, exc)
+            result.failures.append(TileFailure(batch[0].tile_id, str(exc), typed))
+            return []
+    pairs: list[tuple] = []
+    for tile in batch:
+        pairs += _generate_each([tile], backend, conversation, options, typed, result)
+    return pairs
 
 
 def _parse(family, text: str, size: tuple[int, int], masks, label: str, tile_id: str,

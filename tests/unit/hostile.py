@@ -81,7 +81,9 @@ class HostileServer(ThreadingHTTPServer):
     a body that is not JSON), ``cut-length`` (Content-Length promises more than is sent),
     ``cut-chunked`` (a chunked event stream that stops half way), ``sse-list`` (events that are
     JSON lists), ``json-list`` (a JSON list instead of a completion). ``fail_from``: requests
-    from this number on (0-based) answer 500, the earlier ones as ``mode``.
+    from this number on (0-based) answer 500, the earlier ones as ``mode``; ``fail_image``: the
+    request of this number and every later one with the same body (the same tile and prompt)
+    answer 500: one tile the server always fails.
     """
 
     daemon_threads = True
@@ -91,6 +93,8 @@ class HostileServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.mode, self.text, self.models = mode, text, models
         self.fail_from: int | None = None
+        self.fail_image: int | None = None
+        self.failing_bodies: set[bytes] = set()
         self.delay = 0.0  # seconds before each chat answer
         self.requests = 0
         self.lock = threading.Lock()
@@ -122,14 +126,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, self.server.models)
 
     def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = json.loads(raw or b"{}")
         srv = self.server
         with srv.lock:
             number = srv.requests
             srv.requests += 1
+            if number == srv.fail_image:
+                srv.failing_bodies.add(raw)
+            failing = raw in srv.failing_bodies
         time.sleep(srv.delay)
         mode = srv.mode
-        if srv.fail_from is not None and number >= srv.fail_from:
+        if (srv.fail_from is not None and number >= srv.fail_from) or failing:
             mode = "500"
         stream = bool(body.get("stream"))
         if mode == "500":

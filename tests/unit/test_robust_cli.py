@@ -69,6 +69,24 @@ def test_a_run_that_fails_part_way_writes_beside_the_old_output(old_output, data
     assert {k: v for k, v in files(path.parent).items() if "partial" not in k} == before
 
 
+def test_one_failed_request_of_a_batch_costs_no_answered_tile(tmp_path, data_dir, capsys):
+    """Four tiles in flight, one tile the server always fails (HTTP 500, retries too): the
+    batch is asked again tile by tile, so only that tile is lost, not the three answered ones."""
+    out = tmp_path / "cars.gpkg"
+    with hostile.HostileServer("ok", text=BOXES) as server:
+        server.fail_image = 1
+        args = detect(server, data_dir / "RGB.byte.tif", out)
+        args[args.index("--max-in-flight") + 1] = "4"
+        code = main(args)
+        requests = server.requests
+    stdout, _err = capsys.readouterr()
+    assert "tiles: 11 done" in stdout and "1 failed of 12" in stdout, stdout
+    assert requests > 12 + 3  # the failed batch asked again, a request per tile
+    assert code == 1  # tiles failed: the exit status says so (one rule, see --help)
+    partial = list(tmp_path.glob("cars*.gpkg"))
+    assert len(partial) == 1 and pyogrio.read_info(partial[0])["features"] > 0
+
+
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_writes_the_finished_tiles(tmp_path, data_dir, signum, status):
     out = tmp_path / "cars.gpkg"

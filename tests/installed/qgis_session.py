@@ -108,7 +108,7 @@ def main(iface):
     report["heavy_modules_after_dock"] = sorted(m for m in config["forbidden"] if m in sys.modules)
     save()
 
-    plugin.deps_action.trigger()  # Plugins > GeoChat > Install model dependencies...
+    plugin.deps_action.trigger()  # Raster > GeoChat > Install model dependencies...
     dialog = plugin.deps_dialog
     report["installer"] = {"packages": dialog.packages_label.text(), "size": dialog.size_label.text(),
                            "where": dialog.where_label.text()}

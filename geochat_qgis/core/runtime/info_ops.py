@@ -69,7 +69,7 @@ def model_status(request: dict[str, Any], loaded_spec: Any) -> dict[str, Any]:
         return {"ready": False, "message": str(exc), "loaded": False, "missing": []}
     missing = missing_modules(spec.kind)
     message = (f"the {spec.kind} backend's packages are missing ({', '.join(missing)}): install "
-               "them with Plugins > GeoChat > Install model dependencies..." if missing
+               "them with Raster > GeoChat > Install model dependencies..." if missing
                else f"{Path(spec.model).name} ({spec.kind}, {spec.family}) is ready")
     return {"ready": not missing, "message": message, "kind": spec.kind, "family": spec.family,
             "model": spec.model, "loaded": spec == loaded_spec, "missing": missing}

@@ -273,7 +273,7 @@ def resolve_get(model_id: str, target: Optional[str], quant: Optional[str],
     if missing:
         problems.append(f"Converting needs {', '.join(missing)}, not installed in this "
                         "environment: install the llama.cpp (GGUF) or transformers (HF) "
-                        "dependencies first (Plugins > GeoChat > Install model dependencies).")
+                        "dependencies first (Raster > GeoChat > Install model dependencies).")
     if offline() and download and not installed:
         problems.append(f"Offline mode (HF_HUB_OFFLINE=1): {download / 1e9:.2f} GB still to "
                         "download. Unset HF_HUB_OFFLINE, or copy the files into the model cache.")

@@ -83,7 +83,7 @@ def backends_here() -> dict[str, Optional[str]]:
     result: dict[str, Optional[str]] = {}
     for backend, modules in BACKEND_MODULES.items():
         missing = [m for m in modules if not _importable(m)]
-        result[backend] = (f"not installed ({', '.join(missing)} missing): Plugins > GeoChat > "
+        result[backend] = (f"not installed ({', '.join(missing)} missing): Raster > GeoChat > "
                            "Install model dependencies" if missing else None)
     if result["geopixel"] is None and not nvidia_gpus():
         result["geopixel"] = "needs an NVIDIA GPU (CUDA); none was found"

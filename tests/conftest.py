@@ -136,8 +136,11 @@ cdn = pytest.fixture(serve_hub)
 # --------------------------------------------------------------- torch left out by build.py
 # Where no CPU build of torch exists for this Python (Debian 13's 3.13: only a CUDA build of
 # several GB), build.py leaves torch out and says why here; a test or fixture that then fails on
-# `import torch` is reported as skipped with that reason. Anywhere else it stays a failure.
+# `import torch`, here or in a runtime child or CLI it started (whose message says "No module
+# named 'torch'" or that the runtime "lacks torch"), is reported as skipped with that reason.
+# Anywhere else it stays a failure.
 NO_TORCH_REASON = os.environ.get("GEOCHAT_NO_TORCH_REASON", "")
+_TORCH_MISSING_TEXT = ("No module named 'torch'", "lacks torch")
 
 
 def _torch_missing(exc: BaseException | None) -> bool:
@@ -155,7 +158,9 @@ if NO_TORCH_REASON:
     def pytest_runtest_makereport(item, call):
         outcome = yield
         report = outcome.get_result()
-        if report.failed and call.excinfo is not None and _torch_missing(call.excinfo.value):
+        if report.failed and call.excinfo is not None and (
+                _torch_missing(call.excinfo.value)
+                or any(text in str(report.longrepr) for text in _TORCH_MISSING_TEXT)):
             report.outcome = "skipped"
             report.longrepr = (str(item.path), item.location[1] or 0,
                                f"Skipped: needs torch, not installed: {NO_TORCH_REASON}")

@@ -23,7 +23,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.quant and args.fmt != "gguf":
         raise ModelError("--quant applies to --format gguf only.")
-    out = build_tiny_geochat(args.outdir, args.fmt, seed=args.seed, quant=args.quant)
+    try:
+        out = build_tiny_geochat(args.outdir, args.fmt, seed=args.seed, quant=args.quant)
+    except ModuleNotFoundError as exc:  # torch/safetensors: a checkpoint is written with them
+        raise ModelError(
+            f"make-tiny-model writes a torch checkpoint and needs {exc.name}, which this Python "
+            f"lacks (No module named {exc.name!r}): install the transformers backend "
+            f"(python -m geochat_qgis deps install transformers) or use the demo model "
+            f"(--model tiny-demo), which needs no torch.") from None
     files = sorted(p.name for p in out.iterdir())
     print(f"tiny {args.family} ({args.fmt}) written to {out}: {', '.join(files)}")
     return 0

@@ -128,7 +128,9 @@ def test_a_dock_run_and_a_question_leave_qgis_holding_only_qgis(request, tmp_pat
     request.getfixturevalue("runtime_cache")
     plugins_dir = request.getfixturevalue("installed_plugin_path")
     demo_raster = request.getfixturevalue("demo_raster")
-    assert [m for m in FORBIDDEN if m in sys.modules] == []
+    # QGIS's own Python may hold some already (QGIS 3.40 imports numpy): the plugin adds none
+    qgis_own = {m for m in FORBIDDEN if m in sys.modules}
+    assert qgis_own <= {"numpy"}, qgis_own
     plugin = _start(plugins_dir)
     plugin.show_dock()
     dock = plugin.dock
@@ -166,7 +168,7 @@ def test_a_dock_run_and_a_question_leave_qgis_holding_only_qgis(request, tmp_pat
         time.sleep(0.1)
     assert not _alive(pid), "the runtime child outlived the plugin"
     QgsProject.instance().removeAllMapLayers()
-    assert [m for m in FORBIDDEN if m in sys.modules] == []
+    assert [m for m in FORBIDDEN if m in sys.modules and m not in qgis_own] == []
 
 
 def _alive(pid: int) -> bool:

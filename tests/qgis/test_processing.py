@@ -352,11 +352,14 @@ def test_detect_in_a_model_with_export(provider, demo_raster, tmp_path):
     assert model.dependentChildAlgorithms("detect") == {"export"}
 
     output = tmp_path / "model.geojson"
+    # the model's destination parameter: "export:exported" on QGIS 3.22, named after the
+    # output's description on 3.40 ("exported_detections")
+    (destination,) = [d.name() for d in model.destinationParameterDefinitions()]
     results = processing.run(model, {"raster": str(demo_raster),
                                      "extent": corner_extent(demo_raster, 300, 300),
-                                     "export:exported": str(output)})
+                                     destination: str(output)})
     layer = QgsVectorLayer(str(output), "exported", "ogr")
-    assert results["export:exported"] == str(output)
+    assert results[destination] == str(output)
     assert layer.isValid() and layer.featureCount() > 0
     assert {f["label"] for f in layer.getFeatures()} == {"car"}
 

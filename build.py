@@ -668,10 +668,21 @@ def chroot_copy_config(root: Path) -> None:
         shutil.copy2(HOST_CA, root / HOST_CA.relative_to("/"))
 
 
+KEPT_IN_CHROOT = (".venv", ".venv-qgis", ".venv-qt6check")  # set-up, stamped
+
+
 def chroot_copy_checkout(root: Path) -> Path:
-    """The checkout's files (tracked and untracked, not ignored) into the chroot; the
-    chroot's own .venv* stay (its set-up is stamped)."""
+    """The checkout's files (tracked and untracked, not ignored) into the chroot, in place of
+    what an earlier copy left; the chroot's own .venv* stay (its set-up is stamped)."""
     target = root / CHROOT_CHECKOUT.lstrip("/")
+    if target.is_dir():  # files deleted from the checkout must not linger there
+        for entry in target.iterdir():
+            if entry.name in KEPT_IN_CHROOT:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                             cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
     for name in (n for n in listed if n):

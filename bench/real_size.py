@@ -144,8 +144,19 @@ def main() -> int:
     rows: dict[str, list[float]] = {k: [] for k in ("project_1", "project_4", "first_turn",
                                                     "follow_up", "raw_1", "naive_4")}
     evaluated: dict[str, list[int]] = {k: [] for k in rows}
+    ask = llama = None
+    if not args.no_naive:
+        ask, llama = naive(folder, args.threads, args.tokens)
     with LlamaCppBackend(folder, settings=settings) as project:
-        for tile in tiles:
+        for tile in tiles:  # both ways on each tile in turn: the same machine load for both
+            if ask is not None:
+                runs = [ask(tile, text) for text in prompts]
+                rows["raw_1"].append(runs[0][0])
+                rows["naive_4"].append(sum(seconds for seconds, _ in runs))
+                evaluated["raw_1"].append(runs[0][1])
+                evaluated["naive_4"].append(sum(count for _, count in runs))
+                print(f"naive: 1 prompt {runs[0][0]:.1f} s, 4 prompts {rows['naive_4'][-1]:.1f} s",
+                      flush=True)
             project.evaluator.forget()
             project.encoder.clear()
             start = time.perf_counter()
@@ -170,16 +181,7 @@ def main() -> int:
             evaluated["project_4"].append(first_eval + sum(g.extra["evaluated_tokens"] for g in rest))
             print(f"project: 1 prompt {one:.1f} s, 4 prompts {four:.1f} s, follow-up "
                   f"{follow_s:.1f} s ({evaluated['project_4'][-1]} tokens evaluated)", flush=True)
-    if not args.no_naive:
-        ask, llama = naive(folder, args.threads, args.tokens)
-        for tile in tiles:
-            runs = [ask(tile, text) for text in prompts]
-            rows["raw_1"].append(runs[0][0])
-            rows["naive_4"].append(sum(seconds for seconds, _ in runs))
-            evaluated["raw_1"].append(runs[0][1])
-            evaluated["naive_4"].append(sum(count for _, count in runs))
-            print(f"naive: 1 prompt {runs[0][0]:.1f} s, 4 prompts {rows['naive_4'][-1]:.1f} s",
-                  flush=True)
+    if llama is not None:
         llama.close()
     mean = {k: float(np.mean(v)) for k, v in rows.items() if v}
     for name, seconds in mean.items():

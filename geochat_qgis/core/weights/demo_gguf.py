@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from .geochat_checkpoint import IMAGE_PATCH_TOKEN
 from .geochat_tokenizer import TOKENIZER_MODEL, geochat_vocabulary
-from .gguf_writer import MMPROJ_GGUF, TEXT_GGUF, _mmproj_writer, _text_writer
+from .gguf_writer import MMPROJ_GGUF, TEXT_GGUF, mmproj_writer, text_writer
 from .output_dir import staged_output_dir
 from .tiny import SP_VOCAB, TEXT, VISION, geochat_config, train_tokenizer
 
@@ -112,8 +112,8 @@ def write_demo_gguf(out: Path, seed: int = 0) -> Path:
         (Path(tmp) / TOKENIZER_MODEL).write_bytes(train_tokenizer(SP_VOCAB))
         vocab = geochat_vocabulary(Path(tmp), [IMAGE_PATCH_TOKEN])
         with staged_output_dir(Path(out)) as stage:
-            mmproj, kept = _mmproj_writer(stage / MMPROJ_GGUF, ckpt, half=False)
+            mmproj, kept = mmproj_writer(stage / MMPROJ_GGUF, ckpt, half=False)
             _write(mmproj, _vision_tensors(random, kept))
-            _write(_text_writer(stage / TEXT_GGUF, ckpt, vocab, half=False),
+            _write(text_writer(stage / TEXT_GGUF, ckpt, vocab, half=False),
                    _text_tensors(random, vocab.size))
     return Path(out)

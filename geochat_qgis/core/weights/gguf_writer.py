@@ -98,7 +98,9 @@ def _gguf_dtype(target: str, ndim: int, half: bool) -> "np.dtype":
     return np.dtype(np.float16 if half and not keep_f32 else np.float32)
 
 
-def _text_writer(path: Path, ckpt: GeoChatCheckpoint, vocab: Vocabulary, half: bool):
+def text_writer(path: Path, ckpt: GeoChatCheckpoint, vocab: Vocabulary, half: bool):
+    """A GGUFWriter for the llama text model with GeoChat's metadata, vocabulary and chat
+    template (tensors still to add); the converter and the demo model (demo_gguf) use it."""
     import gguf
 
     c = ckpt.config
@@ -130,7 +132,8 @@ def _text_writer(path: Path, ckpt: GeoChatCheckpoint, vocab: Vocabulary, half: b
     return writer
 
 
-def _mmproj_writer(path: Path, ckpt: GeoChatCheckpoint, half: bool):
+def mmproj_writer(path: Path, ckpt: GeoChatCheckpoint, half: bool):
+    """A GGUFWriter for the CLIP mmproj at 504 px and the number of vision layers kept."""
     import gguf
 
     v = ckpt.clip.vision
@@ -164,8 +167,8 @@ def _write_pair(folder: Path, text_name: str, ckpt: GeoChatCheckpoint, vocab: Vo
     import torch
 
     half = plan[0].dtype != "float32"
-    text = _text_writer(folder / text_name, ckpt, vocab, half)
-    mmproj, kept = _mmproj_writer(folder / MMPROJ_GGUF, ckpt, half)
+    text = text_writer(folder / text_name, ckpt, vocab, half)
+    mmproj, kept = mmproj_writer(folder / MMPROJ_GGUF, ckpt, half)
     heads = int(ckpt.config["num_attention_heads"])
     kv_heads = int(ckpt.config.get("num_key_value_heads") or heads)
     routes: dict[str, tuple[object, str]] = {}

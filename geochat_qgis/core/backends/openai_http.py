@@ -9,7 +9,11 @@ cancel stops reading between tokens.
 Prefix caching: every request about a tile starts with the same bytes (system message, then the
 tile's PNG, then the text), so a server that caches prompt prefixes (llama-server's
 ``cache_prompt``, vLLM's automatic prefix caching) evaluates a tile's image once for all prompts
-and chat turns. llama_cpp.server's multimodal handlers clear their context on every request.
+and chat turns. A run asks each prompt of ``max_in_flight`` tiles at once, then the next prompt
+of the same tiles: llama-server keeps one cached prompt per slot and gives a request the slot
+with the most similar prompt, so with at least ``max_in_flight`` slots (``--parallel``) every
+later prompt of a tile hits its slot; vLLM's prefix cache is shared by all requests.
+llama_cpp.server's multimodal handlers clear their context on every request.
 """
 from __future__ import annotations
 

@@ -268,7 +268,9 @@ def resolve_get(model_id: str, target: Optional[str], quant: Optional[str],
         if ignore_memory:
             notes.append(text + "; going ahead as asked (it may swap).")
         else:
-            problems.append(text + ", or go ahead anyway (--ignore-memory) and let it swap.")
+            problems.append(text + ", or go ahead anyway and let it swap (the Get dialog's "
+                            "\"Go ahead with less memory\" box; --ignore-memory on the command "
+                            "line).")
     missing = [] if installed else conversion_needs(target, quant) if entry.convert else []
     if missing:
         problems.append(f"Converting needs {', '.join(missing)}, not installed in this "

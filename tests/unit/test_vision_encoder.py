@@ -132,5 +132,5 @@ def test_selftest_verdict_is_cached_per_build(text_model, tmp_path, monkeypatch)
     monkeypatch.setattr(selftest, "run_selftest", must_not_run)
     assert selftest.libmtmd_verdict(text_model.model, 64) == verdict
     monkeypatch.undo()
-    untested = selftest.run_selftest(text_model.model, 64, projector="qwen2.5vl_merger")
+    untested = selftest.run_selftest(text_model.model, 64, projector="ldpv2")
     assert not untested.ok and "not tested" in untested.message

@@ -10,7 +10,10 @@ encoded once per run (cached), and a prompt continues from the longest prefix th
 already holds: the prompts of a tile share its system text and image, a chat's follow-up turn
 pays only for itself.
 
-Qwen2.5-VL goes through libmtmd and its chat handler (no CLS token). Decoding streams token by
+Qwen2.5-VL goes through libmtmd and its chat handler (no CLS token, M-RoPE image positions) after
+the self-test of its ``qwen2.5vl_merger`` projector; where that fails (stock 0.3.36: float16 in
+llama.cpp's patch embedding and GELU, about 2e-3 off) it still runs there, and
+:attr:`LlamaCppBackend.vision_note`, the log and each Generation's ``extra`` say so. Decoding streams token by
 token so the cancel token is honoured between tokens; a GBNF grammar can constrain the answer.
 """
 from __future__ import annotations
@@ -146,6 +149,9 @@ class LlamaCppBackend(Backend):
         if self.settings.vision not in VISION_CHOICES:
             raise BackendError(f"vision must be one of {', '.join(VISION_CHOICES)}, "
                                f"not {self.settings.vision!r}.")
+        if family not in LLAVA_V1_FAMILIES and self.settings.vision == "project":
+            raise BackendError("The project's own image encoder computes GeoChat's (LLaVA) "
+                               "projector only; Qwen2.5-VL runs on libmtmd: use vision 'auto'.")
         self.text_info: Optional[GGUFInfo] = None
         self.projector_info: Optional[GGUFInfo] = None
         self._llama = None
@@ -153,6 +159,7 @@ class LlamaCppBackend(Backend):
         self.encoder = None  # the project's ImageEncoder (GeoChat unless libmtmd passed)
         self.evaluator = None  # PromptEvaluator (with the encoder)
         self.verdict = None  # the libmtmd self-test's Verdict, when it ran
+        self.vision_note = ""  # Qwen2.5-VL: how libmtmd's image features differ, if they do
         self.vision = ""  # who encodes images, in words
 
     def describe(self) -> str:
@@ -209,15 +216,19 @@ class LlamaCppBackend(Backend):
                 f"llama.cpp could not load the vision projector {projector.path.name} with "
                 f"{text.path.name} ({exc}). Use the mmproj made for this model."
             ) from exc
-        log.info("llama.cpp loaded %s + %s (gpu layers %s, images: %s)", text.path.name,
-                 projector.path.name, gpu_layers, self.vision)
+        log.info("llama.cpp loaded %s + %s (gpu layers %s, images: %s%s)", text.path.name,
+                 projector.path.name, gpu_layers, self.vision,
+                 f"; {self.vision_note}" if self.vision_note else "")
         self.text_info, self.projector_info = text, projector
         self._llama = llama
 
     def _use_libmtmd(self, llama, mmproj: Path, use_gpu: bool) -> bool:
-        """libmtmd for Qwen2.5-VL (no own encoder) and where its self-test passes."""
+        """libmtmd where its self-test passes; Qwen2.5-VL always (no own path), tested."""
         choice = self.settings.vision
-        if self.family not in LLAVA_V1_FAMILIES or choice == "libmtmd":
+        if self.family not in LLAVA_V1_FAMILIES:
+            self._test_qwen(llama, mmproj, choice)
+            return True
+        if choice == "libmtmd":
             return True
         if choice == "project":
             return False
@@ -231,6 +242,26 @@ class LlamaCppBackend(Backend):
         if not self.verdict.ok:
             log.info("%s", self.verdict.message)
         return self.verdict.ok
+
+    def _test_qwen(self, llama, mmproj: Path, choice: str) -> None:
+        """Qwen2.5-VL's images go through libmtmd whatever its self-test finds (M-RoPE image
+        positions: the project has no own path into llama.cpp); a failed test is reported in
+        :attr:`vision_note`, the log and every Generation's ``extra``."""
+        if choice == "libmtmd":
+            return
+        from ..vision.mmproj import projector_type
+        from ..vision.selftest import TESTED_PROJECTORS, libmtmd_verdict
+
+        kind = projector_type(mmproj)
+        if kind not in TESTED_PROJECTORS:
+            self.vision_note = (f"libmtmd's {kind} image features are not checked (no exact "
+                                "reference for this projector type)")
+            return
+        # llama-cpp-python's chat handler asks libmtmd for the GPU whenever the build has one
+        self.verdict = libmtmd_verdict(llama.model, llama.n_embd(), kind, use_gpu=True)
+        if not self.verdict.ok:
+            self.vision_note = self.verdict.message
+            log.warning("%s", self.verdict.message)
 
     def _init_handler(self, llama, mmproj: Path):
         handler = _handler_classes()[self.family](
@@ -296,7 +327,7 @@ class LlamaCppBackend(Backend):
             text=text.strip(), prompt_tokens=len(prompt), generated_tokens=generated,
             seconds=time.perf_counter() - start,
             extra={"finish_reason": finish, "evaluated_tokens": evaluated,
-                   "image_encoded": self.encoder.encoded > encoded},
+                   "image_encoded": self.encoder.encoded > encoded, **self._vision_extra()},
         )
 
     def _generate_one(self, index: int, image: np.ndarray, conversation: Conversation,
@@ -327,8 +358,18 @@ class LlamaCppBackend(Backend):
             prompt_tokens=len(prompt),
             generated_tokens=generated,
             seconds=time.perf_counter() - start,
-            extra={"finish_reason": finish, "evaluated_tokens": len(prompt)},
+            extra={"finish_reason": finish, "evaluated_tokens": len(prompt),
+                   **self._vision_extra()},
         )
+
+    def _vision_extra(self) -> dict[str, Any]:
+        """Who encoded the image, and the self-test's finding when libmtmd failed it."""
+        extra: dict[str, Any] = {"vision": self.vision}
+        if self.vision_note:
+            extra["vision_warning"] = self.vision_note
+        if self.verdict is not None:
+            extra["vision_max_error"] = self.verdict.max_error
+        return extra
 
 
 def _decode(llama, prompt: list[int], index: int, options: GenerateOptions

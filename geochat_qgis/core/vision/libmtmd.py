@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -11,7 +12,11 @@ class MtmdEncoder:
     """A libmtmd context for ``mmproj`` attached to a loaded llama_model (``Llama.model``)."""
 
     def __init__(self, model, mmproj: str | Path, n_embd: int, n_threads: int = 1,
-                 use_gpu: bool = False) -> None:
+                 use_gpu: bool = False, flash_attn: Optional[bool] = None,
+                 warmup: bool = True) -> None:
+        """``flash_attn`` None: libmtmd's default (auto); ``warmup`` False: no warm-up encode
+        at its largest image size (buffers are sized on the first image instead)."""
+        import llama_cpp
         from llama_cpp import mtmd_cpp as mtmd
 
         from ..backends.llama_cpp import _route_mtmd_logs
@@ -20,6 +25,10 @@ class MtmdEncoder:
         self.mtmd, self.n_embd = mtmd, n_embd
         params = mtmd.mtmd_context_params_default()
         params.use_gpu, params.print_timings, params.n_threads = use_gpu, False, n_threads
+        params.warmup = warmup
+        if flash_attn is not None:
+            params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                      else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self.ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), model, params)
         if not self.ctx:
             raise RuntimeError(f"libmtmd could not load {Path(mmproj).name}")
@@ -61,9 +70,9 @@ class MtmdEncoder:
 
 
 def mtmd_embeddings(model, mmproj: str | Path, image: np.ndarray, n_embd: int,
-                    n_threads: int = 1, use_gpu: bool = False) -> np.ndarray:
+                    n_threads: int = 1, use_gpu: bool = False, **params) -> np.ndarray:
     """One image through a fresh libmtmd context (see :class:`MtmdEncoder`)."""
-    encoder = MtmdEncoder(model, mmproj, n_embd, n_threads, use_gpu)
+    encoder = MtmdEncoder(model, mmproj, n_embd, n_threads, use_gpu, **params)
     try:
         return encoder.embed(image)
     finally:

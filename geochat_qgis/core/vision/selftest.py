@@ -1,11 +1,16 @@
-"""Does the installed llama.cpp build encode LLaVA images right? A start-up self-test.
+"""Does the installed llama.cpp build encode images right? A start-up self-test.
 
-The project writes a tiny random ``mlp`` mmproj, computes its image embeddings exactly with its
-own encoder, asks libmtmd for the same and compares (tolerance :data:`TOLERANCE`). The verdict
-is cached per build (llama-cpp-python version and its shared libraries) in the cache folder
-(``$GEOCHAT_CACHE`` or ``~/.cache/geochat-qgis``). Every llama-cpp-python release since 0.3.10
-fails it (llama.cpp's LLaVA graph appends CLS after the patches, ggml-org/llama.cpp #25814, and
-approximates GELU in float16), so GeoChat then runs on the project's encoder.
+The project writes a tiny random mmproj, computes its image embeddings exactly with its own
+code, asks libmtmd for the same and compares (tolerance :data:`TOLERANCE`). The verdict is
+cached per build (llama-cpp-python version and its shared libraries) and projector type in the
+cache folder (``$GEOCHAT_CACHE`` or ``~/.cache/geochat-qgis``).
+
+- ``mlp`` (GeoChat/LLaVA): every llama-cpp-python release since 0.3.10 fails it (llama.cpp's
+  LLaVA graph appends CLS after the patches, ggml-org/llama.cpp #25814, and approximates GELU
+  in float16), so GeoChat then runs on the project's encoder.
+- ``qwen2.5vl_merger`` (Qwen2.5-VL), against core/vision/qwen_numpy.py: the stock 0.3.36 build
+  is off by about 1.3e-3 (float16 im2col in its patch embedding and its float16 GELU table),
+  so it fails; Qwen2.5-VL still runs on libmtmd (M-RoPE image positions) and says so.
 """
 from __future__ import annotations
 
@@ -72,17 +77,31 @@ def _write_cache(entries: dict) -> None:
         log.info("could not cache the libmtmd self-test verdict: %s", exc)
 
 
+#: the projector types the self-test has an exact reference for
+TESTED_PROJECTORS = ("mlp", "qwen2.5vl_merger")
+#: Qwen self-test images (height, width): sides multiples of 28 and at least 8 merged tokens,
+#: so neither Qwen's processor nor libmtmd resizes; both cross a 112-px window boundary
+QWEN_IMAGES = ((112, 168), (224, 252))
+
+
 def run_selftest(model, n_embd: int, projector: str = "mlp", use_gpu: bool = False) -> Verdict:
     """Run the self-test now (no cache). ``model``: a loaded llama_model pointer whose
     embedding width is ``n_embd`` (libmtmd needs a text model to attach the projector to)."""
+    build = build_id(use_gpu)
+    if projector == "mlp":
+        return _run_mlp(model, n_embd, use_gpu, build)
+    if projector == "qwen2.5vl_merger":
+        return _run_qwen(model, n_embd, use_gpu, build)
+    return Verdict(False, projector, float("inf"), build,
+                   f"no exact reference for projector {projector!r}: not tested")
+
+
+def _run_mlp(model, n_embd: int, use_gpu: bool, build: str) -> Verdict:
     from .encoder import ImageEncoder
     from .libmtmd import mtmd_embeddings
     from .tiny_gguf import ClipDims, write_mlp_mmproj
 
-    build = build_id(use_gpu)
-    if projector != "mlp":
-        return Verdict(False, projector, float("inf"), build,
-                       f"no exact reference for projector {projector!r}: not tested")
+    projector = "mlp"
     dims = ClipDims()
     image = np.random.default_rng(5).integers(0, 256, (dims.image_size, dims.image_size, 3),
                                               dtype=np.uint8)
@@ -103,6 +122,54 @@ def run_selftest(model, n_embd: int, projector: str = "mlp", use_gpu: bool = Fal
                f"libmtmd's image embeddings are off by up to {error:.3g} (tolerance "
                f"{TOLERANCE:g}): this llama.cpp build carries the LLaVA CLS-order bug or "
                "approximate GELU; the project's own encoder is used")
+    return Verdict(ok, projector, error, build, message)
+
+
+def _run_qwen(model, n_embd: int, use_gpu: bool, build: str) -> Verdict:
+    """A tiny random Qwen2.5-VL mmproj: Qwen's own computation (core/vision/qwen_numpy.py,
+    checked against transformers) against libmtmd's, with flash attention off as the
+    backend's chat handler runs it."""
+    from .libmtmd import MtmdEncoder
+    from .qwen_numpy import embed
+    from .qwen_tiny import QwenDims, write_qwen_tiny_mmproj
+
+    projector = "qwen2.5vl_merger"
+    rng = np.random.default_rng(7)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in QWEN_IMAGES]
+    error, scale = 0.0, 0.0
+    with tempfile.TemporaryDirectory(prefix="geochat-selftest-") as tmp:
+        path, vision = write_qwen_tiny_mmproj(Path(tmp) / "mmproj.gguf",
+                                              QwenDims(n_embd=n_embd), seed=3)
+        try:
+            encoder = MtmdEncoder(model, path, n_embd, use_gpu=use_gpu, flash_attn=False,
+                                  warmup=False)
+        except RuntimeError as exc:
+            return Verdict(False, projector, float("inf"), build, f"libmtmd failed: {exc}")
+        try:
+            for image in images:
+                expected = embed(vision, image)
+                try:
+                    got = encoder.embed(image)
+                except RuntimeError as exc:
+                    return Verdict(False, projector, float("inf"), build,
+                                   f"libmtmd failed: {exc}")
+                if got.shape != expected.shape:
+                    return Verdict(False, projector, float("inf"), build,
+                                   f"libmtmd gave {got.shape[0]} image features for a "
+                                   f"{image.shape[1]}x{image.shape[0]} image, Qwen2.5-VL has "
+                                   f"{expected.shape[0]}")
+                error = max(error, float(np.abs(got - expected).max()))
+                scale = max(scale, float(np.abs(expected).max()))
+        finally:
+            encoder.close()
+    ok = error <= TOLERANCE
+    message = (f"libmtmd's Qwen2.5-VL image features agree with Qwen's own (max error "
+               f"{error:.2g})" if ok else
+               f"this llama.cpp build's Qwen2.5-VL image features differ from Qwen's own by up "
+               f"to {error:.2g} (features up to {scale:.2g}; tolerance {TOLERANCE:g}; float16 "
+               "in llama.cpp's patch embedding and GELU table): answers are close to, not "
+               "exactly, Qwen2.5-VL's; Qwen's own code (transformers, e.g. vLLM serving the "
+               "HF model through the OpenAI backend) is exact")
     return Verdict(ok, projector, error, build, message)
 
 

@@ -9,6 +9,7 @@ import pytest
 from geochat_qgis.core.backends.base import Conversation, GenerateOptions
 from geochat_qgis.core.backends.llama_cpp import LlamaCppBackend, LlamaCppSettings
 from geochat_qgis.core.errors import BackendError
+from geochat_qgis.core.runtime.info_ops import model_status
 from geochat_qgis.core.vision import selftest
 from geochat_qgis.core.vision.qwen_tiny import SPECIAL_TOKENS, write_qwen_pair
 
@@ -89,10 +90,15 @@ def test_backend_reports_what_the_cached_verdict_says(pair, tmp_path, monkeypatc
     assert backend.vision == "libmtmd"  # both ways: the project has no own Qwen path
     assert backend.verdict.max_error == error  # the cached verdict, not a new run
     assert generation.extra["vision_max_error"] == error
+    request = {"model": {"backend": "llama.cpp", "model_path": str(pair[0]),
+                         "mmproj_path": str(pair[1])}, "family": "qwen2.5-vl"}
+    status = model_status(request, None)["message"]  # the runtime's model status
     if ok:
         assert backend.vision_note == "" and "vision_warning" not in generation.extra
+        assert status.endswith("is ready")
     else:
         assert backend.vision_note == message == generation.extra["vision_warning"]
+        assert status.endswith(f"is ready; {message}")
 
 
 def test_the_project_encoder_is_refused_for_qwen(pair):

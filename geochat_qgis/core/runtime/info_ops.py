@@ -71,6 +71,11 @@ def model_status(request: dict[str, Any], loaded_spec: Any) -> dict[str, Any]:
     message = (f"the {spec.kind} backend's packages are missing ({', '.join(missing)}): install "
                "them with Raster > GeoChat > Install model dependencies..." if missing
                else f"{Path(spec.model).name} ({spec.kind}, {spec.family}) is ready")
+    if not missing and spec.kind == "llama.cpp" and spec.family == "qwen2.5-vl":
+        from ..vision.selftest import qwen_note  # libmtmd's Qwen self-test, when it failed
+
+        note = qwen_note()
+        message += f"; {note}" if note else ""
     return {"ready": not missing, "message": message, "kind": spec.kind, "family": spec.family,
             "model": spec.model, "loaded": spec == loaded_spec, "missing": missing}
 

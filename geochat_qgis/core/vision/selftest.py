@@ -9,7 +9,7 @@ cache folder (``$GEOCHAT_CACHE`` or ``~/.cache/geochat-qgis``).
   LLaVA graph appends CLS after the patches, ggml-org/llama.cpp #25814, and approximates GELU
   in float16), so GeoChat then runs on the project's encoder.
 - ``qwen2.5vl_merger`` (Qwen2.5-VL), against core/vision/qwen_numpy.py: the stock 0.3.36 build
-  is off by about 1.3e-3 (float16 im2col in its patch embedding and its float16 GELU table),
+  is off by about 1.8e-3 (float16 im2col in its patch embedding and its float16 GELU table),
   so it fails; Qwen2.5-VL still runs on libmtmd (M-RoPE image positions) and says so.
 """
 from __future__ import annotations
@@ -195,3 +195,13 @@ def cached_verdict(projector: str = "mlp", use_gpu: bool = False) -> Optional[Ve
     """The cached verdict without running anything (None when not tested yet)."""
     entry = _read_cache().get(f"{projector}|{build_id(use_gpu)}")
     return Verdict(**entry) if entry else None
+
+
+def qwen_note(use_gpu: bool = True) -> str:
+    """The cached Qwen2.5-VL verdict's message when libmtmd failed it, else "" (not tested yet,
+    passed, or llama-cpp-python missing); reads the cache only."""
+    try:
+        verdict = cached_verdict("qwen2.5vl_merger", use_gpu)
+    except ImportError:
+        return ""
+    return verdict.message if verdict is not None and not verdict.ok else ""

@@ -63,6 +63,9 @@ class PromptEvaluator:
         self.n_batch = llama.n_batch
         self._batch = llama_cpp.llama_batch_init(self.n_batch, self.n_embd, 1)
         self.evaluated = 0  # positions evaluated by the last call (for tests and benchmarks)
+        #: the key of each image the context holds, by its first position: two tiles whose
+        #: negative ids collide never share their KV cache (the ids alone are 30 bits)
+        self._images: dict[int, str] = {}
 
     def close(self) -> None:
         import llama_cpp
@@ -75,6 +78,7 @@ class PromptEvaluator:
         """Drop everything evaluated (the next prompt starts fresh)."""
         self.llama.reset()
         self.llama._ctx.kv_cache_seq_rm(-1, 0, -1)
+        self._images.clear()
 
     def evaluate(self, segments: Sequence[Segment],
                  check: Optional[Callable[[], None]] = None) -> list[int]:
@@ -83,9 +87,9 @@ class PromptEvaluator:
         llama = self.llama
         ids = segment_ids(segments)
         if len(ids) >= llama.n_ctx():
-            raise BackendError(f"the prompt has {len(ids)} tokens, more than the context "
-                               f"({llama.n_ctx()}): shorten the conversation")
-        keep = common_prefix(llama.input_ids[: llama.n_tokens], ids)
+            raise BackendError(self._too_long(segments, len(ids)))
+        keep = self._verified(segments, common_prefix(llama.input_ids[: llama.n_tokens], ids))
+        self._images = {start: key for start, key in self._images.items() if start < keep}
         if keep == len(ids) == llama.n_tokens and not llama._requires_eval:
             self.evaluated = 0
             return ids
@@ -101,11 +105,38 @@ class PromptEvaluator:
             start = max(0, keep - position)
             if start < size:
                 if isinstance(segment, ImageSegment):
+                    self._images[position] = segment.key
                     self._eval_rows(segment, start, check)
                 else:
                     self._eval_tokens(segment[start:], check)
             position += size
         return ids
+
+    def _verified(self, segments: Sequence[Segment], keep: int) -> int:
+        """``keep`` cut to the first image whose positions hold another image's KV cache (its
+        id matches, its key does not)."""
+        position = 0
+        for segment in segments:
+            if position >= keep:
+                break
+            if isinstance(segment, ImageSegment):
+                if self._images.get(position) != segment.key:
+                    return position
+                position += len(segment.rows)
+            else:
+                position += len(segment)
+        return keep
+
+    def _too_long(self, segments: Sequence[Segment], n_ids: int) -> str:
+        n_ctx = self.llama.n_ctx()
+        image = sum(len(s.rows) for s in segments if isinstance(s, ImageSegment))
+        first = len(segments[0]) if segments and not isinstance(segments[0], ImageSegment) else 0
+        if image + first + 16 >= n_ctx:  # the image alone does not leave room for a question
+            return (f"the prompt has {n_ids} tokens ({image} of them the image) and the context "
+                    f"holds {n_ctx}: raise the context size (n_ctx) to at least {n_ids + 256}")
+        return (f"the prompt has {n_ids} tokens ({image} of them the image), more than the "
+                f"context holds ({n_ctx}): start a new conversation or shorten it, or raise the "
+                "context size (n_ctx)")
 
     def _eval_tokens(self, tokens: list[int], check) -> None:
         for i in range(0, len(tokens), self.n_batch):
@@ -138,9 +169,11 @@ class PromptEvaluator:
             for j in range(n):
                 batch.seq_id[j][0] = 0
             status = llama_cpp.llama_decode(llama.ctx, batch)
-            if status != 0:
+            if status != 0:  # n_tokens and input_ids still describe what the context holds
+                hint = ("no room left in the KV cache: raise the context size (n_ctx)"
+                        if status == 1 else "try again; if it persists, reinstall llama.cpp")
                 raise BackendError(f"llama.cpp could not evaluate the image (llama_decode "
-                                   f"returned {status})")
+                                   f"returned {status}): {hint}")
             llama.input_ids[first:first + n] = image.token_id
             llama.n_tokens = first + n
             llama._requires_eval = False

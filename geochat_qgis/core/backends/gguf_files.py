@@ -42,8 +42,9 @@ def _field(reader, key: str):
     return value.tolist()[0]
 
 
-def read_gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
-    """Header facts of ``path``; raises ModelError for a missing, non-GGUF or truncated file."""
+def open_gguf(path: str | os.PathLike[str]):
+    """A ``gguf.GGUFReader`` of ``path``; raises ModelError for a missing, non-GGUF, damaged or
+    truncated file."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"Model file not found: {path}. Check the path or download the model.")
@@ -73,10 +74,18 @@ def read_gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
             f"{path.name} is truncated: its tensors need {data_end} bytes but the file has "
             f"{size}. The download or conversion did not finish: download or convert it again."
         )
+    return reader
+
+
+def read_gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
+    """Header facts of ``path``; raises ModelError for a missing, non-GGUF or truncated file."""
+    path = Path(path)
+    reader = open_gguf(path)
     architecture = _field(reader, "general.architecture") or "unknown"
     if architecture == "clip":
         shapes = {tensor.name: [int(n) for n in tensor.shape] for tensor in reader.tensors}
-        output = next((shapes[name][1] for name in _PROJECTOR_OUTPUTS if name in shapes), None)
+        output = next((shapes[name][1] for name in _PROJECTOR_OUTPUTS
+                       if len(shapes.get(name, ())) == 2), None)
         embedding = _field(reader, "clip.vision.projection_dim") or output
         image_size = _field(reader, "clip.vision.image_size")
         return GGUFInfo(path, architecture, embedding, image_size)

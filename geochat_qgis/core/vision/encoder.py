@@ -17,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import ModelError
 from .mmproj import ClipVision, read_mmproj
 from .preprocess import GEOCHAT_PAD, geochat_image, normalise
 
@@ -84,7 +85,12 @@ class ImageEncoder:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        embeddings = self.encode_pixels(self.pixels(image))
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+            embeddings = self.encode_pixels(self.pixels(image))
+        if not np.isfinite(embeddings).all():
+            raise ModelError(f"{self.vision.path.name}: its weights give this tile non-finite "
+                             "image embeddings (they overflow float32): the file is damaged; "
+                             "convert the model again.")
         with self._lock:
             self.encoded += 1
             self._cache[key] = embeddings

@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from ..backends.images import as_rgb
+from ..errors import BackendError
 from ..families.base import CLIP_MEAN, CLIP_STD
 
 GEOCHAT_SIZE = 504
@@ -21,6 +22,9 @@ def pad_to_square(image: np.ndarray, fill: Sequence[int] = GEOCHAT_PAD) -> np.nd
     """``image`` centred on a square of ``fill`` (GeoChat's expand2square: offset (big-small)//2)."""
     image = as_rgb(image)
     height, width = image.shape[:2]
+    if not height or not width:
+        raise BackendError(f"The tile is empty ({width} x {height} px): read an extent that "
+                           "holds raster pixels.")
     if height == width:
         return image
     side = max(height, width)

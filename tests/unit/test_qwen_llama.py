@@ -8,7 +8,6 @@ import pytest
 
 from geochat_qgis.core.backends.base import Conversation, GenerateOptions
 from geochat_qgis.core.backends.llama_cpp import LlamaCppBackend, LlamaCppSettings
-from geochat_qgis.core.errors import BackendError
 from geochat_qgis.core.runtime.info_ops import model_status
 from geochat_qgis.core.vision import selftest
 from geochat_qgis.core.vision.qwen_tiny import SPECIAL_TOKENS, write_qwen_pair
@@ -101,6 +100,46 @@ def test_backend_reports_what_the_cached_verdict_says(pair, tmp_path, monkeypatc
         assert status.endswith(f"is ready; {message}")
 
 
-def test_the_project_encoder_is_refused_for_qwen(pair):
-    with pytest.raises(BackendError, match="Qwen2.5-VL runs on libmtmd"):
-        LlamaCppBackend(*pair, family="qwen2.5-vl", settings=LlamaCppSettings(vision="project"))
+def _prompt_logits(backend: LlamaCppBackend, tile: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The next-token logits after the prompt (one token generated: it is not evaluated)."""
+    generation = backend.generate([tile], QUESTION, GenerateOptions(max_new_tokens=1))[0]
+    llama = backend._llama
+    logits = llama_cpp.llama_get_logits_ith(llama._ctx.ctx, -1)
+    return np.ctypeslib.as_array(logits, shape=(llama.n_vocab(),)).copy(), generation.extra
+
+
+def test_own_qwen_features_go_where_libmtmds_go(pair, tmp_path, monkeypatch):
+    """vision "project": llama.cpp decodes the project's features with libmtmd's own image
+    positions. Fed libmtmd's features, that path gives libmtmd's logits exactly; fed Qwen's
+    exact ones, logits move by the features' 1.8e-3 difference only."""
+    from geochat_qgis.core.vision.libmtmd import mtmd_embeddings
+    from geochat_qgis.core.vision.qwen_mmproj import read_qwen_mmproj
+    from geochat_qgis.core.vision.qwen_numpy import embed
+
+    monkeypatch.setenv("GEOCHAT_CACHE", str(tmp_path))
+    tile = _tile(224, 252, seed=2)
+    settings = {"n_ctx": 1024, "n_threads": 2}
+    with LlamaCppBackend(*pair, family="qwen2.5-vl",
+                         settings=LlamaCppSettings(vision="libmtmd", **settings)) as theirs:
+        reference, extra = _prompt_logits(theirs, tile)
+        libmtmd_features = mtmd_embeddings(theirs._llama.model, pair[1], tile, 64, n_threads=2,
+                                           use_gpu=True, flash_attn=False)
+    assert extra["vision"] == "libmtmd" and theirs.verdict is None  # asked: no self-test
+    with LlamaCppBackend(*pair, family="qwen2.5-vl",
+                         settings=LlamaCppSettings(vision="project", **settings)) as ours:
+        ours.load()
+        exact = ours.qwen_encoder.embed(tile)
+        assert np.array_equal(exact, embed(read_qwen_mmproj(pair[1]), tile))
+        monkeypatch.setattr(ours.qwen_encoder, "embed", lambda image: libmtmd_features)
+        same, extra = _prompt_logits(ours, tile)
+        monkeypatch.setattr(ours.qwen_encoder, "embed", lambda image: exact)
+        moved, _ = _prompt_logits(ours, tile)
+        assert ours._handler._mtmd_cpp.decoded == 2
+        resized = ours.generate([_tile(100, 150)], QUESTION, GenerateOptions(max_new_tokens=2))
+        assert ours._handler._mtmd_cpp.decoded == 2  # 100x150 would be resized: libmtmd's
+    assert extra["vision"].startswith("the project's Qwen2.5-VL encoder")
+    assert "vision_warning" not in extra
+    assert resized[0].extra["vision"].startswith("libmtmd (the tile needs a resize")
+    assert float(np.abs(same - reference).max()) < 1e-5  # measured 0.0: the same decode
+    change = float(np.abs(moved - reference).max())  # measured 1.9e-3 (logits up to 15.7)
+    assert 0 < change < 0.1 * float(np.abs(reference).max())

@@ -13,7 +13,9 @@ pays only for itself.
 Qwen2.5-VL goes through libmtmd and its chat handler (no CLS token, M-RoPE image positions) after
 the self-test of its ``qwen2.5vl_merger`` projector; where that fails (stock 0.3.36: float16 in
 llama.cpp's patch embedding and GELU, about 2e-3 off) it still runs there, and
-:attr:`LlamaCppBackend.vision_note`, the log and each Generation's ``extra`` say so. Decoding streams token by
+:attr:`LlamaCppBackend.vision_note`, the log and each Generation's ``extra`` say so. With
+``vision="project"`` the project computes Qwen's exact image features (numpy, CPU) and llama.cpp
+decodes them at libmtmd's own M-RoPE image positions (core/vision/qwen_encoder.py). Decoding streams token by
 token so the cancel token is honoured between tokens; a GBNF grammar can constrain the answer.
 """
 from __future__ import annotations
@@ -58,7 +60,10 @@ class LlamaCppSettings:
     verbose: bool = False
     kv_f32: bool = False  # float32 KV cache: exact work, twice the KV memory (default float16)
     #: who encodes GeoChat's images: "auto" (libmtmd only when its self-test passes),
-    #: "project" (always the project's encoder), "libmtmd" (always libmtmd: comparisons only)
+    #: "project" (always the project's encoder), "libmtmd" (always libmtmd: comparisons only).
+    #: Qwen2.5-VL: "auto" and "libmtmd" encode on libmtmd ("auto" runs its self-test and
+    #: reports a failure); "project" computes Qwen's exact features in numpy (slower) and
+    #: llama.cpp decodes them (tiles that need a resize stay on libmtmd)
     vision: str = "auto"
     vision_device: Optional[str] = None  # the project's encoder: "cpu", "cuda"; None: CUDA if any
 
@@ -149,9 +154,6 @@ class LlamaCppBackend(Backend):
         if self.settings.vision not in VISION_CHOICES:
             raise BackendError(f"vision must be one of {', '.join(VISION_CHOICES)}, "
                                f"not {self.settings.vision!r}.")
-        if family not in LLAVA_V1_FAMILIES and self.settings.vision == "project":
-            raise BackendError("The project's own image encoder computes GeoChat's (LLaVA) "
-                               "projector only; Qwen2.5-VL runs on libmtmd: use vision 'auto'.")
         self.text_info: Optional[GGUFInfo] = None
         self.projector_info: Optional[GGUFInfo] = None
         self._llama = None
@@ -160,6 +162,7 @@ class LlamaCppBackend(Backend):
         self.evaluator = None  # PromptEvaluator (with the encoder)
         self.verdict = None  # the libmtmd self-test's Verdict, when it ran
         self.vision_note = ""  # Qwen2.5-VL: how libmtmd's image features differ, if they do
+        self.qwen_encoder = None  # Qwen2.5-VL with vision "project": QwenImageEncoder
         self.vision = ""  # who encodes images, in words
 
     def describe(self) -> str:
@@ -203,6 +206,8 @@ class LlamaCppBackend(Backend):
             if self._use_libmtmd(llama, projector.path, gpu_layers != 0):
                 self._handler = self._init_handler(llama, projector.path)
                 self.vision = "libmtmd"
+                if self.family not in LLAVA_V1_FAMILIES and settings.vision == "project":
+                    self._own_qwen_images(projector.path)
             else:
                 from ..vision.encoder import ImageEncoder
                 from .llama_prompt import PromptEvaluator
@@ -247,7 +252,7 @@ class LlamaCppBackend(Backend):
         """Qwen2.5-VL's images go through libmtmd whatever its self-test finds (M-RoPE image
         positions: the project has no own path into llama.cpp); a failed test is reported in
         :attr:`vision_note`, the log and every Generation's ``extra``."""
-        if choice == "libmtmd":
+        if choice != "auto":  # "libmtmd": as asked; "project": exact features, no test needed
             return
         from ..vision.mmproj import projector_type
         from ..vision.selftest import TESTED_PROJECTORS, libmtmd_verdict
@@ -263,6 +268,14 @@ class LlamaCppBackend(Backend):
             self.vision_note = self.verdict.message
             log.warning("%s", self.verdict.message)
 
+    def _own_qwen_images(self, mmproj: Path) -> None:
+        """Qwen's exact image features, decoded by llama.cpp's helper (its M-RoPE positions)."""
+        from ..vision.qwen_encoder import OwnImageChunks, QwenImageEncoder
+
+        self.qwen_encoder = QwenImageEncoder(mmproj)
+        self._handler._mtmd_cpp = OwnImageChunks(self._handler._mtmd_cpp)
+        self.vision = "the project's Qwen2.5-VL encoder (numpy), decoded by llama.cpp"
+
     def _init_handler(self, llama, mmproj: Path):
         handler = _handler_classes()[self.family](
             clip_model_path=str(mmproj), verbose=self.settings.verbose)
@@ -275,7 +288,7 @@ class LlamaCppBackend(Backend):
             self.evaluator.close()
         if self._llama is not None:
             self._llama.close()
-        self._llama = self._handler = self.encoder = self.evaluator = None
+        self._llama = self._handler = self.encoder = self.evaluator = self.qwen_encoder = None
 
     def _messages(self, conversation: Conversation, key: str) -> list[dict[str, Any]]:
         if self.family in LLAVA_V1_FAMILIES:
@@ -340,6 +353,12 @@ class LlamaCppBackend(Backend):
 
             image = geochat_image(image)  # GeoChat's pad-then-resize, not libmtmd's
         handler.images = {key: as_rgb(image)}
+        vision = self._vision_extra()
+        if self.qwen_encoder is not None:
+            if self.qwen_encoder.takes(handler.images[key]):
+                handler._mtmd_cpp.features = self.qwen_encoder.embed(handler.images[key])
+            else:
+                vision["vision"] = "libmtmd (the tile needs a resize: sides multiples of 28)"
         start = time.perf_counter()
         try:
             # The handler evaluates the prompt (text and image chunks) and returns a lazy
@@ -351,6 +370,8 @@ class LlamaCppBackend(Backend):
             raise BackendError(f"llama.cpp could not read the prompt or tile: {exc}") from exc
         finally:
             handler.images = {}
+            if self.qwen_encoder is not None:
+                handler._mtmd_cpp.features = None
         prompt = llama.input_ids[: llama.n_tokens].tolist()
         text, generated, finish = _decode(llama, prompt, index, options)
         return Generation(
@@ -358,8 +379,7 @@ class LlamaCppBackend(Backend):
             prompt_tokens=len(prompt),
             generated_tokens=generated,
             seconds=time.perf_counter() - start,
-            extra={"finish_reason": finish, "evaluated_tokens": len(prompt),
-                   **self._vision_extra()},
+            extra={"finish_reason": finish, "evaluated_tokens": len(prompt), **vision},
         )
 
     def _vision_extra(self) -> dict[str, Any]:

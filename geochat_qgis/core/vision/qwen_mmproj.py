@@ -135,4 +135,4 @@ def read_qwen_mmproj(path: str | Path) -> QwenVision:
         patch_size=int(number("patch_size")),
         eps=float(number("attention.layer_norm_epsilon", 1e-6)),
         mean=tuple(float(x) for x in number("image_mean")),
-        std=tuple(float(x) for x in number("image_std")))
+        std=tuple(float(x) for x in number("image_std")), path=path)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from pathlib import Path
+from typing import Mapping, Optional
 
 import numpy as np
 
@@ -50,6 +51,7 @@ class QwenVision:
     rope_theta: float = 10000.0
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    path: Optional[Path] = None  # the mmproj it was read from
 
     @property
     def hidden(self) -> int:

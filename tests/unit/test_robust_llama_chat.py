@@ -1,0 +1,54 @@
+"""A chat's follow-up after its extent or its history changed: what a fresh evaluation gives.
+
+core.chat through the real llama.cpp backend (the project's image encoder) and the tiny GGUF;
+greedy decoding, so the continued and the fresh answers must be the same text.
+"""
+from __future__ import annotations
+
+import pytest
+import rasterio
+
+from geochat_qgis.core.backends.llama_cpp import LlamaCppBackend, LlamaCppSettings
+from geochat_qgis.core.chat import ChatRequest, as_history, ask
+
+pytest.importorskip("llama_cpp")
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_gguf):
+    settings = LlamaCppSettings(vision="project", n_threads=2)
+    with LlamaCppBackend(tiny_gguf, settings=settings) as loaded:
+        yield loaded
+
+
+def _extent(raster, col: int, row: int, size: int = 300):
+    with rasterio.open(raster) as ds:
+        left, top, res = ds.bounds.left, ds.bounds.top, ds.res[0]
+    return (left + col * res, top - (row + size) * res, left + (col + size) * res,
+            top - row * res)
+
+
+def _fresh(backend, request: ChatRequest):
+    backend.evaluator.forget()
+    reply = ask(request, backend)
+    assert reply.evaluated_tokens == reply.prompt_tokens
+    return reply
+
+
+def test_follow_up_on_another_extent_or_history_answers_as_a_fresh_chat(backend, demo_raster):
+    raster = str(demo_raster)
+    first = ask(ChatRequest(raster, "what is in this image?", extent=_extent(raster, 0, 0),
+                            extent_crs="EPSG:3857", max_new_tokens=8), backend)
+    history = as_history([first])
+    moved = ChatRequest(raster, "and the road?", extent=_extent(raster, 400, 300),
+                        extent_crs="EPSG:3857", history=history, max_new_tokens=8)
+    second = ask(moved, backend)
+    assert second.evaluated_tokens > 1296  # another tile: its image evaluated again
+    assert second.answer.raw == _fresh(backend, moved).answer.raw
+
+    ask(moved, backend)
+    edited = ChatRequest(raster, "and the road?", extent=moved.extent, extent_crs="EPSG:3857",
+                         history=[(history[0][0], "a river " + history[0][1])], max_new_tokens=8)
+    changed = ask(edited, backend)
+    assert changed.evaluated_tokens < changed.prompt_tokens - 1296  # the image is kept
+    assert changed.answer.raw == _fresh(backend, edited).answer.raw

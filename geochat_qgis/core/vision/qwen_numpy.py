@@ -19,6 +19,7 @@ import numpy as np
 from .clip_numpy import gelu
 
 Linear = tuple[np.ndarray, np.ndarray]  # (in, out) weight for ``x @ w``, (out,) bias
+_ALL_HEADS_UP_TO = 256  # attention segments up to this many patches: all heads in one product
 
 
 @dataclass
@@ -161,11 +162,15 @@ def _attention(x: np.ndarray, block: QwenBlock, heads: int, cos: np.ndarray, sin
     scale = np.float32(head ** -0.5)
     mixed = np.empty((heads, n, head), np.float32)
     for start, end in zip(bounds[:-1], bounds[1:]):
-        scores = (q[:, start:end] @ k[:, start:end].transpose(0, 2, 1)) * scale
-        scores -= scores.max(-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(-1, keepdims=True)
-        mixed[:, start:end] = scores @ v[:, start:end]
+        # a long segment (full attention) one head at a time: its scores are (n, n) each
+        step = 1 if end - start > _ALL_HEADS_UP_TO else heads
+        for h in range(0, heads, step):
+            scores = (q[h:h + step, start:end] @ k[h:h + step, start:end].transpose(0, 2, 1)) \
+                * scale
+            scores -= scores.max(-1, keepdims=True)
+            np.exp(scores, out=scores)
+            scores /= scores.sum(-1, keepdims=True)
+            mixed[h:h + step, start:end] = scores @ v[h:h + step, start:end]
     return mixed.transpose(1, 0, 2).reshape(n, d) @ block.proj[0] + block.proj[1]
 
 

@@ -72,6 +72,18 @@ def test_selftest_verdict_on_this_build(pair, tmp_path, monkeypatch):
     assert selftest.cached_verdict("mlp", use_gpu=True) is None  # cached per projector type
 
 
+def test_a_selftest_libmtmd_cannot_run_is_reported_not_cached(pair, tmp_path, monkeypatch):
+    monkeypatch.setenv("GEOCHAT_CACHE", str(tmp_path))
+    llama = llama_cpp.Llama(str(pair[0]), n_ctx=256, n_threads=2, verbose=False)
+    try:  # a projector 32 wide for a 64-wide text model: libmtmd refuses it
+        verdict = selftest.libmtmd_verdict(llama.model, 32, PROJECTOR, use_gpu=True)
+    finally:
+        llama.close()
+    assert not verdict.ok and verdict.max_error == float("inf")
+    assert verdict.message.startswith("libmtmd failed: libmtmd could not load")
+    assert selftest.cached_verdict(PROJECTOR, use_gpu=True) is None  # tried again next load
+
+
 def _write_verdict(ok: bool, error: float, message: str) -> None:
     key = f"{PROJECTOR}|{selftest.build_id(True)}"
     verdict = {"ok": ok, "projector": PROJECTOR, "max_error": error,

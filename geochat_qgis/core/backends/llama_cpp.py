@@ -387,7 +387,7 @@ class LlamaCppBackend(Backend):
         extra: dict[str, Any] = {"vision": self.vision}
         if self.vision_note:
             extra["vision_warning"] = self.vision_note
-        if self.verdict is not None:
+        if self.verdict is not None and np.isfinite(self.verdict.max_error):
             extra["vision_max_error"] = self.verdict.max_error
         return extra
 

@@ -16,6 +16,8 @@ from ..families.base import CLIP_MEAN, CLIP_STD
 
 GEOCHAT_SIZE = 504
 GEOCHAT_PAD = (122, 116, 104)  # int(mean * 255), truncated
+PAD_IN_PIL = 4096  # larger elongated tiles are padded and resized without the square
+MAX_SIDE = 100_000  # a longer tile is refused (its resize alone would take gigabytes)
 
 
 def pad_to_square(image: np.ndarray, fill: Sequence[int] = GEOCHAT_PAD) -> np.ndarray:
@@ -37,7 +39,20 @@ def pad_to_square(image: np.ndarray, fill: Sequence[int] = GEOCHAT_PAD) -> np.nd
 
 def geochat_image(image: np.ndarray, size: int = GEOCHAT_SIZE,
                   fill: Sequence[int] = GEOCHAT_PAD) -> np.ndarray:
-    """The uint8 ``size`` x ``size`` RGB image GeoChat's processor sees (padded, PIL bicubic)."""
+    """The uint8 ``size`` x ``size`` RGB image GeoChat's processor sees (padded, PIL bicubic).
+
+    An elongated tile whose padded square would be large is resized without building the
+    square (core/vision/bicubic.py: the same pixels, bit for bit)."""
+    image = as_rgb(image)
+    height, width = image.shape[:2]
+    if max(height, width) > MAX_SIDE:
+        raise BackendError(f"The tile is {width} x {height} px, more than the image encoder "
+                           f"takes ({MAX_SIDE} px a side; GeoChat sees {size} px): read it at a "
+                           "coarser resolution (a larger GSD or a smaller tile size).")
+    if height and width and height != width and max(height, width) > PAD_IN_PIL:
+        from .bicubic import pad_resize
+
+        return pad_resize(image, size, fill)
     square = pad_to_square(image, fill)
     if square.shape[0] == size:
         return square

@@ -73,14 +73,31 @@ def test_prompt_longer_than_the_context_says_so_and_keeps_the_state(backend):
     np.testing.assert_allclose(again, expected, atol=1e-5)
 
 
-def test_image_larger_than_the_context_asks_for_a_larger_context(tiny_gguf, tmp_path):
+def test_image_larger_than_the_context_asks_for_a_larger_context(backend, tmp_path):
+    from geochat_qgis.core.backends.llama_prompt import PromptEvaluator
+    from geochat_qgis.core.vision.encoder import ImageEncoder
     from geochat_qgis.core.vision.tiny_gguf import ClipDims, write_mlp_mmproj
 
     mmproj = write_mlp_mmproj(tmp_path / "mmproj-672.gguf", 64, ClipDims(image_size=672))
-    settings = LlamaCppSettings(vision="project", n_threads=2)
-    with LlamaCppBackend(tiny_gguf / "model.gguf", mmproj, settings=settings) as loaded:
-        with pytest.raises(BackendError, match="2304 of them the image.*n_ctx"):
-            loaded.generate([_tile(3)], ASK, GenerateOptions(max_new_tokens=2))
+    rows = ImageEncoder(mmproj, device="cpu").embed(_tile(3))
+    segments = backend.segments(_tile(3), ASK)
+    segments[1] = ImageSegment("ab" * 16, rows)
+    evaluator = PromptEvaluator(backend._llama)
+    try:
+        with pytest.raises(BackendError, match="2304 of them the image.*raise.*n_ctx"):
+            evaluator.evaluate(segments)
+    finally:
+        evaluator.close()
+
+
+def test_geochat_mmproj_of_another_image_size_is_refused(tiny_gguf, tmp_path):
+    """A 336 px mmproj (CLIP-336 as stored) would silently not be what GeoChat computes."""
+    from geochat_qgis.core.errors import ModelError
+    from geochat_qgis.core.vision.tiny_gguf import ClipDims, write_mlp_mmproj
+
+    mmproj = write_mlp_mmproj(tmp_path / "mmproj-336.gguf", 64, ClipDims(image_size=336))
+    with pytest.raises(ModelError, match="mmproj-336.gguf takes 336 px.*504.*models get"):
+        LlamaCppBackend(tiny_gguf / "model.gguf", mmproj).load()
 
 
 def test_cancel_between_image_batches_leaves_a_consistent_context(backend):

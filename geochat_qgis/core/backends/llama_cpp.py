@@ -180,6 +180,12 @@ class LlamaCppBackend(Backend):
                 "`python -m geochat_qgis deps install llama.cpp` (or pip install llama-cpp-python)."
             ) from exc
         text, projector = resolve_gguf_pair(self.model_arg, self.mmproj_arg)
+        if self.family in LLAVA_V1_FAMILIES and projector.image_size not in (None, 504):
+            raise ModelError(
+                f"{projector.path.name} takes {projector.image_size} px images, GeoChat sees 504 "
+                "px (CLIP-336's position table interpolated to 504): convert the model with the "
+                "project's converter (python -m geochat_qgis models get geochat-7b --to "
+                "gguf).")
         _route_mtmd_logs()
         settings = self.settings
         if self.family in LLAVA_V1_FAMILIES and settings.n_ctx < 2048:

@@ -86,3 +86,26 @@ def test_views_and_thin_tiles_encode_as_their_copies(encoder):
     for shape in ((1, 1), (1, 500), (500, 1)):
         rows = encoder.embed(_tile(*shape))
         assert rows.shape == (16, 64) and np.isfinite(rows).all()
+
+
+def test_libmtmd_never_reads_past_a_tile_that_is_not_rgb(encoder, tmp_path):
+    """libmtmd reads width x height x 3 bytes: a grey tile was read past its end (RGBA and
+    float tiles silently misread); each is now the same clear error as the project's encoder."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from geochat_qgis.core.vision.libmtmd import MtmdEncoder
+    from geochat_qgis.core.vision.tiny_gguf import LlamaDims, write_llama_gguf
+
+    text = write_llama_gguf(tmp_path / "text.gguf", LlamaDims(n_embd=64))
+    llama = llama_cpp.Llama(str(text), n_ctx=256, n_threads=2, verbose=False)
+    mtmd = MtmdEncoder(llama.model, encoder.vision.path, 64, n_threads=2)
+    try:
+        for tile in (np.zeros((56, 56), np.uint8), np.zeros((56, 56, 4), np.uint8),
+                     np.full((56, 56, 3), 0.5)):
+            with pytest.raises(BackendError, match="RGB uint8"):
+                mtmd.embed(tile)
+        with pytest.raises(BackendError, match="tile is empty"):
+            mtmd.embed(np.zeros((0, 56, 3), np.uint8))
+        assert mtmd.embed(_tile(56, 56)).shape == (16, 64)
+    finally:
+        mtmd.close()
+        llama.close()

@@ -39,9 +39,12 @@ class MtmdEncoder:
             self.ctx = None
 
     def embed(self, image: np.ndarray) -> np.ndarray:
-        """(n, n_embd) embeddings for the RGB uint8 ``image``; raises RuntimeError."""
+        """(n, n_embd) embeddings for the RGB uint8 ``image``; raises RuntimeError (BackendError
+        for an array that is not one: libmtmd would read width x height x 3 bytes of it)."""
+        from .preprocess import tile_rgb
+
         mtmd = self.mtmd
-        data = np.ascontiguousarray(image, np.uint8)
+        data = tile_rgb(image)
         height, width = data.shape[:2]
         bitmap = mtmd.mtmd_bitmap_init(width, height,
                                        (ctypes.c_uint8 * data.size).from_buffer(data))

@@ -20,13 +20,20 @@ PAD_IN_PIL = 4096  # larger elongated tiles are padded and resized without the s
 MAX_SIDE = 100_000  # a longer tile is refused (its resize alone would take gigabytes)
 
 
-def pad_to_square(image: np.ndarray, fill: Sequence[int] = GEOCHAT_PAD) -> np.ndarray:
-    """``image`` centred on a square of ``fill`` (GeoChat's expand2square: offset (big-small)//2)."""
+def tile_rgb(image: np.ndarray) -> np.ndarray:
+    """``image`` as a C-contiguous (H, W, 3) uint8 array of at least one pixel (BackendError)."""
     image = as_rgb(image)
     height, width = image.shape[:2]
     if not height or not width:
         raise BackendError(f"The tile is empty ({width} x {height} px): read an extent that "
                            "holds raster pixels.")
+    return image
+
+
+def pad_to_square(image: np.ndarray, fill: Sequence[int] = GEOCHAT_PAD) -> np.ndarray:
+    """``image`` centred on a square of ``fill`` (GeoChat's expand2square: offset (big-small)//2)."""
+    image = tile_rgb(image)
+    height, width = image.shape[:2]
     if height == width:
         return image
     side = max(height, width)
@@ -43,13 +50,13 @@ def geochat_image(image: np.ndarray, size: int = GEOCHAT_SIZE,
 
     An elongated tile whose padded square would be large is resized without building the
     square (core/vision/bicubic.py: the same pixels, bit for bit)."""
-    image = as_rgb(image)
+    image = tile_rgb(image)
     height, width = image.shape[:2]
     if max(height, width) > MAX_SIDE:
         raise BackendError(f"The tile is {width} x {height} px, more than the image encoder "
                            f"takes ({MAX_SIDE} px a side; GeoChat sees {size} px): read it at a "
                            "coarser resolution (a larger GSD or a smaller tile size).")
-    if height and width and height != width and max(height, width) > PAD_IN_PIL:
+    if height != width and max(height, width) > PAD_IN_PIL:
         from .bicubic import pad_resize
 
         return pad_resize(image, size, fill)

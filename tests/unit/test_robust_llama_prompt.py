@@ -143,3 +143,30 @@ def test_failed_llama_decode_leaves_the_next_prompt_right(backend, monkeypatch):
     assert backend._llama.n_tokens == len(segments[0]) + backend.evaluator.n_batch
     np.testing.assert_allclose(backend.next_token_logits(other, ASK), expected, atol=1e-5)
     assert isinstance(segments[1], ImageSegment)
+
+
+def test_failed_decode_while_answering_is_a_backend_error(backend, monkeypatch):
+    """A llama_decode failing on a generated token (llama-cpp-python raises RuntimeError) is a
+    BackendError, and the next answer is the fresh one."""
+    tile = _tile(7)
+    options = GenerateOptions(max_new_tokens=6)
+    backend.evaluator.forget()
+    expected = backend.generate([tile], ASK, options)[0].text
+    backend.evaluator.forget()
+    inner = llama_cpp.llama_cpp  # what Llama.eval calls (the evaluator's image rows do not)
+    real, calls = inner.llama_decode, []
+
+    def decode(ctx, batch):
+        calls.append(1)
+        return 1 if len(calls) == 3 else real(ctx, batch)  # text, text, first answer token
+
+    monkeypatch.setattr(inner, "llama_decode", decode)
+    with pytest.raises(BackendError, match="while writing the answer.*n_ctx"):
+        backend.generate([tile], ASK, options)
+    monkeypatch.undo()
+    assert backend.generate([tile], ASK, options)[0].text == expected
+
+
+def test_conversation_without_a_question_is_a_backend_error(backend):
+    with pytest.raises(BackendError, match="no question"):
+        backend.generate([_tile(8)], Conversation([]), GenerateOptions(max_new_tokens=2))

@@ -317,6 +317,8 @@ class LlamaCppBackend(Backend):
         from .llama_prompt import ImageSegment
 
         llama = self._llama
+        if not conversation.turns:
+            raise BackendError("The conversation has no question: ask one.")
         prompt = llava_v1_prompt(conversation.pairs())
         before, after = prompt.split(IMAGE_TOKEN, 1)
         key = tile_key(image)
@@ -433,6 +435,9 @@ def _decode(llama, prompt: list[int], index: int, options: GenerateOptions
                 options.check_cancel()
             if count >= limit:
                 break
+    except RuntimeError as exc:  # llama_decode failed; n_tokens/input_ids stay consistent
+        raise BackendError(f"llama.cpp failed while writing the answer ({exc}): try again; if "
+                           "it persists, raise the context size (n_ctx)") from exc
     finally:
         tokens.close()
     return text + decoder.decode(b"", final=True), count, finish

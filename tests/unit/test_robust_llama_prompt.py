@@ -170,3 +170,24 @@ def test_failed_decode_while_answering_is_a_backend_error(backend, monkeypatch):
 def test_conversation_without_a_question_is_a_backend_error(backend):
     with pytest.raises(BackendError, match="no question"):
         backend.generate([_tile(8)], Conversation([]), GenerateOptions(max_new_tokens=2))
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(n_ctx="4096"), "n_ctx must be a whole number.*not '4096'"),
+    (dict(n_ctx=4096.5), "n_ctx must be a whole number"),
+    (dict(n_ctx=2 ** 33), "n_ctx must be a whole number from 1 to 1048576"),
+    (dict(n_batch=0), "n_batch must be a whole number"),
+    (dict(n_threads="2"), "n_threads must be a whole number"),
+    (dict(kv_f32="no"), "kv_f32 must be true or false"),
+])
+def test_hand_written_settings_of_the_wrong_kind_say_so(tiny_gguf, settings, message):
+    """A request's model options reach LlamaCppSettings as written: a string n_ctx was a
+    TypeError, 2**33 a 32 GiB MemoryError, kv_f32 "no" turned the float32 KV cache on."""
+    with pytest.raises(BackendError, match=message):
+        LlamaCppBackend(tiny_gguf, settings=LlamaCppSettings(**settings)).load()
+
+
+def test_whole_numbers_from_a_form_are_taken(tiny_gguf):
+    settings = LlamaCppSettings(n_ctx=4096.0, n_threads=2.0, vision="project")
+    with LlamaCppBackend(tiny_gguf, settings=settings) as loaded:
+        assert loaded._llama.n_ctx() == 4096 and settings.n_threads == 2

@@ -68,6 +68,30 @@ class LlamaCppSettings:
     vision_device: Optional[str] = None  # the project's encoder: "cpu", "cuda"; None: CUDA if any
 
 
+MAX_CTX = 1 << 20
+
+
+def _check_settings(settings: LlamaCppSettings) -> None:
+    """BackendError for a setting of the wrong type or range (a hand-written request)."""
+    def whole(name: str, low: int, high: int, optional: bool = False) -> None:
+        value = getattr(settings, name)
+        if optional and value is None:
+            return
+        if isinstance(value, float) and value.is_integer():  # a form's number field: 4096.0
+            value = int(value)
+            setattr(settings, name, value)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise BackendError(f"{name} must be a whole number from {low} to {high}, not "
+                               f"{value!r}.")
+
+    whole("n_ctx", 1, MAX_CTX)
+    whole("n_batch", 1, MAX_CTX)
+    whole("n_threads", -(1 << 31), (1 << 31) - 1, optional=True)  # llama.cpp's int32
+    whole("n_gpu_layers", -(1 << 31), (1 << 31) - 1, optional=True)  # negative: all layers
+    if not isinstance(settings.kv_f32, bool):
+        raise BackendError(f"kv_f32 must be true or false, not {settings.kv_f32!r}.")
+
+
 def gpu_present() -> bool:
     """Whether this machine has a GPU that a GPU-enabled llama.cpp build can use."""
     return (
@@ -154,6 +178,7 @@ class LlamaCppBackend(Backend):
         if self.settings.vision not in VISION_CHOICES:
             raise BackendError(f"vision must be one of {', '.join(VISION_CHOICES)}, "
                                f"not {self.settings.vision!r}.")
+        _check_settings(self.settings)
         self.text_info: Optional[GGUFInfo] = None
         self.projector_info: Optional[GGUFInfo] = None
         self._llama = None
@@ -203,7 +228,15 @@ class LlamaCppBackend(Backend):
                 verbose=settings.verbose,
                 **kv,
             )
+        except MemoryError as exc:
+            raise BackendError(f"Not enough memory for a context of {settings.n_ctx} tokens: "
+                               "lower n_ctx.") from exc
         except (ValueError, RuntimeError) as exc:
+            if "llama_context" in str(exc):  # the model loaded; its KV cache did not fit
+                raise BackendError(
+                    f"llama.cpp could not create a context of {settings.n_ctx} tokens for "
+                    f"{text.path.name} ({exc}): not enough memory; lower n_ctx (2048 fits "
+                    "GeoChat) or use kv_f32 off.") from exc
             raise ModelError(
                 f"llama.cpp could not load {text.path.name} ({exc}). Check that it is a complete "
                 "GGUF of a supported architecture, or convert it again."

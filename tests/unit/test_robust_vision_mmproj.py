@@ -107,6 +107,10 @@ FAULTS = {
     "silu": (dict(kv={"clip.use_silu": (True, V.BOOL, None)}), "SiLU"),
     "projector_ldp": (dict(kv={"clip.projector_type": ("ldp", V.STRING, None)}),
                       "projector type 'ldp'"),
+    # newer converters name the vision projector here (it was read as mlp)
+    "vision_projector_key": (dict(drop_kv=["clip.projector_type"],
+                                  kv={"clip.vision.projector_type": ("ldp", V.STRING, None)}),
+                             "projector type 'ldp'"),
 }
 
 

@@ -87,11 +87,18 @@ def _array(tensor) -> np.ndarray:
                                                                        reversed(tensor.shape))))
 
 
+def _kind(reader) -> str:
+    """The vision projector type: ``clip.vision.projector_type`` (newer converters, mixed
+    modality files) before ``clip.projector_type``; LLaVA's ``mlp`` when neither is there."""
+    kind = _field(reader, "clip.vision.projector_type")
+    return str(kind if kind is not None else _field(reader, "clip.projector_type", "mlp"))
+
+
 def projector_type(path: str | Path) -> str:
-    """``clip.projector_type`` of an mmproj GGUF (reads the header only)."""
+    """The projector type of an mmproj GGUF (reads the header only)."""
     import gguf
 
-    return str(_field(gguf.GGUFReader(str(path)), "clip.projector_type", "mlp"))
+    return _kind(gguf.GGUFReader(str(path)))
 
 
 _AGAIN = "convert the model again with the project's converter"
@@ -179,7 +186,7 @@ def read_mmproj(path: str | Path) -> ClipVision:
     if architecture != "clip":
         raise ModelError(f"{path.name} is not a vision projector (its architecture is "
                          f"{architecture!r}): pass the model's mmproj GGUF as the mmproj.")
-    kind = str(_field(file.reader, "clip.projector_type", "mlp"))
+    kind = _kind(file.reader)
     if kind not in OWN_PROJECTORS:
         raise ModelError(f"{path.name}: projector type {kind!r} is not computed by the project's "
                          f"encoder (it computes {', '.join(OWN_PROJECTORS)}).")

@@ -127,7 +127,8 @@ def ask(request: ChatRequest, backend: Backend, on_token: Optional[TokenCallback
         region_px = map_to_tile(tile, region)
     user_text = family.build_prompt(request.task, request.question, region=region_px,
                                     classes=request.classes, tile_size=size)
-    turns = [Turn(user, assistant) for user, assistant in request.history] + [Turn(user_text)]
+    turns = [Turn(*_turn(index, item)) for index, item in enumerate(request.history)]
+    turns.append(Turn(user_text))
     options = GenerateOptions(max_new_tokens=request.max_new_tokens,
                               temperature=request.temperature,
                               stop=getattr(family, "stop", ()), on_token=on_token, cancel=cancel)
@@ -143,6 +144,15 @@ def ask(request: ChatRequest, backend: Backend, on_token: Optional[TokenCallback
     return ChatReply(user_text, answer, request.output_crs or plan.crs, how, tile,
                      time.perf_counter() - started, generation.prompt_tokens,
                      generation.generated_tokens, evaluated)
+
+
+def _turn(index: int, item: Any) -> tuple[str, str]:
+    """History item ``index`` as (user text, answer); GeoChatError when it is not one."""
+    if isinstance(item, (str, bytes)) or not isinstance(item, Sequence) or len(item) != 2 \
+            or not all(isinstance(text, str) for text in item):
+        raise GeoChatError(f"history item {index + 1} is {item!r}, not [question, answer] "
+                           "(two texts): send the conversation as pairs, or start a new one")
+    return item[0], item[1]
 
 
 def as_history(replies: Sequence[ChatReply]) -> list[tuple[str, str]]:

@@ -52,3 +52,19 @@ def test_follow_up_on_another_extent_or_history_answers_as_a_fresh_chat(backend,
     changed = ask(edited, backend)
     assert changed.evaluated_tokens < changed.prompt_tokens - 1296  # the image is kept
     assert changed.answer.raw == _fresh(backend, edited).answer.raw
+
+
+@pytest.mark.parametrize("history", [[("only a question",)], [("q", None)], ["q and a"],
+                                     [("q", "a", "b")]])
+def test_history_that_is_not_pairs_of_texts_says_so(backend, demo_raster, history):
+    from geochat_qgis.core.errors import GeoChatError
+
+    with pytest.raises(GeoChatError, match="history item 1 .* not \\[question, answer\\]"):
+        ask(ChatRequest(str(demo_raster), "and the road?", history=history, max_new_tokens=2),
+            backend)
+
+
+def test_history_as_json_lists_is_taken(backend, demo_raster):
+    reply = ask(ChatRequest(str(demo_raster), "and the road?", history=[["what?", "a road"]],
+                            max_new_tokens=2), backend)
+    assert reply.prompt_tokens > 1296

@@ -68,3 +68,27 @@ def test_history_as_json_lists_is_taken(backend, demo_raster):
     reply = ask(ChatRequest(str(demo_raster), "and the road?", history=[["what?", "a road"]],
                             max_new_tokens=2), backend)
     assert reply.prompt_tokens > 1296
+
+
+def test_follow_up_after_the_model_changed_answers_as_a_fresh_chat(tiny_gguf, demo_raster):
+    """The shared backend cache: another model (here the same file with a float32 KV cache,
+    another spec) closes the first; the follow-up there is what a fresh evaluation gives."""
+    from geochat_qgis.core.backends.factory import BackendCache, BackendSpec
+
+    cache = BackendCache()
+    first_spec = BackendSpec("llama.cpp", str(tiny_gguf), settings={"vision": "project"})
+    other_spec = BackendSpec("llama.cpp", str(tiny_gguf),
+                             settings={"vision": "project", "kv_f32": True})
+    try:
+        first_backend = cache.get(first_spec)
+        first = ask(ChatRequest(str(demo_raster), "what is in this image?", max_new_tokens=6),
+                    first_backend)
+        follow = ChatRequest(str(demo_raster), "and the road?", history=as_history([first]),
+                             max_new_tokens=6)
+        other = cache.get(other_spec)
+        assert other is not first_backend and first_backend._llama is None  # closed
+        second = ask(follow, other)
+        assert second.evaluated_tokens == second.prompt_tokens  # nothing carried over
+        assert second.answer.raw == _fresh(other, follow).answer.raw
+    finally:
+        cache.clear()

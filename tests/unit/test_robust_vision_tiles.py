@@ -83,6 +83,9 @@ def test_views_and_thin_tiles_encode_as_their_copies(encoder):
     view = big[::2, ::-2]
     assert np.array_equal(encoder.embed(view), encoder.encode_pixels(
         encoder.pixels(view.copy())))
+    frozen = big.copy()
+    frozen.flags.writeable = False
+    assert np.array_equal(encoder.embed(frozen), encoder.embed(big))
     for shape in ((1, 1), (1, 500), (500, 1)):
         rows = encoder.embed(_tile(*shape))
         assert rows.shape == (16, 64) and np.isfinite(rows).all()
@@ -106,6 +109,9 @@ def test_libmtmd_never_reads_past_a_tile_that_is_not_rgb(encoder, tmp_path):
         with pytest.raises(BackendError, match="tile is empty"):
             mtmd.embed(np.zeros((0, 56, 3), np.uint8))
         assert mtmd.embed(_tile(56, 56)).shape == (16, 64)
+        frozen = _tile(56, 56)
+        frozen.flags.writeable = False  # a memory-mapped or cached tile (was a TypeError)
+        assert np.array_equal(mtmd.embed(frozen), mtmd.embed(frozen.copy()))
     finally:
         mtmd.close()
         llama.close()

@@ -47,7 +47,7 @@ class MtmdEncoder:
         data = tile_rgb(image)
         height, width = data.shape[:2]
         bitmap = mtmd.mtmd_bitmap_init(width, height,
-                                       (ctypes.c_uint8 * data.size).from_buffer(data))
+                                       (ctypes.c_uint8 * data.size).from_buffer_copy(data))
         chunks = mtmd.mtmd_input_chunks_init()
         try:
             text = mtmd.mtmd_input_text()

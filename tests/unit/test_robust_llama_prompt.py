@@ -191,3 +191,17 @@ def test_whole_numbers_from_a_form_are_taken(tiny_gguf):
     settings = LlamaCppSettings(n_ctx=4096.0, n_threads=2.0, vision="project")
     with LlamaCppBackend(tiny_gguf, settings=settings) as loaded:
         assert loaded._llama.n_ctx() == 4096 and settings.n_threads == 2
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda"])
+def test_image_encoder_device_that_cannot_run_says_so(tiny_gguf, device):
+    """vision_device 'cuda' with a CPU-only torch was a bare AssertionError (and 'gpu' blamed
+    the mmproj); both are BackendErrors naming the device."""
+    torch = pytest.importorskip("torch")
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is here: the device runs")
+    backend = LlamaCppBackend(tiny_gguf, settings=LlamaCppSettings(
+        vision="project", vision_device=device, n_threads=2))
+    with pytest.raises(BackendError, match=f"cannot use device '{device}'.*choose 'cpu'"):
+        backend.load()
+    assert backend._llama is None

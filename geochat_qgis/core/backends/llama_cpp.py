@@ -254,6 +254,9 @@ class LlamaCppBackend(Backend):
                 self.encoder = ImageEncoder(projector.path, settings.vision_device)
                 self.evaluator = PromptEvaluator(llama)
                 self.vision = f"the project's encoder ({self.encoder.device})"
+        except BackendError:  # a setting (vision_device), not the file: as it is
+            llama.close()
+            raise
         except (ValueError, RuntimeError, ModelError) as exc:
             llama.close()
             raise ModelError(

@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import ModelError
+from ..errors import BackendError, ModelError
 from .mmproj import ClipVision, read_mmproj
 from .preprocess import GEOCHAT_PAD, geochat_image, normalise
 
@@ -52,9 +52,15 @@ class ImageEncoder:
         self.device = device or cuda_device() or "cpu"
         self._torch = None
         if self.device != "cpu":
-            from .clip_torch import TorchClip
+            try:
+                from .clip_torch import TorchClip
 
-            self._torch = TorchClip(self.vision, self.device)
+                self._torch = TorchClip(self.vision, self.device)
+            except Exception as exc:  # torch raises AssertionError for a CPU-only build
+                raise BackendError(
+                    f"The image encoder cannot use device {self.device!r} ({exc}): choose "
+                    "'cpu', or 'cuda' where torch with CUDA and an NVIDIA GPU are installed."
+                ) from exc
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_tiles = cache_tiles
         self._lock = threading.Lock()

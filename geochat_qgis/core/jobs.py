@@ -260,6 +260,23 @@ def build_job(request: Request, spec: Optional[BackendSpec] = None) -> Job:
     return job
 
 
+def _history(items: Any) -> list[tuple[str, str]]:
+    """The earlier turns as (question, answer) pairs; a malformed one is named."""
+    if items is None:
+        return []
+    if not isinstance(items, (list, tuple)):
+        raise GeoChatError(f"history must be a list of [question, answer] pairs, not "
+                           f"{type(items).__name__}")
+    pairs = []
+    for number, item in enumerate(items, 1):
+        if (not isinstance(item, (list, tuple)) or len(item) != 2
+                or not all(isinstance(text, str) for text in item)):
+            raise GeoChatError(f"history item {number} is not a [question, answer] pair of "
+                               f"texts ({str(item)[:80]!r}): start a new conversation")
+        pairs.append((item[0], item[1]))
+    return pairs
+
+
 def build_chat(request: Request, spec: Optional[BackendSpec] = None) -> ChatRequest:
     """The ChatRequest for one question (``question``, ``history``, ``region_wkt``...)."""
     if not request.get("raster"):
@@ -268,7 +285,7 @@ def build_chat(request: Request, spec: Optional[BackendSpec] = None) -> ChatRequ
     family = request.get("family") or spec.family
     options = dict(request.get("options") or {})
     extent, extent_crs, _aoi = area(request)
-    history = [(str(user), str(answer)) for user, answer in request.get("history") or []]
+    history = _history(request.get("history"))
     return ChatRequest(
         raster=str(request["raster"]), question=str(request.get("question") or ""),
         task=str(request.get("task") or "chat"), family=family, extent=extent,

@@ -2,11 +2,13 @@
 for the dock and Processing)."""
 from __future__ import annotations
 
+import pytest
 import shapely
 from shapely.geometry import box
 
 from geochat_qgis.cli import build_parser
 from geochat_qgis.cli.detect import job_request
+from geochat_qgis.core.errors import GeoChatError
 from geochat_qgis.core.jobs import backend_spec, build_chat, build_job
 from geochat_qgis.core.runtime.job_ops import plan
 from geochat_qgis.core.tiling import GEOCHAT_PAD_RGB, plan_tiles
@@ -91,3 +93,12 @@ def test_questions_get_one_overview_tile_and_chat_requests(demo_raster):
     job = build_job({**request, "task": "chat", "question": "what?"})
     assert job.prompts == ["what?"] and len(plan_tiles(
         demo_raster, job.tile_spec, job.extent, job.extent_crs)) == 1
+
+
+def test_a_malformed_history_is_named_not_a_traceback(demo_raster):
+    request = {"raster": str(demo_raster), "task": "chat", "question": "and now?", "model": HTTP}
+    for history, said in ((["q"], "item 1"), ([["q", "a"], ["q2"]], "item 2"),
+                          ([["q", None]], "item 1"), ("q: a", "list of")):
+        with pytest.raises(GeoChatError, match=said):
+            build_chat({**request, "history": history})
+    assert build_chat({**request, "history": []}).history == []

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError
-from .mmproj import _array, _field
+from .mmproj import _array, _field, _kind
 from .qwen_numpy import QwenBlock, QwenVision
 
 PROJECTOR = "qwen2.5vl_merger"
@@ -96,7 +96,7 @@ def read_qwen_mmproj(path: str | Path) -> QwenVision:
         reader = gguf.GGUFReader(str(path))
     except (ValueError, OSError) as exc:
         raise ModelError(f"{path.name} is not a readable mmproj GGUF ({exc}).") from exc
-    kind = str(_field(reader, "clip.projector_type", ""))
+    kind = _kind(reader)  # newer converters write clip.vision.projector_type
     if kind != PROJECTOR:
         raise ModelError(f"{path.name}: projector type {kind!r}, not {PROJECTOR!r}.")
     tensors = {t.name: t for t in reader.tensors}

@@ -108,6 +108,30 @@ def test_load_is_cached(tiny_gguf):
     assert first._llama is None
 
 
+
+def test_model_rewritten_at_the_same_path_is_loaded_again(tiny_gguf, tiles, tmp_path):
+    """A model converted again to the same folder is not answered from the old weights."""
+    from geochat_qgis.core.weights.tiny import build_tiny_geochat
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_gguf, folder)
+    cache = BackendCache()
+    spec = BackendSpec("llama.cpp", str(folder))
+    options = GenerateOptions(max_new_tokens=12)
+    old = cache.get(spec)
+    old_text = old.generate(tiles[:1], Conversation.single(REFER), options)[0].text
+    assert cache.get(spec) is old  # unchanged files: the loaded model is reused
+    rebuilt = build_tiny_geochat(tmp_path / "seed1", "gguf", seed=1)
+    for name in ("model.gguf", "mmproj.gguf"):
+        shutil.copyfile(rebuilt / name, folder / name)
+    new = cache.get(spec)
+    assert new is not old and old._llama is None  # the stale one was closed
+    new_text = new.generate(tiles[:1], Conversation.single(REFER), options)[0].text
+    with LlamaCppBackend(rebuilt) as fresh:
+        expected = fresh.generate(tiles[:1], Conversation.single(REFER), options)[0].text
+    assert new_text == expected != old_text
+    cache.clear()
+
 def test_resolve_spec_from_folder_file_and_mmproj(tiny_gguf):
     assert resolve_spec(str(tiny_gguf)).kind == "llama.cpp"
     spec = resolve_spec(str(tiny_gguf / "model.gguf"), mmproj=str(tiny_gguf / "mmproj.gguf"))

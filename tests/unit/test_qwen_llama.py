@@ -50,6 +50,12 @@ def test_tiny_pair_answers_a_tile_through_qwens_chat_handler(pair, tmp_path, mon
     assert first.text == again.text  # greedy
     assert other.generated_tokens == 8
     assert first.extra["vision"] == "libmtmd"
+    # 112 x 168 px is 4 x 6 merged image tokens at max(4, 6) M-RoPE positions: the prompt's
+    # token count holds all 24 (llama.cpp's n_tokens only the positions); ``evaluated`` also
+    # holds the answer's tokens but the last
+    positions = len(evaluated) - (first.generated_tokens - 1)
+    assert first.prompt_tokens == positions + 4 * 6 - 6
+    assert other.prompt_tokens == first.prompt_tokens + 8 * 9 - 4 * 6
 
 
 def test_selftest_verdict_on_this_build(pair, tmp_path, monkeypatch):

@@ -168,16 +168,22 @@ class BackendCache:
         self._lock = threading.Lock()
         self._spec: Optional[BackendSpec] = None
         self._backend: Optional[Backend] = None
+        self._files: tuple[tuple[str, int, int], ...] = ()
 
     def get(self, spec: BackendSpec) -> Backend:
-        """The loaded backend for ``spec``; a different spec closes the previous one first."""
+        """The loaded backend for ``spec``; a different spec closes the previous one first.
+
+        So does the same spec whose model files changed on disk since it was loaded (a model
+        converted or downloaded again to the same path): the old weights are not reused.
+        """
         with self._lock:
-            if self._backend is not None and self._spec == spec:
+            files = model_files_state(spec)
+            if self._backend is not None and self._spec == spec and self._files == files:
                 return self._backend
             self.clear_locked()
             backend = self._factory(spec)
             backend.load()
-            self._spec, self._backend = spec, backend
+            self._spec, self._backend, self._files = spec, backend, files
             return backend
 
     def clear(self) -> None:
@@ -189,3 +195,23 @@ class BackendCache:
         if self._backend is not None:
             self._backend.close()
         self._spec = self._backend = None
+        self._files = ()
+
+
+def model_files_state(spec: BackendSpec) -> tuple[tuple[str, int, int], ...]:
+    """(path, size, mtime) of the local files ``spec`` loads: its model file or the files of
+    its model folder, and its mmproj; empty for a server model name. Cheap: stat calls only."""
+    state: list[tuple[str, int, int]] = []
+    for name in (spec.model, spec.mmproj):
+        if not name or spec.kind == "openai":
+            continue
+        path = Path(name).expanduser()
+        try:
+            entries = sorted(path.iterdir()) if path.is_dir() else [path]
+            for entry in entries:
+                stat = entry.stat()
+                if entry.is_file():
+                    state.append((str(entry), stat.st_size, stat.st_mtime_ns))
+        except OSError:  # vanished or unreadable: the load that follows says so
+            state.append((str(path), -1, -1))
+    return tuple(state)

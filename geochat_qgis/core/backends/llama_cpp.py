@@ -188,6 +188,7 @@ class LlamaCppBackend(Backend):
         self.verdict = None  # the libmtmd self-test's Verdict, when it ran
         self.vision_note = ""  # Qwen2.5-VL: how libmtmd's image features differ, if they do
         self.qwen_encoder = None  # Qwen2.5-VL with vision "project": QwenImageEncoder
+        self._chunks = None  # Qwen2.5-VL: OwnImageChunks inside the chat handler
         self.vision = ""  # who encodes images, in words
 
     def describe(self) -> str:
@@ -245,6 +246,11 @@ class LlamaCppBackend(Backend):
             if self._use_libmtmd(llama, projector.path, gpu_layers != 0):
                 self._handler = self._init_handler(llama, projector.path)
                 self.vision = "libmtmd"
+                if self.family not in LLAVA_V1_FAMILIES:  # counts M-RoPE image tokens
+                    from ..vision.qwen_encoder import OwnImageChunks
+
+                    self._chunks = OwnImageChunks(self._handler._mtmd_cpp)
+                    self._handler._mtmd_cpp = self._chunks
                 if self.family not in LLAVA_V1_FAMILIES and settings.vision == "project":
                     self._own_qwen_images(projector.path)
             else:
@@ -312,10 +318,9 @@ class LlamaCppBackend(Backend):
 
     def _own_qwen_images(self, mmproj: Path) -> None:
         """Qwen's exact image features, decoded by llama.cpp's helper (its M-RoPE positions)."""
-        from ..vision.qwen_encoder import OwnImageChunks, QwenImageEncoder
+        from ..vision.qwen_encoder import QwenImageEncoder
 
-        self.qwen_encoder = QwenImageEncoder(mmproj)
-        self._handler._mtmd_cpp = OwnImageChunks(self._handler._mtmd_cpp)
+        self.qwen_encoder = QwenImageEncoder(mmproj)  # its features go through OwnImageChunks
         self.vision = "the project's Qwen2.5-VL encoder (numpy), decoded by llama.cpp"
 
     def _init_handler(self, llama, mmproj: Path):
@@ -331,6 +336,7 @@ class LlamaCppBackend(Backend):
         if self._llama is not None:
             self._llama.close()
         self._llama = self._handler = self.encoder = self.evaluator = self.qwen_encoder = None
+        self._chunks = None
 
     def _messages(self, conversation: Conversation, key: str) -> list[dict[str, Any]]:
         if self.family in LLAVA_V1_FAMILIES:
@@ -376,15 +382,22 @@ class LlamaCppBackend(Backend):
         options.check_cancel()
         start = time.perf_counter()
         encoded = self.encoder.encoded
-        prompt = self.evaluator.evaluate(self.segments(as_rgb(image), conversation),
-                                         options.check_cancel)
+        segments = self.segments(as_rgb(image), conversation)
+        encoded_at = time.perf_counter()
+        prompt = self.evaluator.evaluate(segments, options.check_cancel)
         evaluated = self.evaluator.evaluated
+        evaluated_at = time.perf_counter()
         text, generated, finish = _decode(self._llama, prompt, index, options)
+        end = time.perf_counter()
         return Generation(
             text=text.strip(), prompt_tokens=len(prompt), generated_tokens=generated,
-            seconds=time.perf_counter() - start,
+            seconds=end - start,
             extra={"finish_reason": finish, "evaluated_tokens": evaluated,
-                   "image_encoded": self.encoder.encoded > encoded, **self._vision_extra()},
+                   "image_encoded": self.encoder.encoded > encoded,
+                   # where the time went (the image encoder, the prompt, the answer)
+                   "seconds_encode": round(encoded_at - start, 4),
+                   "seconds_prompt": round(evaluated_at - encoded_at, 4),
+                   "seconds_answer": round(end - evaluated_at, 4), **self._vision_extra()},
         )
 
     def _generate_one(self, index: int, image: np.ndarray, conversation: Conversation,
@@ -398,9 +411,12 @@ class LlamaCppBackend(Backend):
             image = geochat_image(image)  # GeoChat's pad-then-resize, not libmtmd's
         handler.images = {key: as_rgb(image)}
         vision = self._vision_extra()
+        chunks = self._chunks
+        if chunks is not None:
+            chunks.start()
         if self.qwen_encoder is not None:
             if self.qwen_encoder.takes(handler.images[key]):
-                handler._mtmd_cpp.features = self.qwen_encoder.embed(handler.images[key])
+                chunks.start(self.qwen_encoder.embed(handler.images[key]))
             else:
                 vision["vision"] = "libmtmd (the tile needs a resize: sides multiples of 28)"
         start = time.perf_counter()
@@ -414,13 +430,15 @@ class LlamaCppBackend(Backend):
             raise BackendError(f"llama.cpp could not read the prompt or tile: {exc}") from exc
         finally:
             handler.images = {}
-            if self.qwen_encoder is not None:
-                handler._mtmd_cpp.features = None
+            if chunks is not None:
+                chunks.features = None
         prompt = llama.input_ids[: llama.n_tokens].tolist()
+        # M-RoPE images take fewer positions than tokens: count the tokens
+        prompt_tokens = len(prompt) + (chunks.unpositioned if chunks is not None else 0)
         text, generated, finish = _decode(llama, prompt, index, options)
         return Generation(
             text=text.strip(),
-            prompt_tokens=len(prompt),
+            prompt_tokens=prompt_tokens,
             generated_tokens=generated,
             seconds=time.perf_counter() - start,
             extra={"finish_reason": finish, "evaluated_tokens": len(prompt), **vision},

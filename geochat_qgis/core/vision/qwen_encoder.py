@@ -56,18 +56,34 @@ class QwenImageEncoder(ImageEncoder):
 class OwnImageChunks:
     """llama-cpp-python's ``mtmd_cpp`` with image chunks decoded from given features.
 
-    ``features`` is set per prompt (one image: the tile); ``None`` leaves libmtmd to encode."""
+    ``features`` is set per prompt (one image: the tile); ``None`` leaves libmtmd to encode.
+    ``unpositioned`` counts, since the last :meth:`start`, the image tokens that took no
+    position of their own: an M-RoPE image of h x w tokens advances the position by max(h, w),
+    so the handler's ``n_tokens`` undercounts the prompt by the difference."""
 
     def __init__(self, mtmd: Any) -> None:
         self._mtmd = mtmd
         self.features: Optional[np.ndarray] = None
         self.decoded = 0  # image chunks decoded from the project's features
+        self.unpositioned = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._mtmd, name)
 
+    def start(self, features: Optional[np.ndarray] = None) -> None:
+        """A new prompt: its image features (or None: libmtmd encodes), nothing counted yet."""
+        self.features, self.unpositioned = features, 0
+
     def mtmd_helper_eval_chunk_single(self, ctx, lctx, chunk, n_past, seq_id, n_batch,
                                       logits_last, new_n_past) -> int:
+        status = self._eval(ctx, lctx, chunk, n_past, seq_id, n_batch, logits_last, new_n_past)
+        mtmd = self._mtmd
+        if status == 0 and mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+            advanced = _pos(new_n_past) - _pos(n_past)
+            self.unpositioned += max(0, int(mtmd.mtmd_input_chunk_get_n_tokens(chunk)) - advanced)
+        return status
+
+    def _eval(self, ctx, lctx, chunk, n_past, seq_id, n_batch, logits_last, new_n_past) -> int:
         mtmd = self._mtmd
         features = self.features
         if features is None or mtmd.mtmd_input_chunk_get_type(chunk) != \
@@ -82,3 +98,9 @@ class OwnImageChunks:
         no_callback = mtmd.mtmd_helper_post_decode_callback()  # a NULL function pointer
         return mtmd.mtmd_helper_decode_image_chunk(ctx, lctx, chunk, buffer, n_past, seq_id,
                                                    n_batch, new_n_past, no_callback, None)
+
+
+def _pos(value: Any) -> int:
+    """A llama_pos given by value, by ``ctypes.byref`` or as a plain int."""
+    value = getattr(value, "_obj", value)
+    return int(getattr(value, "value", value))

@@ -10,6 +10,7 @@ import dataclasses
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, Callable, Optional
 
 from ..errors import BackendError, ModelError
@@ -209,9 +210,9 @@ def model_files_state(spec: BackendSpec) -> tuple[tuple[str, int, int], ...]:
         try:
             entries = sorted(path.iterdir()) if path.is_dir() else [path]
             for entry in entries:
-                stat = entry.stat()
-                if entry.is_file():
-                    state.append((str(entry), stat.st_size, stat.st_mtime_ns))
+                info = entry.stat()
+                if S_ISREG(info.st_mode):
+                    state.append((str(entry), info.st_size, info.st_mtime_ns))
         except OSError:  # vanished or unreadable: the load that follows says so
             state.append((str(path), -1, -1))
     return tuple(state)

@@ -251,8 +251,8 @@ class LlamaCppBackend(Backend):
 
                     self._chunks = OwnImageChunks(self._handler._mtmd_cpp)
                     self._handler._mtmd_cpp = self._chunks
-                if self.family not in LLAVA_V1_FAMILIES and settings.vision == "project":
-                    self._own_qwen_images(projector.path)
+                    if settings.vision == "project":
+                        self._own_qwen_images(projector.path)
             else:
                 from ..vision.encoder import ImageEncoder
                 from .llama_prompt import PromptEvaluator

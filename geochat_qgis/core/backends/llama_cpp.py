@@ -411,14 +411,15 @@ class LlamaCppBackend(Backend):
             image = geochat_image(image)  # GeoChat's pad-then-resize, not libmtmd's
         handler.images = {key: as_rgb(image)}
         vision = self._vision_extra()
-        chunks = self._chunks
-        if chunks is not None:
-            chunks.start()
+        features = None
         if self.qwen_encoder is not None:
             if self.qwen_encoder.takes(handler.images[key]):
-                chunks.start(self.qwen_encoder.embed(handler.images[key]))
+                features = self.qwen_encoder.embed(handler.images[key])
             else:
                 vision["vision"] = "libmtmd (the tile needs a resize: sides multiples of 28)"
+        chunks = self._chunks
+        if chunks is not None:
+            chunks.start(features)
         start = time.perf_counter()
         try:
             # The handler evaluates the prompt (text and image chunks) and returns a lazy

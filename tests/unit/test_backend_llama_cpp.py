@@ -108,7 +108,6 @@ def test_load_is_cached(tiny_gguf):
     assert first._llama is None
 
 
-
 def test_model_rewritten_at_the_same_path_is_loaded_again(tiny_gguf, tiles, tmp_path):
     """A model converted again to the same folder is not answered from the old weights."""
     from geochat_qgis.core.weights.tiny import build_tiny_geochat
@@ -131,6 +130,7 @@ def test_model_rewritten_at_the_same_path_is_loaded_again(tiny_gguf, tiles, tmp_
         expected = fresh.generate(tiles[:1], Conversation.single(REFER), options)[0].text
     assert new_text == expected != old_text
     cache.clear()
+
 
 def test_resolve_spec_from_folder_file_and_mmproj(tiny_gguf):
     assert resolve_spec(str(tiny_gguf)).kind == "llama.cpp"

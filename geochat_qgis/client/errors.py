@@ -11,7 +11,8 @@ INSTALL_HINT = ("Install it from the dock's runtime button or Raster > GeoChat >
 class RuntimeClientError(Exception):
     """A runtime request failed. ``kind`` is the child's error class (e.g. ``RasterError``,
     ``ModelError``, ``Cancelled``) or ``"RuntimeDied"`` / ``"RuntimeHung"`` when the child
-    process itself failed; ``exit_code`` is set when it died."""
+    process itself failed (``"RuntimeProtocol"``: it sent a line that is no protocol message);
+    ``exit_code`` is set when it died."""
 
     def __init__(self, message: str, kind: str = "RuntimeError",
                  exit_code: Optional[int] = None) -> None:

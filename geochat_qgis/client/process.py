@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import itertools
 import json
 import queue
@@ -28,6 +29,8 @@ _EOF = object()
 _LIVE: "weakref.WeakSet[ChildProcess]" = weakref.WeakSet()
 _NATIVE_CRASHES = {"SIGSEGV", "SIGBUS", "SIGABRT", "SIGILL", "SIGFPE"}
 _AFTER = "Results finished so far are kept; the next request starts a fresh runtime."
+_KINDS = frozenset({"ready", "heartbeat", "token", "result", "event", "error"})
+_PROTOCOL = "RuntimeProtocol"
 
 
 def describe_exit(code: Optional[int]) -> str:
@@ -48,6 +51,21 @@ def describe_exit(code: Optional[int]) -> str:
     if code in (0xC0000005, 0xC00000FD, 0xC0000409):  # Windows: access violation, stack
         return f"crashed (Windows status {code:#x}) in native code"
     return f"exited with code {code}" if code else "exited"
+
+
+def line_problem(message: Any) -> Optional[str]:
+    """What makes a decoded line from the child no protocol message (None: it is one)."""
+    if not isinstance(message, dict):
+        return "not a JSON object"
+    kind = message.get("type")
+    if kind not in _KINDS:
+        return f"unknown message type {kind!r}"
+    if kind not in ("ready", "heartbeat") and not (
+            message.get("id") is None or type(message.get("id")) is int):
+        return f"a request id that is no integer ({message.get('id')!r})"
+    if kind == "event" and not isinstance(message.get("event"), dict):
+        return "an event that is no JSON object"
+    return None
 
 
 def dumps(message: Message) -> str:
@@ -119,7 +137,10 @@ class ChildProcess:
         assert self.proc is not None and self.proc.stdout is not None
         try:
             for line in self.proc.stdout:
-                self._dispatch(line)
+                try:
+                    self._dispatch(line)
+                except Exception as exc:  # noqa: BLE001 - this thread must outlive any line
+                    self._unreadable(line, f"{type(exc).__name__}: {exc}", None)
         except (OSError, ValueError):
             pass  # pipe closed under us
         self.returncode = self.proc.wait()  # reap now: no zombie even with no request waiting
@@ -134,9 +155,16 @@ class ChildProcess:
         try:
             message = json.loads(line)
         except ValueError:
-            self._stderr.append(line.rstrip())  # not protocol: keep it for the report
+            if not self._ready.is_set():  # printed before the protocol started: keep it
+                self._stderr.append(line.rstrip())
+            else:
+                self._unreadable(line, "not JSON", None)
             return
         self.last_seen = time.monotonic()
+        problem = line_problem(message)
+        if problem is not None:
+            self._unreadable(line, problem, message)
+            return
         kind = message.get("type")
         if kind == "heartbeat":
             return
@@ -148,6 +176,22 @@ class ChildProcess:
             box = self._pending.get(message.get("id"))
         if box is not None:
             box.put(message)  # a late answer to an abandoned request is dropped
+
+    def _unreadable(self, line: str, problem: str, message: Any) -> None:
+        """A line from the child that is no protocol message: its request (all waiting
+        requests when it names none) fails at once with what the line was."""
+        self._stderr.append(line.rstrip())
+        failure = {"type": "error", "error": _PROTOCOL, "message": (
+            f"The GeoChat runtime sent a line the plugin cannot read ({problem}: "
+            f"{line.strip()[:200]!r}), so this request was stopped. QGIS and the runtime go "
+            "on; if this repeats, reinstall the runtime (Raster > GeoChat > Install model "
+            "dependencies...) and report it with that line.")}
+        request_id = message.get("id") if isinstance(message, dict) else None
+        with self._lock:
+            boxes = ([self._pending[request_id]] if type(request_id) is int
+                     and request_id in self._pending else list(self._pending.values()))
+        for box in boxes:
+            box.put(failure)
 
     def _read_stderr(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None
@@ -199,6 +243,9 @@ class ChildProcess:
                 elif reply.get("type") == "result":
                     return reply
                 elif reply.get("type") == "error":
+                    if reply.get("error") == _PROTOCOL:  # the child may still work on it
+                        with contextlib.suppress(RuntimeClientError):
+                            self.send({"op": "cancel", "target": request_id})
                     raise RuntimeClientError(str(reply.get("message") or reply.get("error")),
                                              str(reply.get("error") or "RuntimeError"))
                 elif on_message is not None:

@@ -34,11 +34,60 @@ from .. import errors
 from ..backends.base import Conversation, GenerateOptions, Generation, Turn
 
 PROTOCOL_VERSION = 1
+_REQUEST = (("request", dict),)
+# the fields each request must carry, with their JSON type (checked before any work starts)
+REQUIRED: dict[str, tuple[tuple[str, type], ...]] = {
+    "load": (("spec", dict),),
+    "generate": (("images", list), ("conversation", dict), ("options", dict)),
+    "plan": _REQUEST, "run": _REQUEST, "recover": _REQUEST, "ask": _REQUEST,
+    "model_status": _REQUEST, "check_model": _REQUEST,
+    "export": (("source", str), ("destination", str)),
+    "get_model": (("model", str),), "plan_get": (("model", str),),
+    "delete_sources": (("model", str),),
+}
+_JSON_NAMES = {dict: "an object", list: "a list", str: "a string"}
 
 
 def dumps(message: dict[str, Any]) -> str:
     """One protocol line (no newline inside: JSON escapes them)."""
     return json.dumps(message, separators=(",", ":")) + "\n"
+
+
+def is_request_id(value: Any) -> bool:
+    """Whether ``value`` can be a request id: an integer, a string or null."""
+    return value is None or (isinstance(value, (int, str)) and not isinstance(value, bool))
+
+
+def _json_kind(value: Any) -> str:
+    return "null" if value is None else {bool: "a boolean", int: "a number", float: "a number",
+                                         **_JSON_NAMES}.get(type(value), type(value).__name__)
+
+
+def read_request(line: str) -> tuple[dict[str, Any], Optional[str]]:
+    """One request line as ``(message, None)``, or ``(what can be answered, problem)`` when it
+    is not a request: not JSON, not an object, a bad id, op or cancel target, a missing field."""
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return {}, f"Unreadable request line (not JSON): {line.strip()[:200]!r}."
+    if not isinstance(message, dict):
+        return {}, (f"Malformed request line: {_json_kind(message)} where a JSON object "
+                    f"belongs ({line.strip()[:200]!r}).")
+    if not is_request_id(message.get("id")):
+        return {}, (f"Malformed request: its 'id' is {_json_kind(message.get('id'))}; it must "
+                    "be an integer or a string.")
+    op, reply = message.get("op"), {"id": message.get("id")}
+    if not isinstance(op, str):
+        return reply, f"Malformed request: its 'op' is {_json_kind(op)}; it must be a string."
+    if op == "cancel" and not is_request_id(message.get("target")):
+        return reply, (f"Malformed 'cancel' request: its 'target' is "
+                       f"{_json_kind(message.get('target'))}; it must be a request id.")
+    for name, kind in REQUIRED.get(op, ()):
+        if not isinstance(message.get(name), kind):
+            found = "missing" if name not in message else _json_kind(message[name])
+            return reply, (f"Malformed '{op}' request: its '{name}' is {found}; it must be "
+                           f"{_JSON_NAMES[kind]}.")
+    return message, None
 
 
 def encode_array(array: np.ndarray) -> dict[str, Any]:

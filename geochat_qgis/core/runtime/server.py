@@ -8,7 +8,6 @@ interval whatever the workers do. End of stdin (the parent went away) shuts the 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -80,11 +79,10 @@ class RuntimeServer:
         for line in inp:
             if not line.strip():
                 continue
-            try:
-                message = json.loads(line)
-            except ValueError:
-                self.writer.send({"type": "error", "id": None, "error": "BackendError",
-                                  "message": f"Unreadable request line: {line[:200]!r}"})
+            message, problem = protocol.read_request(line)
+            if problem is not None:  # answered, and the child goes on serving
+                self.writer.send({"type": "error", "id": message.get("id"),
+                                  "error": "BackendError", "message": problem})
                 continue
             op = message.get("op")
             if op == "shutdown":
@@ -168,20 +166,29 @@ class RuntimeServer:
         return self.backend
 
     def _load(self, message: dict[str, Any]) -> dict[str, Any]:
-        backend = self.backend_for(BackendSpec.from_dict(message["spec"]))
+        try:
+            spec = BackendSpec.from_dict(message["spec"])
+        except TypeError as exc:
+            raise BackendError(f"Malformed 'load' request: its 'spec' does not fit ({exc}).") \
+                from None
+        backend = self.backend_for(spec)
         return {"describe": backend.describe(), "batch_size": backend.batch_size}
 
     def _generate(self, message: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
         if self.backend is None:
             raise BackendError("No model is loaded in the runtime: send 'load' first.")
         request_id = message.get("id")
-        options = protocol.decode_options(message["options"])
+        try:
+            options = protocol.decode_options(message["options"])
+            images = [protocol.decode_image(item) for item in message["images"]]
+            conversation = protocol.decode_conversation(message["conversation"])
+        except (KeyError, TypeError, ValueError, AttributeError, OSError) as exc:
+            raise BackendError(f"The 'generate' request cannot be read ({type(exc).__name__}: "
+                               f"{str(exc)[:200]}).") from None
         options.cancel = ctx.cancel
         if message["options"].get("stream"):
             options.on_token = lambda index, text: self.writer.send(
                 {"type": "token", "id": request_id, "image": index, "text": text})
-        images = [protocol.decode_image(item) for item in message["images"]]
-        conversation = protocol.decode_conversation(message["conversation"])
         generations = self.backend.generate(images, conversation, options)
         return {"generations": [protocol.encode_generation(g) for g in generations]}
 

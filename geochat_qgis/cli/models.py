@@ -27,8 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     get = sub.add_parser("get", help="download and convert a model so it runs (resumes)")
     get.add_argument("name")
-    get.add_argument("--to", choices=["gguf", "hf"], help="gguf (llama.cpp) or hf "
-                     "(transformers, vLLM); models used as downloaded take none")
+    get.add_argument("--to", choices=["gguf", "hf", "safetensors"], help="gguf (llama.cpp) or hf "
+                     "(transformers, vLLM) for GeoChat; safetensors (the geopixel backend) for "
+                     "GeoPixel; models used as downloaded take none")
     get.add_argument("--quant", choices=["q4_k_m", "q8_0", "f16"], help="GGUF only "
                      "(default q4_k_m)")
     get.add_argument("--endpoint", help="hub URL (default $GEOCHAT_HF_ENDPOINT, $HF_ENDPOINT "
@@ -50,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     remove = sub.add_parser("remove", help="delete a downloaded model, or with --to one "
                             "converted copy of it")
     remove.add_argument("name")
-    remove.add_argument("--to", choices=["gguf", "hf"], help="the converted copy to delete")
+    remove.add_argument("--to", choices=["gguf", "hf", "safetensors"], help="the converted copy to delete")
     remove.add_argument("--quant", choices=["q4_k_m", "q8_0", "f16"])
     add = sub.add_parser("add", help="add your own model to the user catalog")
     add.add_argument("name")

@@ -79,9 +79,11 @@ def test_real_backend_describes_its_cpu_or_cuda_build(qgis_app, home):
     widget.accelerator_combo.activated.emit(widget.accelerator_combo.currentIndex())
     assert widget.requirements.accelerator == "cuda"
     assert "1020 MB" in widget.size_label.text()  # the core (420 MB) + CUDA llama.cpp (600 MB)
-    geopixel = DepsDialog("geopixel", device="cpu")  # impossible on CPU: said, not offered
-    assert "NVIDIA GPU only" in geopixel.status_label.text()
-    assert not geopixel.install_button.isEnabled()
+    geopixel = DepsDialog("geopixel", device="cpu")  # GeoPixel runs on the CPU too: offered
+    assert "torch" in geopixel.packages_label.text() and "/whl/cpu" in geopixel.packages_label.text()
+    assert "transformers" in geopixel.packages_label.text()
+    assert "flash" not in geopixel.packages_label.text()
+    assert geopixel.install_button.isEnabled()
     for each in (widget, geopixel):
         each.deleteLater()
 

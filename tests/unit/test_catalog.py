@@ -43,7 +43,14 @@ def test_builtin_catalog_lists_the_models_with_cards_and_sane_values(builtin):
         assert entry.file("model").path.endswith(".gguf")
         assert entry.file("mmproj").path.startswith("mmproj-")
         assert entry.backends == ("llama.cpp",)
-    assert builtin.get("geopixel-7b").snapshot and builtin.get("geopixel-7b").min_vram_gb
+    for name in ("geopixel-7b", "geopixel-7b-res"):  # the shards, converted once; no code
+        entry = builtin.get(name)
+        assert not entry.snapshot and entry.convert["to"] == ["safetensors"] and entry.min_ram_gb
+        paths = [f.path for f in entry.files]
+        assert "pytorch_model.bin.index.json" in paths and "tokenizer.model" in paths
+        assert sum(p.endswith(".bin") for p in paths) == 3
+        assert not any(p.endswith(".py") for p in paths)  # no remote code is fetched or run
+        assert 22.5e9 < entry.total_bytes < 22.9e9
 
 
 def test_unknown_name_lists_known_models(builtin):

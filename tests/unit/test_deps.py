@@ -91,8 +91,17 @@ def test_requirements_choose_cpu_or_cuda_builds(monkeypatch):
     monkeypatch.setenv("GEOCHAT_LLAMA_CPP_INDEX", "none")
     assert requirements_for("llama.cpp", "cpu").steps[1].extra_index_urls == ()
     assert requirements_for("openai", "cpu").steps == (core_step(),)
-    with pytest.raises(DepsError, match="NVIDIA GPU only"):
-        requirements_for("geopixel", "cpu")
+    for accelerator, index in (("cpu", "/whl/cpu"), ("cuda", "/whl/cu124")):
+        geopixel = requirements_for("geopixel", accelerator)  # the CPU is a real choice now
+        assert geopixel.steps[0] == core_step() and geopixel.steps[1].packages == ("torch",)
+        assert geopixel.steps[1].index_url.endswith(index)
+        packages = {p for step in geopixel.steps for p in step.packages}
+        assert {"transformers", "safetensors", "sentencepiece"} <= packages
+        # GeoPixel's own pins are not ours: no clone, no flash attention, no video decoder
+        for dropped in ("matplotlib", "hydra-core", "decord", "flash-attn", "accelerate",
+                        "einops", "timm", "peft"):
+            assert not any(p.split("=")[0].split(">")[0] == dropped for p in packages), dropped
+        assert {"torch", "transformers", "safetensors", "sentencepiece"} <= set(geopixel.imports)
     with pytest.raises(DepsError, match="Unknown backend"):
         requirements_for("tensorflow", "cpu")
 

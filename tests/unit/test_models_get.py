@@ -354,24 +354,32 @@ def test_a_clip_of_the_users_own_is_used_in_place(hub, catalog, tmp_path, repos)
     assert (repos[1] / "pytorch_model.bin").is_file()
 
 
-def test_a_snapshot_model_of_several_files_is_got_the_same_way(hub, catalog, tmp_path):
-    """GeoPixel (custom code, every file of its repository) downloads whole, with provenance."""
-    files = {"config.json": b'{"model_type": "geopixel"}', "modeling_geopixel.py": b"# code\n",
+def test_a_snapshot_model_of_several_files_is_got_the_same_way(hub, tmp_path):
+    """A user's catalog entry for a whole repository ("snapshot": true) downloads every file of
+    it, with provenance."""
+    from geochat_qgis.core.weights.catalog import add_user_entry
+
+    files = {"config.json": b'{"model_type": "custom"}', "modeling_custom.py": b"# code\n",
              "pytorch_model-00001-of-00002.bin": os.urandom(3000),
              "pytorch_model-00002-of-00002.bin": os.urandom(2000)}
-    folder = tmp_path / "geopixel"
+    folder = tmp_path / "custom"
     folder.mkdir()
     for name, data in files.items():
         (folder / name).write_bytes(data)
-    hub.add_folder("MBZUAI/GeoPixel-7B-RES", folder, commit="e" * 40)
-    plan = plan_get("geopixel-7b-res", cache=tmp_path / "cache", catalog=catalog)
+    hub.add_folder("someone/custom-model", folder, commit="e" * 40)
+    user = tmp_path / "user.json"
+    add_user_entry({"name": "custom-model", "family": "geochat", "format": "gguf",
+                    "repo": "someone/custom-model", "snapshot": True,
+                    "backends": ["llama.cpp"]}, user)
+    catalog = load_catalog(user)
+    plan = plan_get("custom-model", cache=tmp_path / "cache", catalog=catalog)
     assert plan.download_bytes == sum(map(len, files.values())) and plan.memory_needed == 0
-    model = get_model("geopixel-7b-res", cache=tmp_path / "cache", catalog=catalog)
+    model = get_model("custom-model", cache=tmp_path / "cache", catalog=catalog)
     assert model.target == "download" and model.model_path == model.folder
     assert sorted(p.name for p in model.folder.iterdir() if not p.name.startswith(".")) == \
         sorted(files)
     attributes = provenance_attributes(model.model_path)
-    assert attributes["model_src"] == "MBZUAI/GeoPixel-7B-RES"
+    assert attributes["model_src"] == "someone/custom-model"
     assert attributes["model_rev"] == "e" * 40 and len(attributes["model_hash"]) == 64
 
 
@@ -389,7 +397,7 @@ def test_model_list_says_what_getting_takes_and_what_runs_each_model_here(hub, c
     gguf = next(c for c in geochat["choices"] if c["quant"] == "q4_k_m")
     assert ("llama.cpp" in gguf["backends"]) == (here["llama.cpp"] is None)
     assert "openai" in gguf["not_here"]  # a server the user runs, not this machine
-    if here["geopixel"]:  # no GPU here: GeoPixel runs nowhere and the list says why
+    if here["geopixel"]:  # no torch here: GeoPixel runs nowhere and the list says why
         assert rows["geopixel-7b"]["choices"][0]["backends"] == []
         assert "geopixel" in rows["geopixel-7b"]["choices"][0]["not_here"]
     assert hub.requests == []  # the list asks no server

@@ -55,7 +55,7 @@ def last_errors(env: ManagedEnv, count: int = ERROR_LINES) -> list[str]:
 
 def backend_status(backend: str, python: str) -> dict[str, Any]:
     """Whether ``backend``'s modules import in ``python`` (a fresh process), with versions."""
-    modules = requirements_for(backend, "cuda" if backend == "geopixel" else "cpu").imports
+    modules = requirements_for(backend, "cpu").imports
     checks = probe_imports(python, modules)
     return {
         "ready": all(c.ok for c in checks),

@@ -112,15 +112,13 @@ def requirements_for(backend: str, accelerator: Optional[str] = None) -> Backend
             CORE_IMPORTS + ("torch", "transformers", "safetensors"),
             CORE_MB + (5000 if accelerator == "cuda" else 1000),
         )
-    if backend == "geopixel":
-        if accelerator != "cuda":
-            raise DepsError("GeoPixel runs on an NVIDIA GPU only (CUDA) and none was found "
-                            "(nvidia-smi). Use a GeoChat or Qwen2.5-VL model instead.")
+    if backend == "geopixel":  # the project's own GeoPixel (core/models/geopixel): no clone
         return BackendRequirements(
-            backend, accelerator,
-            (core, torch, PipStep(TRANSFORMERS + ("accelerate", "einops", "timm"))),
-            CORE_IMPORTS + ("torch", "transformers", "einops", "timm"), CORE_MB + 5500,
-            "GeoPixel downloads further weights (IXC CLIP, SAM-2) on first load.",
+            backend, accelerator, (core, torch, PipStep(TRANSFORMERS)),
+            CORE_IMPORTS + ("torch", "transformers", "safetensors", "sentencepiece"),
+            CORE_MB + (5000 if accelerator == "cuda" else 1000),
+            "GeoPixel runs on the CPU (bf16, about 18 GB of memory for the 7B) or an NVIDIA "
+            "GPU; its weights come whole from the catalog (nothing is fetched at load).",
         )
     if backend == "openai":
         return BackendRequirements(backend, accelerator, (core,), CORE_IMPORTS, CORE_MB,

@@ -6,7 +6,8 @@ downloads MBZUAI/geochat-7B and CLIP-336 (resuming partial files, linking files 
 cache already holds), converts into a staging folder beside the target and renames it into
 place with ``provenance.json`` in it: a half-written model never counts as installed, a
 cancelled or failed conversion leaves no folder and no temporary file, and the next call starts
-the conversion afresh. Models used as downloaded (the Qwen2.5-VL GGUFs, GeoPixel) only download.
+the conversion afresh. Models used as downloaded (the Qwen2.5-VL GGUFs) only download; GeoPixel's
+pickle shards are written once as safetensors without the adapters it never runs.
 
 ``on_progress(phase, done, total, rate, eta)``: phase ``download`` (bytes), ``convert``
 (tensors), ``quantize`` (steps), ``verify`` (bytes hashed); ``rate`` per second and ``eta`` in
@@ -128,10 +129,15 @@ def _clean_stale(out: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _convert(entry: ModelEntry, target: str, quant: Optional[str], src: Path, clip: Path,
+def _convert(entry: ModelEntry, target: str, quant: Optional[str], src: Path, clip: Optional[Path],
              work: Path, on_progress: Optional[OnProgress], cancel: Optional["CancelToken"]) -> dict:
     """Run the converter into ``work``; returns what provenance records about it."""
     meter = _Meter(on_progress, "convert", cancel)
+    if target == "safetensors":  # GeoPixel: the shards once as safetensors, no dead adapters
+        from ..models.geopixel.weights import convert_to_safetensors
+
+        convert_to_safetensors(src, work, progress=meter)
+        return {"name": "geochat-qgis/geopixel-weights", "version": version()}
     if target == "hf":
         from .convert_hf import convert_geochat_to_hf
 
@@ -216,7 +222,7 @@ def get_model(model_id: str, target: Optional[str] = None, quant: Optional[str] 
             return found
         _clean_stale(out)
         src = entry.local_dir(cache)
-        clip = sources[1][0].local_dir(cache)
+        clip = sources[1][0].local_dir(cache) if len(sources) > 1 else None
         from .output_dir import staged_output_dir
 
         with staged_output_dir(out) as stage:

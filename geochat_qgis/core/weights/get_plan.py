@@ -22,10 +22,11 @@ from .download import (PART_SUFFIX, SPACE_MARGIN_BYTES, DownloadError, fetch_jso
 from .hub import RemoteFiles, hf_cache_file, remote_files
 from .machine import disk_free, memory_available, runnable_backends
 from .provenance import PROVENANCE_FILE
-from .sizes import dtype_bytes, output_sizes, rough_weight_counts, weight_counts
+from .sizes import (dtype_bytes, geopixel_output_bytes, output_sizes, rough_weight_counts,
+                    weight_counts)
 from .store import _read_manifest, is_complete, manifest_commit
 
-TARGETS = ("gguf", "hf")
+TARGETS = ("gguf", "hf", "safetensors")  # safetensors: GeoPixel's own converted checkpoint
 QUANTS = ("q4_k_m", "q8_0", "f16")
 CONVERSION_MEMORY_EXTRA = 2 << 30  # beyond the largest shard held in memory
 RUNTIME_MEMORY_EXTRA = 1 << 30  # beyond the weights, to run a model (context, image features)
@@ -120,7 +121,7 @@ def conversion_needs(target: str, quant: Optional[str]) -> list[str]:
         needed["gguf"] = "gguf"
         if quant != "f16":
             needed["llama_cpp"] = "llama-cpp-python (to quantise)"
-    else:
+    elif target == "hf":
         needed["transformers"] = "transformers"
     return [label for module, label in needed.items() if not _importable(module)]
 
@@ -137,10 +138,10 @@ def check_choice(entry: ModelEntry, target: Optional[str], quant: Optional[str])
     target = target or targets[-1]
     if target not in targets:
         raise ModelError(f"Model '{entry.name}' converts to {' or '.join(targets)}, not {target!r}.")
-    if target == "hf":
+    if target != "gguf":
         if quant:
-            raise ModelError("--quant applies to --to gguf only; the HF checkpoint keeps the "
-                             "model's float weights (transformers and vLLM quantise on load).")
+            raise ModelError(f"--quant applies to --to gguf only; the {target} checkpoint keeps "
+                             "the model's float weights.")
         return target, None
     quant = (quant or "q4_k_m").lower()
     if quant not in QUANTS:
@@ -305,6 +306,12 @@ def _choices(entry: ModelEntry, needs: list[ModelEntry], sources: list, cache: O
         return [OutputChoice("download", None, 0, 0, tuple(ok), why, str(folder) if done else None)]
     plan, remote = sources[0]
     config = _config(entry, remote.commit, cache, endpoint, hf_cache)
+    if entry.family == "geopixel":  # one choice: the weights as safetensors, less dead adapters
+        size = geopixel_output_bytes(config, plan.total_bytes)
+        ok, why = runnable_backends("safetensors", size + RUNTIME_MEMORY_EXTRA, here)
+        folder = converted_dir(entry, "safetensors", None, cache)
+        return [OutputChoice("safetensors", None, size, 0, tuple(ok), why,
+                             str(folder) if is_installed(folder) else None)]
     clip_entry = needs[0] if needs else None
     clip = (_config(clip_entry, sources[1][0].commit, cache, endpoint, hf_cache)
             if clip_entry else None)

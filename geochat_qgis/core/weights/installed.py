@@ -96,6 +96,7 @@ def find_installed(model_id: str, backend: Optional[str] = None, cache: Optional
     targets = tuple(entry.convert.get("to") or ("hf", "gguf"))
     order = [("gguf", q) for q in QUANTS if "gguf" in targets and backend in (None, "llama.cpp")]
     order += [("hf", None)] if "hf" in targets and backend in (None, "transformers") else []
+    order += [("safetensors", None)] if "safetensors" in targets and backend in (None, "geopixel") else []
     for target, quant in order:
         found = installed_model(model_id, target, quant, cache, catalog)
         if found is not None:

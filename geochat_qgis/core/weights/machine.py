@@ -21,7 +21,7 @@ BACKEND_MODULES = {
 FORMAT_BACKENDS = {
     "gguf": ("llama.cpp", "openai"),
     "hf": ("transformers", "openai"),
-    "hf-custom-code": ("geopixel",),
+    "safetensors": ("geopixel",),  # GeoPixel converted by `models get` (core/models/geopixel)
 }
 
 
@@ -78,15 +78,11 @@ def _importable(module: str) -> bool:
 
 def backends_here() -> dict[str, Optional[str]]:
     """Each backend -> None when it can run on this machine, else why not (one sentence)."""
-    from ..deps.gpu import nvidia_gpus
-
     result: dict[str, Optional[str]] = {}
     for backend, modules in BACKEND_MODULES.items():
         missing = [m for m in modules if not _importable(m)]
         result[backend] = (f"not installed ({', '.join(missing)} missing): Raster > GeoChat > "
                            "Install model dependencies" if missing else None)
-    if result["geopixel"] is None and not nvidia_gpus():
-        result["geopixel"] = "needs an NVIDIA GPU (CUDA); none was found"
     result["openai"] = "needs a running llama-server or vLLM server (Settings > server URL)"
     return result
 

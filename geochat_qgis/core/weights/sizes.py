@@ -1,4 +1,5 @@
-"""How big a converted GeoChat is, from its two configs: parameter counts times bytes per weight.
+"""How big a converted GeoChat is, from its two configs: parameter counts times bytes per weight;
+and a converted GeoPixel (its published weights less the adapters it never runs).
 
 GGUF text models: q4_k_m about 0.605 bytes per weight (measured: 4.08 GB for Llama-2-7B's
 6.74 B), q8_0 34/32, f16 2. The mmproj keeps the checkpoint's float type (f16 for GeoChat-7B:
@@ -53,3 +54,28 @@ def rough_weight_counts(source_bytes: int, src_bytes: int) -> dict[str, int]:
     params = source_bytes // src_bytes
     return {"text": int(params * 0.955), "projector": int(params * 0.003),
             "vision_gguf": int(params * 0.041), "vision_hf": int(params * 0.043)}
+
+
+# GeoPixel (InternLM-XComposer-2.5): every Partial-LoRA linear (wqkv, wo, w1, w3, w2) also stores
+# three adapters GeoPixel never runs (IXC's build_mlp.py: lora_sft and lora_dpo of rank 256,
+# lora_web of rank 512); the converted checkpoint leaves them out.
+GEOPIXEL_DEAD_RANKS = 256 + 256 + 512
+GEOPIXEL_DEAD_SHARE = 0.2128  # of GeoPixel-7B's 22.7 GB: 2.42 B of its 11.4 B parameters
+
+
+def geopixel_dead_adapter_count(config: dict) -> int:
+    """Parameters of the unused adapters (lora_sft, lora_dpo, lora_web), from config.json."""
+    h, ff = int(config["hidden_size"]), int(config["intermediate_size"])
+    heads = int(config["num_attention_heads"])
+    kv = int(config.get("num_key_value_heads") or heads)
+    qkv = (heads + 2 * kv) * (h // heads)
+    per_layer = (h + qkv) + (h + h) + 3 * (h + ff)  # wqkv, wo, then w1, w3, w2
+    return int(config["num_hidden_layers"]) * GEOPIXEL_DEAD_RANKS * per_layer
+
+
+def geopixel_output_bytes(config: Optional[dict], source_bytes: int) -> int:
+    """The converted GeoPixel checkpoint: the published weights less the unused adapters."""
+    try:
+        return max(source_bytes - geopixel_dead_adapter_count(config) * dtype_bytes(config), 0)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return int(source_bytes * (1 - GEOPIXEL_DEAD_SHARE))

@@ -11,11 +11,12 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 from ...__about__ import MODELS_DIR
 from ..errors import ModelError
+from .safe_names import check_relative, unsafe_reason
 
 BUILTIN_CATALOG = MODELS_DIR / "catalog.json"
 USER_CATALOG_ENV = "GEOCHAT_USER_CATALOG"
@@ -24,6 +25,7 @@ CACHE_ENV = "GEOCHAT_CACHE"
 PathLike = Union[str, os.PathLike]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
 def cache_root(override: Optional[PathLike] = None) -> Path:
@@ -137,26 +139,20 @@ class Catalog:
             ) from None
 
 
-def _safe_relative(path: str, where: str) -> str:
-    parts = PurePosixPath(path).parts
-    if not path or path.startswith(("/", "\\")) or ".." in parts or ":" in path:
-        raise ModelError(f"{where}: file path '{path}' must be relative, without '..'.")
-    return path
-
-
 def _parse_file(raw: Any, where: str) -> ModelFile:
     if isinstance(raw, str):
         raw = {"path": raw}
     if not isinstance(raw, dict) or "path" not in raw:
         raise ModelError(f"{where}: each file needs at least a 'path'.")
+    path = check_relative(raw["path"], where)
     sha = raw.get("sha256")
     if sha is not None and not _SHA256.match(str(sha).lower()):
-        raise ModelError(f"{where}: sha256 of '{raw['path']}' is not 64 hex digits.")
+        raise ModelError(f"{where}: sha256 of '{path}' is not 64 hex digits.")
     for key in ("size", "approx_size"):
         if raw.get(key) is not None and (not isinstance(raw[key], int) or raw[key] < 0):
-            raise ModelError(f"{where}: '{key}' of '{raw['path']}' must be a byte count.")
+            raise ModelError(f"{where}: '{key}' of '{path}' must be a byte count.")
     return ModelFile(
-        path=_safe_relative(str(raw["path"]), where),
+        path=path,
         size=raw.get("size"),
         approx_size=raw.get("approx_size", raw.get("size")),
         sha256=str(sha).lower() if sha else None,
@@ -170,11 +166,21 @@ def parse_entry(raw: Mapping[str, Any], origin: str, base_dir: Optional[Path] = 
     where = f"catalog {origin}, entry '{name or '?'}'"
     if not _NAME.match(name):
         raise ModelError(f"{where}: 'name' must be letters, digits, '.', '_' or '-'.")
+    if unsafe_reason(name):
+        raise ModelError(f"{where}: 'name' cannot name the model's folder "
+                         f"({unsafe_reason(name)}); choose another name.")
     if not raw.get("family"):
         raise ModelError(f"{where}: 'family' is required (e.g. geochat, qwen2.5-vl, geopixel).")
     repo, local = raw.get("repo"), raw.get("path")
     if bool(repo) == bool(local):
         raise ModelError(f"{where}: give exactly one of 'repo' (hub repository) or 'path' (folder).")
+    if repo and (not _REPO.match(str(repo)) or ".." in str(repo)):
+        raise ModelError(f"{where}: 'repo' must be a hub repository id like 'owner/name' "
+                         "(letters, digits, '.', '_' or '-').")
+    revision = str(raw.get("revision", "main"))
+    if unsafe_reason(revision):
+        raise ModelError(f"{where}: 'revision' '{revision}' is not a branch, tag or commit "
+                         f"({unsafe_reason(revision)}).")
     local_path = None
     if local:
         local_path = Path(str(local)).expanduser()
@@ -190,7 +196,7 @@ def parse_entry(raw: Mapping[str, Any], origin: str, base_dir: Optional[Path] = 
         title=str(raw.get("title", name)),
         format=str(raw.get("format", "")),
         repo=str(repo) if repo else None,
-        revision=str(raw.get("revision", "main")),
+        revision=revision,
         local_path=local_path,
         backends=tuple(raw.get("backends", ())),
         convert=raw.get("convert"),

@@ -13,10 +13,12 @@ import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
+from ..errors import ModelError
 from .catalog import ModelEntry, ModelFile
 from .download import DownloadError, fetch_json, hub_endpoint, sha256_of
+from .safe_names import check_hub_name, shown, unsafe_reason
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 SMALL_FILE = 64 << 20  # files this small are hashed to confirm a cache hit without an LFS name
@@ -40,16 +42,73 @@ def hf_cache_dir() -> Path:
     return Path(xdg).expanduser() / "huggingface" / "hub"
 
 
-def _listing(entry: ModelEntry, revision: str, endpoint: Optional[str]) -> tuple[Optional[str], dict]:
-    url = f"{hub_endpoint(endpoint)}/api/models/{entry.repo}/revision/{revision}?blobs=true"
-    data = fetch_json(url)
-    files = {}
-    for sibling in data.get("siblings", []):
+def _json_kind(value: Any) -> str:
+    """The JSON name of ``value``'s type, for a message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    return {dict: "object", list: "list", str: "text", int: "number", float: "number"}.get(
+        type(value), type(value).__name__)
+
+
+def _byte_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def parse_listing(data: Any, repo: str, url: str) -> tuple[Optional[str], dict[str, ModelFile]]:
+    """The commit and the files (by name) of the hub's answer ``data`` for ``repo`` at
+    ``url``; ModelError when the answer has the wrong shape or names an unsafe file."""
+    def malformed(what: str) -> ModelError:
+        return ModelError(
+            f"the hub's listing for {repo} at {url} is malformed: {what}. Nothing was "
+            "downloaded; the server does not answer as the Hugging Face hub does: check "
+            "HF_ENDPOINT (or GEOCHAT_HF_ENDPOINT), or try later.")
+
+    if not isinstance(data, dict):
+        raise malformed(f"a JSON {_json_kind(data)} instead of an object")
+    commit = data.get("sha")
+    if commit is not None and (not isinstance(commit, str) or "/" in commit
+                               or unsafe_reason(commit)):
+        raise malformed(f"its 'sha' {shown(commit)!r} is not a commit id")
+    siblings = data.get("siblings")
+    if siblings is None:
+        raise malformed("it has no 'siblings' list of files")
+    if not isinstance(siblings, list):
+        raise malformed(f"'siblings' is a JSON {_json_kind(siblings)}, not a list of files")
+    files: dict[str, ModelFile] = {}
+    for number, sibling in enumerate(siblings, 1):
+        if not isinstance(sibling, dict):
+            raise malformed(f"file {number} is a {_json_kind(sibling)}, not an object")
+        name = sibling.get("rfilename")
+        if not isinstance(name, str):
+            raise malformed(f"file {number} has no 'rfilename' text")
+        check_hub_name(name, url)
         lfs = sibling.get("lfs") or {}
-        size = sibling.get("size", lfs.get("size"))
-        files[sibling["rfilename"]] = ModelFile(
-            path=sibling["rfilename"], size=size, approx_size=size, sha256=lfs.get("sha256"))
-    return data.get("sha"), files
+        if not isinstance(lfs, dict):
+            raise malformed(f"the 'lfs' of '{name}' is a {_json_kind(lfs)}, not an object")
+        size = sibling["size"] if "size" in sibling else lfs.get("size")
+        if size is not None and not _byte_count(size):
+            raise malformed(f"the size of '{name}' is {shown(size)!r}, not a byte count")
+        sha256 = lfs.get("sha256")
+        if sha256 is not None and not (isinstance(sha256, str) and _SHA256.match(sha256)):
+            raise malformed(f"the sha256 of '{name}' is not 64 hex digits")
+        if name in files:
+            raise malformed(f"'{name}' is listed twice")
+        files[name] = ModelFile(path=name, size=size, approx_size=size, sha256=sha256)
+    clash = next((f for f in files for cut in range(len(f)) if f[cut] == "/" and f[:cut] in files),
+                 None)
+    if clash is not None:
+        raise malformed(f"'{clash.rsplit('/', 1)[0]}' is listed both as a file and as a folder")
+    return commit, files
+
+
+def listing(entry: ModelEntry, revision: str, endpoint: Optional[str]
+            ) -> tuple[Optional[str], dict[str, ModelFile]]:
+    """The hub's commit and files of ``entry`` at ``revision`` (DownloadError when the hub
+    cannot be asked, ModelError when its answer is malformed or names an unsafe file)."""
+    url = f"{hub_endpoint(endpoint)}/api/models/{entry.repo}/revision/{revision}?blobs=true"
+    return parse_listing(fetch_json(url), str(entry.repo), url)
 
 
 def remote_files(entry: ModelEntry, endpoint: Optional[str] = None,
@@ -57,7 +116,7 @@ def remote_files(entry: ModelEntry, endpoint: Optional[str] = None,
     """The files of ``entry`` at ``revision`` (default the catalog's), sizes and sha256 filled
     from the hub's API; DownloadError when the hub lacks a file the catalog lists."""
     revision = revision or entry.revision
-    commit, listed = _listing(entry, revision, endpoint)
+    commit, listed = listing(entry, revision, endpoint)
     if entry.snapshot:
         return RemoteFiles(commit, tuple(listed.values()))
     missing = [f.path for f in entry.files if f.path not in listed]

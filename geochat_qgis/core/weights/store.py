@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Optional, Sequence
 from ..errors import ModelError
 from .catalog import ModelEntry, ModelFile, PathLike
 from .download import (
-    PART_SUFFIX, DownloadError, ProgressFn, check_free_space, download_file, fetch_json, file_url,
-    hub_endpoint, sha256_of,
+    PART_SUFFIX, DownloadError, ProgressFn, check_free_space, download_file, file_url, sha256_of,
 )
-from .hub import hf_cache_file
+from .hub import hf_cache_file, listing
+from .safe_names import inside
 
 if TYPE_CHECKING:
     from ..backends.base import CancelToken
@@ -40,18 +40,8 @@ class FileCheck:
 
 def hub_files(entry: ModelEntry, endpoint: Optional[str] = None) -> list[ModelFile]:
     """The repository's file list with sizes and LFS sha256 from the hub API (DownloadError if
-    the API cannot be reached)."""
-    url = f"{hub_endpoint(endpoint)}/api/models/{entry.repo}/revision/{entry.revision}?blobs=true"
-    files = []
-    for sibling in fetch_json(url).get("siblings", []):
-        lfs = sibling.get("lfs") or {}
-        files.append(ModelFile(
-            path=sibling["rfilename"],
-            size=sibling.get("size", lfs.get("size")),
-            approx_size=sibling.get("size", lfs.get("size")),
-            sha256=lfs.get("sha256"),
-        ))
-    return files
+    the API cannot be reached, ModelError if its answer is malformed or names an unsafe file)."""
+    return list(listing(entry, entry.revision, endpoint)[1].values())
 
 
 def resolve_files(entry: ModelEntry, endpoint: Optional[str] = None) -> list[ModelFile]:
@@ -138,6 +128,16 @@ def link_file(source: Path, dest: Path) -> None:
         os.replace(tmp, dest)
 
 
+def _targets(entry: ModelEntry, folder: Path, files: Sequence[ModelFile]) -> dict[str, Path]:
+    """Where each file goes, every one checked before the first is written: inside ``folder``
+    once resolved (the names were checked where they came in; links on the way were not), and
+    not the folder's own manifest."""
+    if any(item.path == MANIFEST for item in files):
+        raise ModelError(f"{entry.name}: a file named {MANIFEST} would replace the model "
+                         "folder's own record of its files; refusing to download it.")
+    return {item.path: inside(folder, item.path) for item in files}
+
+
 def fetch_files(
     entry: ModelEntry,
     files: Sequence[ModelFile],
@@ -155,6 +155,7 @@ def fetch_files(
     ``progress(done, total)`` counts bytes over all files. Returns the model folder.
     """
     folder = entry.local_dir(cache)
+    targets = _targets(entry, folder, files)
     folder.mkdir(parents=True, exist_ok=True)
     manifest = _read_manifest(folder)
     if commit:
@@ -165,7 +166,7 @@ def fetch_files(
             continue
         hit = hf_cache_file(entry.repo, item, [commit, entry.revision], hf_cache)
         if hit:
-            link_file(hit[0], folder / item.path)
+            link_file(hit[0], targets[item.path])
             manifest[item.path] = {"size": hit[0].stat().st_size, "sha256": hit[1],
                                    "from": "huggingface-cache"}
             _write_manifest(folder, entry, manifest)
@@ -182,7 +183,8 @@ def fetch_files(
                 progress(base + done, total or None)
 
         digest = download_file(
-            file_url(entry.repo, commit or entry.revision, item.path, endpoint), folder / item.path,
+            file_url(entry.repo, commit or entry.revision, item.path, endpoint),
+            targets[item.path],
             size=item.size, sha256=item.sha256, progress=file_progress, cancel=cancel,
             retries=retries,
         )

@@ -4,27 +4,40 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "build a tiny random-weight GeoChat (HF folder, GGUF pair or GeoChat-style checkpoint)"
+HELP = ("build a tiny random-weight model: GeoChat (HF folder, GGUF pair or GeoChat-style checkpoint) "
+        "or GeoPixel (its published checkpoint layout)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("outdir", type=Path, help="new (or empty) folder to write")
-    parser.add_argument("--family", choices=["geochat"], default="geochat", help="model family")
+    parser.add_argument("outdir", type=Path, nargs="?", help="new (or empty) folder to write")
+    parser.add_argument("--out", type=Path, help="the folder to write (instead of OUTDIR)")
+    parser.add_argument("--family", choices=["geochat", "geopixel"], default="geochat", help="model family")
     parser.add_argument("--format", dest="fmt", choices=["hf", "gguf", "geochat-checkpoint"],
                         default="hf", help="hf: LLaVA folder for transformers; gguf: model.gguf + "
                         "mmproj.gguf for llama.cpp; geochat-checkpoint: as GeoChat saves it")
     parser.add_argument("--quant", choices=["q8_0", "q4_k_m"], help="quantise the GGUF text model")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same model)")
+    parser.add_argument("--preset", choices=["tiny", "real-width"], default="tiny",
+                        help="geopixel: tiny sizes, or GeoPixel-7B's widths with --layers decoder layers")
+    parser.add_argument("--layers", type=int, help="geopixel: decoder layers (default: the preset's)")
+    parser.add_argument("--demo", action="store_true",
+                        help="geopixel: weights whose greedy answer is '<p> a </p> [SEG]', so masks show")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..core.errors import ModelError
-    from ..core.weights.tiny import build_tiny_geochat
 
+    outdir = args.out or args.outdir
+    if outdir is None or (args.out and args.outdir and args.out != args.outdir):
+        raise ModelError("Name one output folder: OUTDIR or --out OUTDIR.")
     if args.quant and args.fmt != "gguf":
         raise ModelError("--quant applies to --format gguf only.")
     try:
-        out = build_tiny_geochat(args.outdir, args.fmt, seed=args.seed, quant=args.quant)
+        if args.family == "geopixel":
+            return _geopixel(args, outdir)
+        from ..core.weights.tiny import build_tiny_geochat
+
+        out = build_tiny_geochat(outdir, args.fmt, seed=args.seed, quant=args.quant)
     except ModuleNotFoundError as exc:  # torch/safetensors: a checkpoint is written with them
         raise ModelError(
             f"make-tiny-model writes a torch checkpoint and needs {exc.name}, which this Python "
@@ -33,4 +46,20 @@ def run(args: argparse.Namespace) -> int:
             f"(--model tiny-demo), which needs no torch.") from None
     files = sorted(p.name for p in out.iterdir())
     print(f"tiny {args.family} ({args.fmt}) written to {out}: {', '.join(files)}")
+    return 0
+
+
+def _geopixel(args: argparse.Namespace, outdir: Path) -> int:
+    from ..core.errors import ModelError
+    from ..core.models.geopixel.tiny import write_tiny_geopixel
+    from ..core.weights.output_dir import staged_output_dir
+
+    if args.fmt != "hf" or args.quant:
+        raise ModelError("--format and --quant are GeoChat options; GeoPixel is written in its published "
+                         "layout (pytorch_model-*.bin shards).")
+    with staged_output_dir(outdir) as stage:
+        write_tiny_geopixel(stage, seed=args.seed, preset=args.preset, layers=args.layers,
+                            seg_answer=args.demo)
+    files = sorted(p.name for p in outdir.iterdir())
+    print(f"tiny geopixel ({args.preset}) written to {outdir}: {', '.join(files)}")
     return 0

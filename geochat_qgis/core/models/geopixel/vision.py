@@ -202,15 +202,20 @@ class IXCVision(nn.Module):
         out = self.clip(pixel_values=batch.to(device=self.device, dtype=self.dtype))
         return out.last_hidden_state[:, 1:]
 
-    def embed_pixels(self, pixels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """HD-transformed (3, H, W) images -> their (n_tokens, proj_out) embeddings, one CLIP batch."""
+    def embed_pixels(self, pixels: Sequence[torch.Tensor],
+                     crop_batch: int | None = None) -> list[torch.Tensor]:
+        """HD-transformed (3, H, W) images -> their (n_tokens, proj_out) embeddings; CLIP sees all
+        crops of all images at once, or ``crop_batch`` crops at a time (less memory)."""
         inputs, grids = [], []
         for image in pixels:
             img = image.unsqueeze(0).to(self.device)
             sub = crops(img)
             inputs += [global_view(img).to(sub.dtype), sub]
             grids.append((image.shape[1] // CROP, image.shape[2] // CROP))
-        merged = merge_2x2(self.clip_features(torch.cat(inputs, dim=0)))
+        batch = torch.cat(inputs, dim=0)
+        step = crop_batch or batch.shape[0]
+        merged = merge_2x2(torch.cat([self.clip_features(batch[i:i + step])
+                                      for i in range(0, batch.shape[0], step)], dim=0))
         out, start = [], 0
         for rows, cols in grids:
             n = rows * cols
@@ -222,10 +227,11 @@ class IXCVision(nn.Module):
         return out
 
     @torch.no_grad()
-    def embed_many(self, tiles: Sequence[np.ndarray],
-                   hd_num: int = DEFAULT_HD_NUM) -> list[torch.Tensor]:
+    def embed_many(self, tiles: Sequence[np.ndarray], hd_num: int = DEFAULT_HD_NUM,
+                   crop_batch: int | None = None) -> list[torch.Tensor]:
         """(H, W, 3) uint8 tiles -> each one's (n_tokens, proj_out) image embeddings."""
-        return self.embed_pixels([torch.from_numpy(hd_transform(t, hd_num)) for t in tiles])
+        return self.embed_pixels([torch.from_numpy(hd_transform(t, hd_num)) for t in tiles],
+                                 crop_batch)
 
     @torch.no_grad()
     def embed(self, image_uint8: np.ndarray, hd_num: int = DEFAULT_HD_NUM) -> torch.Tensor:

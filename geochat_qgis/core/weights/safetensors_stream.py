@@ -52,3 +52,7 @@ class SafetensorsStreamWriter:
             self._handle.close()
             raise ValueError(f"safetensors file closed after {self._next} of {len(self._expected)} tensors")
         self._handle.close()
+
+    def abort(self) -> None:
+        """Close the file unfinished (after an error or a cancel); the caller removes it."""
+        self._handle.close()

@@ -140,9 +140,8 @@ def _bigram(state: dict[str, torch.Tensor], chain: list[int], repeat: bool, eos:
         if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
             tensor.mul_(0.05)
     steps = list(zip(chain, chain[1:])) + [(chain[-1], chain[1] if repeat else eos)]
-    for current, following in steps:
-        direction = embed[current] / embed[current].norm()
-        out[following] = direction * 12.0
+    for following in {step[1] for step in steps}:
+        out[following] = sum(embed[c] / embed[c].norm() for c, f in steps if f == following) * 12.0
 
 
 def _states(shapes: Mapping[str, tuple[int, ...]], seed: int,

@@ -90,6 +90,25 @@ def resolve_bands(ds, bands: Optional[Sequence[int]] = None) -> tuple[int, int, 
     return tuple(bands)  # type: ignore[return-value]
 
 
+def band_dtype(ds, bands: Sequence[int]) -> np.dtype:
+    """The numpy type of ``bands``; RasterError naming the type and what to do for values the
+    tiler cannot stretch into an image (complex SAR data, true/false)."""
+    for band in dict.fromkeys(bands):
+        name = str(ds.dtypes[band - 1])
+        if "complex" in name:
+            raise RasterError(
+                f"{ds.name}: band {band} holds complex values ({name}, e.g. SAR single-look "
+                "complex data), which cannot be shown to a model as an image. Compute an "
+                f"amplitude band first, e.g. with the Raster Calculator abs(\"layer@{band}\") "
+                "or gdal_calc.py --calc=\"abs(A)\" --type=Float32, and use that raster.")
+        if name in ("bool", "bool_"):
+            raise RasterError(
+                f"{ds.name}: band {band} holds true/false values ({name}), which cannot be "
+                "stretched into an image. Convert it to 8 bits first, e.g. with the Raster "
+                f"Calculator \"layer@{band}\" * 255 (output type Byte), and use that raster.")
+    return np.dtype(ds.dtypes[bands[0] - 1])
+
+
 @dataclass
 class Stretch:
     """A linear map of each channel's ``low..high`` onto 0..255, the same for a whole job.
@@ -140,6 +159,7 @@ class RasterReader:
         self.ds = open_raster(source)
         try:
             self.bands = resolve_bands(self.ds, bands)
+            self.dtype = band_dtype(self.ds, self.bands)
         except RasterError:
             self.ds.close()
             raise
@@ -151,7 +171,6 @@ class RasterReader:
         self.use_dataset_mask = self.alpha is None and MaskFlags.per_dataset in flags
         nodata = [self.ds.nodatavals[b - 1] for b in self.distinct]
         self.nodata = nodata if all(v is not None for v in nodata) else None
-        self.dtype = np.dtype(self.ds.dtypes[self.bands[0] - 1])
         self.palette = self._palette(interp)
         self.needs_stretch = self.dtype != np.uint8 and self.palette is None
 

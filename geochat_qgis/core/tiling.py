@@ -23,6 +23,7 @@ from shapely.geometry.base import BaseGeometry
 from .errors import RasterError
 from .georef import (apply_affine, check_crs, fmt_bounds, ground_pixel_size, reproject_geometry,
                      short_crs, transform_extent)
+from .limits import check_tile_count, check_tile_memory
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +160,12 @@ def plan_tiles(raster: Union[str, Path], spec: TileSpec = TileSpec(), extent=Non
     ``pixel_space``: then coordinates are in the raster's own geotransform frame (native
     col/row when it has none) and ``crs`` is None. RasterError on any input that cannot work.
     """
-    from .raster import open_raster, resolve_bands
+    from .raster import band_dtype, open_raster, resolve_bands
 
     spec.validate()
     with open_raster(raster) as ds:
         bands = resolve_bands(ds, spec.bands)
+        check_tile_memory(spec.tile_size, len(set(bands)), band_dtype(ds, bands))
         crs = ds.crs.to_wkt() if ds.crs else None
         transform, width, height = ds.transform, ds.width, ds.height
         gcps_only = crs is None and bool(ds.gcps[0])
@@ -189,6 +191,7 @@ def plan_tiles(raster: Union[str, Path], spec: TileSpec = TileSpec(), extent=Non
     step_px = max(1, round((spec.tile_size - spec.overlap_px) * window_px / spec.tile_size))
     col_offs = _offsets(c0, c1, window_px, step_px, width)
     row_offs = _offsets(r0, r1, window_px, step_px, height)
+    check_tile_count(len(col_offs), len(row_offs), spec.tile_size, window_px, step_px)
     tiles = _make_tiles(col_offs, row_offs, window_px, spec.tile_size, transform, crs,
                         width, height)
     if aoi is not None:

@@ -22,7 +22,7 @@ from .chat_history import model_history, save_history
 from .model_choice import DEMO_NAME, model_request
 from .result_layers import RESULTS_TABLE, add_result_layer, result_path, results_folder
 from .runner import client
-from .tile_preview import describe_estimate, estimate_seconds, human_duration
+from .tile_preview import ASK_ABOVE_TILES, describe_estimate, estimate_seconds, human_duration
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,9 @@ class RunsMixin:
             self.preview_label.setText(describe_estimate(result.tiles, seconds) if tiled
                                        else result.message)
             if then is not None:
-                if seconds > self.settings.ask_above_seconds and not self._confirm_long(seconds):
+                count = result.tiles if tiled else 1
+                if ((seconds > self.settings.ask_above_seconds or count > ASK_ABOVE_TILES)
+                        and not self._confirm_long(seconds, count)):
                     return
                 then(request, area)
 
@@ -157,9 +159,10 @@ class RunsMixin:
         """Measured for this model, else a guess: the demo model is tiny, real ones are 7B."""
         return load_speed(model_key, DEMO_SECONDS_PER_TILE if model_key == DEMO_NAME else DEFAULT_SECONDS_PER_TILE)
 
-    def _confirm_long(self, seconds: float) -> bool:
+    def _confirm_long(self, seconds: float, tiles: int) -> bool:
         answer = QMessageBox.question(
-            self, "GeoChat", f"This run is estimated to take {human_duration(seconds)}. Start it?")
+            self, "GeoChat", f"This run has {tiles:,} tile(s) and is estimated to take "
+                             f"{human_duration(seconds)}. Start it?")
         return answer == QMessageBox.StandardButton.Yes
 
     def _api_key(self) -> Optional[str]:

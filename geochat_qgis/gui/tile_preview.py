@@ -11,6 +11,7 @@ from ..toolbelt.crs import crs_from_text
 from ..toolbelt.qgis_compat import POLYGON_GEOMETRY
 
 MAX_DRAWN = 5000  # beyond this the grid is summarised, not drawn tile by tile
+ASK_ABOVE_TILES = 1000  # a run with more tiles asks first, however fast the model
 
 
 def estimate_seconds(tiles: int, prompts: int, seconds_per_tile: float) -> float:

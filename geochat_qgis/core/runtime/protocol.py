@@ -148,8 +148,9 @@ def decode_generation(data: dict[str, Any]) -> Generation:
 def encode_error(exc: BaseException) -> dict[str, str]:
     if isinstance(exc, MemoryError):
         return {"error": "MemoryError",
-                "message": "The model ran out of memory in the runtime process. Use a smaller "
-                           "or more quantised model, smaller tiles, or free some memory."}
+                "message": "The runtime process ran out of memory. Use smaller tiles or a "
+                           "smaller area, a smaller or more quantised model, or free some "
+                           "memory."}
     return {"error": type(exc).__name__, "message": str(exc) or type(exc).__name__}
 
 

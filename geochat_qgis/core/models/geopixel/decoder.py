@@ -197,13 +197,19 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.append(layer, k, v)
-        if c.groups > 1:
-            k = k[:, :, None].expand(-1, -1, c.groups, -1, -1).reshape(b, c.num_attention_heads, -1, c.head_dim)
-            v = v[:, :, None].expand(-1, -1, c.groups, -1, -1).reshape(b, c.num_attention_heads, -1, c.head_dim)
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1 and past == 0)
+        if s == 1 and c.groups > 1:
+            # one new token sees every cached key: the query heads of a KV head become its "rows"
+            folded = q.reshape(b, c.num_key_value_heads, c.groups, c.head_dim)
+            out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)
+            out = out.reshape(b, c.num_attention_heads, 1, c.head_dim)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if c.groups > 1:
+                k = k[:, :, None].expand(-1, -1, c.groups, -1, -1).reshape(b, c.num_attention_heads, -1, c.head_dim)
+                v = v[:, :, None].expand(-1, -1, c.groups, -1, -1).reshape(b, c.num_attention_heads, -1, c.head_dim)
+            if mask is None:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1 and past == 0)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(b * s, c.hidden_size)
         return self.wo(out, rows).view(b, s, c.hidden_size)
 
@@ -343,10 +349,11 @@ def load_state(decoder: InternLM2Decoder, tensors: Mapping[str, torch.Tensor]) -
     """
     params = dict(decoder.named_parameters())
     seen = set()
-    for name, tensor in tensors.items():
+    for name in tensors:
         target = checkpoint_name_to_param(name)
         if target is None or any(dead in name for dead in DEAD_ADAPTERS):
-            continue
+            continue  # never read
+        tensor = tensors[name]
         if target not in params:
             raise ModelError(f"Checkpoint tensor {name} has no place in GeoPixel's decoder; the checkpoint "
                              "is not in GeoPixel's layout.")

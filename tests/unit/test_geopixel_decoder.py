@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from geochat_qgis.core.errors import ModelError
+from geochat_qgis.core.cancel import CancelToken
+from geochat_qgis.core.errors import Cancelled, ModelError
 
 torch = pytest.importorskip("torch")
 from geochat_qgis.core.models.geopixel.decoder import (  # noqa: E402 (needs torch)
@@ -196,6 +197,20 @@ def test_dynamic_ntk_beyond_max_position_embeddings_matches_geopixel(ref):
         decoder(embeds[:, :limit], None, cache)
         with pytest.raises(ModelError, match="RoPE base"):
             decoder(embeds[:, limit:limit + 1], None, cache)
+
+
+def test_cancel_is_checked_between_layers():
+    decoder = tiny()
+    cancel = CancelToken()
+    calls = []
+    decoder.layers[1].attention_norm.register_forward_pre_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        decoder(*inputs(8), cancel=cancel)
+        assert calls == [1]
+        decoder.layers[0].feed_forward.register_forward_hook(lambda *_: cancel.cancel())
+        with pytest.raises(Cancelled):
+            decoder(*inputs(8), cancel=cancel)
+    assert calls == [1]  # the second call stopped before the second layer
 
 
 def test_bfloat16_stays_close_to_float32():

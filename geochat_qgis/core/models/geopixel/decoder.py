@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...cancel import CancelToken
 from ...errors import ModelError
 from .kv_cache import KVCache
 
@@ -259,13 +260,15 @@ class InternLM2Decoder(nn.Module):
                        weight.dtype, weight.device)
 
     def forward(self, embeds: torch.Tensor, im_mask: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+                cache: Optional[KVCache] = None, valid: Optional[torch.Tensor] = None,
+                cancel: Optional[CancelToken] = None) -> torch.Tensor:
         """Normed last-layer hidden states (b, s, hidden) of ``embeds`` (b, s, hidden).
 
         ``im_mask`` (b, s) bool marks the image rows (Partial LoRA). ``cache`` holds the earlier
         positions and receives these. ``valid`` (b, past + s) bool marks real positions when
         sequences are left-padded to one length; positions then count real tokens only, as
-        GeoPixel's ``cumsum(attention_mask) - 1`` does.
+        GeoPixel's ``cumsum(attention_mask) - 1`` does. ``cancel`` is checked before every layer (a
+        4,000-token prompt takes minutes on a CPU).
         """
         b, s, _ = embeds.shape
         past = 0 if cache is None else cache.length
@@ -289,6 +292,8 @@ class InternLM2Decoder(nn.Module):
             rows = im_mask.reshape(-1).nonzero().squeeze(1)
         h = embeds
         for index, layer in enumerate(self.layers):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
             h = h + layer.attention(layer.attention_norm(h), rows, cos, sin, index, cache, mask)
             h = h + layer.feed_forward(layer.ffn_norm(h), rows)
         if cache is not None:

@@ -97,10 +97,10 @@ def generate_batch(decoder: InternLM2Decoder, tokenizer: InternLM2Tokenizer,
                 cancel.raise_if_cancelled()
             total = width + step
             if full_from is not None and total > full_from:
-                full_hidden = _full_run(decoder, embeds, im_mask, valid, fed)
+                full_hidden = _full_run(decoder, embeds, im_mask, valid, fed, cancel)
                 hidden = full_hidden[:, -1:]
             elif step == 0:
-                hidden = decoder(embeds, im_mask, cache, valid)[:, -1:]
+                hidden = decoder(embeds, im_mask, cache, valid, cancel)[:, -1:]
             else:
                 step_valid = None if valid is None else torch.cat(
                     [valid, torch.ones(batch, step, dtype=torch.bool, device=device)], dim=1)
@@ -144,7 +144,7 @@ def generate(decoder: InternLM2Decoder, tokenizer: InternLM2Tokenizer, embeds: t
 
 
 def _full_run(decoder: InternLM2Decoder, embeds: torch.Tensor, im_mask: torch.Tensor,
-              valid: Optional[torch.Tensor], fed: torch.Tensor) -> torch.Tensor:
+              valid: Optional[torch.Tensor], fed: torch.Tensor, cancel: Optional[CancelToken]) -> torch.Tensor:
     """GeoPixel's step: the whole ``prompt + fed tokens`` without a cache (normed hidden states)."""
     batch, steps = fed.shape
     if steps:
@@ -152,7 +152,7 @@ def _full_run(decoder: InternLM2Decoder, embeds: torch.Tensor, im_mask: torch.Te
         im_mask = torch.cat([im_mask, im_mask.new_zeros(batch, steps)], dim=1)
         if valid is not None:
             valid = torch.cat([valid, valid.new_ones(batch, steps)], dim=1)
-    return decoder(embeds, im_mask, None, valid)
+    return decoder(embeds, im_mask, None, valid, cancel)
 
 
 def _seg_from_full(hidden: torch.Tensor, width: int, ids: Sequence[int], seg: int) -> list[torch.Tensor]:

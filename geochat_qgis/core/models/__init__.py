@@ -1,0 +1,1 @@
+"""Model ports the project computes itself, one folder per model (transformers-style)."""

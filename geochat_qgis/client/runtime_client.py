@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from .errors import RuntimeClientError, RuntimeMissing
 from .locate import runtime_command, runtime_state
-from .process import ChildProcess
+from .process import _AFTER, ChildProcess
 from .results import AskResult, PlanResult, RunResult, from_reply
 
 Event = dict[str, Any]
@@ -204,8 +204,11 @@ class RuntimeClient:
         the dead one had finished."""
         try:
             reply = self._call("recover", {"request": request})
-        except RuntimeClientError:
-            raise died from None
+        except RuntimeClientError as exc:
+            raise RuntimeClientError(
+                died.message.replace(_AFTER, f"Its finished tiles could not be written ({exc}); "
+                                             "the next request starts a fresh runtime."),
+                died.kind, died.exit_code) from None
         if not reply.get("tiles_done"):
             raise died
         if cancelled:
@@ -244,15 +247,18 @@ class RuntimeClient:
 
 
 def _with_output(request: dict[str, Any]) -> dict[str, Any]:
-    """The request with an output path (a new temporary GeoPackage when it names none): a
-    fresh child must find the same path to recover a killed run's tiles."""
+    """The request with an output path (a new temporary GeoPackage when it names none) and a
+    run id (a new one when it names none): a fresh child must find the same path, and the run's
+    own checkpoint (named by its id), to recover a killed run's tiles."""
     output = dict(request.get("output") or {})
-    if output.get("path"):
-        return request
-    folder = Path(tempfile.gettempdir()) / "geochat-results"
-    folder.mkdir(exist_ok=True)
-    output["path"] = str(folder / f"geochat-{uuid.uuid4().hex[:12]}.gpkg")
-    return {**request, "output": output}
+    options = dict(request.get("options") or {})
+    if not output.get("path"):
+        folder = Path(tempfile.gettempdir()) / "geochat-results"
+        folder.mkdir(exist_ok=True)
+        output["path"] = str(folder / f"geochat-{uuid.uuid4().hex[:12]}.gpkg")
+    if not options.get("run_id"):
+        options["run_id"] = uuid.uuid4().hex[:12]
+    return {**request, "output": output, "options": options}
 
 
 _SHARED: Optional[RuntimeClient] = None

@@ -20,7 +20,7 @@ from .chat import ChatRequest, overview_spec
 from .errors import GeoChatError
 from .families import get_family
 from .merge import DEFAULT_IOU
-from .pipeline import Job, default_tile_spec
+from .pipeline import Job, check_run_id, default_tile_spec
 from .tiling import TileSpec
 
 Request = Mapping[str, Any]
@@ -256,7 +256,7 @@ def build_job(request: Request, spec: Optional[BackendSpec] = None) -> Job:
     if options.get("max_consecutive_failures"):
         job.max_consecutive_failures = int(options["max_consecutive_failures"])
     if options.get("run_id"):
-        job.run_id = str(options["run_id"])
+        job.run_id = check_run_id(options["run_id"])
     return job
 
 

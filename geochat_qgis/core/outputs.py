@@ -7,6 +7,10 @@
 - A partial run (cancelled, interrupted, stopped by an error) writes its finished tiles: to the
   output when there is no file there yet, else beside it as ``NAME-partial-RUNID.EXT``, so an
   existing output is replaced only by a complete, newer one.
+
+One run writes an output at a time: :func:`hold_output` locks ``.NAME.lock`` beside it for the
+whole run (released by the system if the process dies), and a second run is refused at once
+with the first one's process id.
 """
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from .errors import ExportError
 from .export import DRIVERS, export_detections
+from .file_lock import FileLock, LockHeld
 from .pipeline import JobResult
 
 
@@ -32,6 +38,22 @@ def output_exists(path: Path) -> bool:
     if path.suffix.lower() == ".shp":
         return any(path.with_suffix(s).exists() for s in (".shp", ".shx", ".dbf"))
     return path.exists()
+
+
+class OutputBusy(ExportError):
+    """Another run is writing the same output."""
+
+
+def hold_output(path: Path) -> FileLock:
+    """The output's lock, held: release it (or use it as a ``with`` block) when the run is
+    done. OutputBusy at once when another run (another QGIS, the command line) holds it."""
+    lock = FileLock(path.with_name(f".{path.name}.lock"))
+    try:
+        return lock.acquire()
+    except LockHeld as exc:
+        who = f"another run (pid {exc.pid})" if exc.pid else "another run"
+        raise OutputBusy(f"{path} is being written by {who}; pick another output or wait for "
+                         "it to finish") from None
 
 
 def partial_path(path: Path, run_id: str) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 import uuid
@@ -28,6 +29,17 @@ from .tiling import TileEvent, TileSpec, iter_tiles, plan_tiles
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def check_run_id(value: Any) -> str:
+    """``value`` as a run id, which names the run's files (its checkpoint, its partial output):
+    letters, digits, '_' and '-' only; GeoChatError otherwise."""
+    text = str(value)
+    if not _RUN_ID.match(text):
+        raise GeoChatError(f"run id {text[:80]!r} is not letters, digits, '_' or '-' (at most 64; "
+                           "it names the run's files): leave it out to get a new one")
+    return text
 
 
 @dataclass

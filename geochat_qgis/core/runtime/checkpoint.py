@@ -1,9 +1,10 @@
 """A run's finished tiles on disk while it goes on, so a killed runtime loses nothing.
 
 After each batch the runtime appends one JSON line (the batch's georeferenced detections before
-merging, its tile ids and failures) to a hidden file beside the output. A fresh runtime reads it
-back after a crash (:func:`read_checkpoint`, a torn last line is ignored), merges and writes the
-output; a run that ends normally deletes it.
+merging, its tile ids and failures) to a hidden file beside the output, named by the output and
+the run id: each run has its own (two runs never share or delete each other's). A fresh runtime
+reads it back after a crash (:func:`read_checkpoint`, a torn last line is ignored), merges and
+writes the output; a run that ends normally deletes it.
 """
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from typing import Any, Optional, Sequence
 
 import shapely
 
+from ..errors import ExportError
 from ..results import Detection
 
 
-def checkpoint_path(output: Path) -> Path:
-    """The hidden checkpoint file of a run writing ``output``."""
-    return output.with_name(f".{output.name}.partial.jsonl")
+def checkpoint_path(output: Path, run_id: str) -> Path:
+    """The hidden checkpoint file of run ``run_id`` (checked by the caller) writing ``output``."""
+    return output.with_name(f".{output.name}.{run_id}.partial.jsonl")
 
 
 def encode_detection(det: Detection) -> dict[str, Any]:
@@ -41,11 +43,18 @@ def decode_detection(data: dict[str, Any], crs: Optional[str]) -> Detection:
 
 
 class Checkpoint:
-    """Appends batches to ``path`` (created empty; the header names the run)."""
+    """Appends batches to ``path`` (created new, never over another run's file; the header
+    names the run). ExportError when the file is already there."""
 
     def __init__(self, path: Path, header: dict[str, Any]) -> None:
         self.path = path
-        self._file = path.open("w", encoding="utf-8")
+        try:
+            self._file = path.open("x", encoding="utf-8")
+        except FileExistsError:
+            raise ExportError(
+                f"{path} already holds the finished tiles of a run with the id "
+                f"{header.get('run_id')!r}, running or killed and not yet recovered: leave the "
+                "run id out to get a new one") from None
         self._write({"header": header})
 
     def _write(self, record: dict[str, Any]) -> None:

@@ -16,8 +16,8 @@ from ..export import check_output, export_detections
 from ..jobs import (area, backend_spec, build_chat, build_job, model_provenance, runs_per_tile,
                     tile_spec)
 from ..merge import merge_detections
-from ..outputs import write_result
-from ..pipeline import JobResult, Progress, run_job
+from ..outputs import OutputBusy, Written, hold_output, partial_path, write_result
+from ..pipeline import Job, JobResult, Progress, check_run_id, run_job
 from ..results import Detection
 from .checkpoint import Checkpoint, checkpoint_path, read_checkpoint
 
@@ -118,14 +118,37 @@ def _write(detections: list[Detection], path: Path, layer: str, crs: Optional[st
 
 def run(request: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """Run the Job, streaming progress, tokens and tile failures; write the output (also when
-    cancelled or stopped by errors: the finished tiles)."""
+    cancelled or stopped by errors: the finished tiles). The output is locked for the whole
+    run (a second run writing it is refused at once) and the run checkpoints its finished
+    tiles in a file of its own."""
     job = build_job(request)
     path, layer = _output(request, job.run_id)
     check_output(path)  # a bad output never costs a whole run
+    with hold_output(path):
+        result, written = _run_locked(job, path, layer, request, ctx)
+    return {
+        "output": str(written.path) if written.path else None, "note": written.note,
+        "layer": layer, "features": len(result.detections),
+        "tiles_done": result.tiles_done, "tiles_failed": len({f.tile_id for f in result.failures}),
+        "tiles_planned": result.tiles_planned, "tiles_skipped": result.tiles_skipped,
+        "cancelled": result.cancelled, "error": result.error,
+        "failures": [{"tile": f.tile_id, "message": f.message, "prompt": f.prompt}
+                     for f in result.failures],
+        "answers": [dataclasses.asdict(a) for a in result.answers],
+        "counts": _counts(result.detections), "crs_wkt": _wkt(result.crs),
+        "seconds": result.seconds, "model": result.model, "run_id": result.run_id,
+        "generated_tokens": result.generated_tokens,
+    }
+
+
+def _run_locked(job: Job, path: Path, layer: str, request: dict[str, Any],
+                ctx: Context) -> tuple[JobResult, Written]:
+    """The run itself, once its output is locked: checkpoint, run, write."""
     assert job.backend is not None
     backend = ctx.backend(job.backend)
     stream = (request.get("options") or {}).get("stream_tokens", True)
-    checkpoint = Checkpoint(checkpoint_path(path), {"run_id": job.run_id, "layer": layer})
+    checkpoint = Checkpoint(checkpoint_path(path, job.run_id),
+                            {"run_id": job.run_id, "layer": layer})
     finished = [0]
 
     def on_progress(progress: Progress) -> None:
@@ -147,19 +170,7 @@ def run(request: dict[str, Any], ctx: Context) -> dict[str, Any]:
         written = write_result(result, path, layer, _provenance(job))
     finally:
         checkpoint.close(remove=True)
-    return {
-        "output": str(written.path) if written.path else None, "note": written.note,
-        "layer": layer, "features": len(result.detections),
-        "tiles_done": result.tiles_done, "tiles_failed": len({f.tile_id for f in result.failures}),
-        "tiles_planned": result.tiles_planned, "tiles_skipped": result.tiles_skipped,
-        "cancelled": result.cancelled, "error": result.error,
-        "failures": [{"tile": f.tile_id, "message": f.message, "prompt": f.prompt}
-                     for f in result.failures],
-        "answers": [dataclasses.asdict(a) for a in result.answers],
-        "counts": _counts(result.detections), "crs_wkt": _wkt(result.crs),
-        "seconds": result.seconds, "model": result.model, "run_id": result.run_id,
-        "generated_tokens": result.generated_tokens,
-    }
+    return result, written
 
 
 def _provenance(job) -> dict[str, Any]:
@@ -168,26 +179,41 @@ def _provenance(job) -> dict[str, Any]:
 
 
 def recover(request: dict[str, Any], ctx: Context) -> dict[str, Any]:
-    """After the runtime died mid-run: merge and write what its checkpoint holds."""
+    """After the runtime died mid-run: merge and write what that run's own checkpoint holds
+    (``options.run_id`` names it). Its output when free, else beside it (another run holds
+    it: started after the death)."""
+    run_id = (request.get("options") or {}).get("run_id")
+    if not run_id:
+        raise GeoChatError("recover needs the killed run's options.run_id: its finished tiles "
+                           "are kept in a file named by it")
+    run_id = check_run_id(run_id)
     path, layer = _output(request, "recovered")
-    found = read_checkpoint(checkpoint_path(path))
+    saved = checkpoint_path(path, run_id)
+    found = read_checkpoint(saved)
     failed = {f["tile"] for f in found.failures}
     done = len(set(found.tiles) - failed)
     iou = float((request.get("options") or {}).get("iou_threshold", 0.5))
     detections = merge_detections(found.detections, iou) if found.detections else []
     crs = (request.get("output") or {}).get("crs") or found.crs
-    stopped = JobResult(str(found.header.get("run_id", "")), "", crs, detections,
-                        tiles_planned=found.total, tiles_done=done,
+    stopped = JobResult(run_id, "", crs, detections, tiles_planned=found.total, tiles_done=done,
                         error="the runtime process died")
-    written = write_result(stopped, path, layer, {"task": request.get("task"),
-                                                  "raster": request.get("raster"),
-                                                  **_request_provenance(request)})
-    checkpoint_path(path).unlink(missing_ok=True)
-    return {"output": str(written.path) if written.path else None, "note": written.note,
+    provenance = {"task": request.get("task"), "raster": request.get("raster"),
+                  **_request_provenance(request)}
+    try:
+        lock, target, busy = hold_output(path), path, ""
+    except OutputBusy as exc:
+        lock, target, busy = None, partial_path(path, run_id), f"; {exc.args[0].split(';')[0]}"
+    try:
+        written = write_result(stopped, target, layer, provenance)
+    finally:
+        if lock is not None:
+            lock.release()
+    saved.unlink(missing_ok=True)
+    return {"output": str(written.path) if written.path else None, "note": written.note + busy,
             "layer": layer, "features": len(detections), "tiles_done": done,
             "tiles_failed": len(failed), "tiles_planned": found.total,
             "failures": found.failures, "counts": _counts(detections),
-            "crs_wkt": _wkt(found.crs), "run_id": found.header.get("run_id", "")}
+            "crs_wkt": _wkt(found.crs), "run_id": run_id}
 
 
 def _request_provenance(request: dict[str, Any]) -> dict[str, str]:

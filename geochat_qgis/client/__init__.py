@@ -12,7 +12,8 @@ runtime serve``) does. Requests are plain JSON dicts of the user's choices, reso
     settings {...}},
     family (optional: from the model), tiling {tile_size (None: the family's), overlap, gsd,
     bands}, output {path, layer, crs}, options {max_new_tokens, temperature, grammar,
-    iou_threshold, angle_convention, max_consecutive_failures}
+    iou_threshold, angle_convention, max_consecutive_failures, run_id (letters, digits, '_',
+    '-'; ``run`` makes one when none is given: it names the run's checkpoint)}
 
 CRS values are WKT or "EPSG:n". ``model.name``: a catalog name (a converted one, e.g.
 geochat-7b after get_model, is found by ``model.target``/``model.quant``, else the default
@@ -57,7 +58,9 @@ A cancelled run keeps (writes) its finished tiles. Errors: RuntimeClientError(me
 child failed), RuntimeMissing (subclass) when no usable runtime is installed. ``run`` raises
 only before tiles run; afterwards it returns a RunResult whose ``error``/``cancelled``/
 ``crashed`` say how it ended (a killed child: "... killed (SIGKILL), likely out of memory ...";
-its finished tiles are written by a fresh child). Heavy requests (run, ask, get_model) take
+its finished tiles are written by a fresh child). One run writes an output at a time: a second
+``run`` to the same ``output.path`` raises RuntimeClientError (kind "OutputBusy") naming the
+first one's process. Heavy requests (run, ask, get_model) take
 turns; light ones (plan, status, export, model_status, model_list, plan_get, ping) may run
 meanwhile. The child keeps the last model loaded between requests.
 """

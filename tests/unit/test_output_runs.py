@@ -75,14 +75,14 @@ def test_a_second_run_on_the_same_output_is_refused_and_a_killed_first_keeps_its
             try:
                 second.run(request(chat, demo_raster, out))
             except RuntimeClientError as exc:
-                refused.append(exc.message)
+                refused.append(f"{exc.kind}: {exc.message}")
         if number == 6:
             os.kill(victim, signal.SIGKILL)
 
     chat.on_request = on_request
     result = first.run(request(chat, demo_raster, out))
     assert refused and refused[0].startswith(
-        f"{out} is being written by another run (pid {victim}); pick another output or wait")
+        f"OutputBusy: {out} is being written by another run (pid {victim}); pick another output or wait")
     assert len(chat.bodies) >= 6 and second.pid is not None  # it asked no tile of the server
     assert result.crashed and "next request starts a fresh runtime" in result.error
     assert 4 <= result.tiles_done <= 6 and result.output == str(out)

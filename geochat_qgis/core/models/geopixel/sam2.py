@@ -28,7 +28,7 @@ from ...errors import ModelError
 from .sam2_config import FCS_PREFIX, VISUAL_PREFIX, Sam2Config
 from .sam2_image import Sam2ImageEncoder, sam2_pixels
 from .sam2_masks import Sam2PromptEncoder, build_mask_decoder, decoder_inputs, postprocess_masks
-from .sam2_unused import is_unused
+from .sam2_unused import is_unused, unused_checkpoint_shapes
 
 CHECKPOINT_PREFIX = {"text_hidden_fcs.": FCS_PREFIX[: -len("text_hidden_fcs.")], "": VISUAL_PREFIX}
 MLP3 = r"(output_hypernetworks_mlps\.\d+|iou_prediction_head|pred_obj_score_head)"
@@ -162,30 +162,30 @@ def is_sam2_name(name: str) -> bool:
 
 
 def load_state(module: GeoPixelSam2, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Load full-name checkpoint ``tensors`` (only this part's names; video parts skipped) into ``module``.
+    """Load full-name checkpoint ``tensors`` (only this part's names; video parts skipped unread) into
+    ``module`` (built on ``meta``: the tensors are assigned; allocated: copied in its dtype).
 
     A name of this part the module lacks, one it needs that is absent, or a shape that differs is
     a ModelError naming the tensor."""
     names = checkpoint_names(module)
-    state = {}
-    for name, tensor in tensors.items():
-        if is_unused(name):
-            continue
-        if name not in names:
-            raise ModelError(f"The GeoPixel checkpoint's tensor {name!r} is not part of SAM-2 as this "
-                             "version builds it: the checkpoint is not GeoPixel's layout.")
-        state[names[name]] = tensor
-    missing = sorted(set(names) - {n for n in tensors if n in names})
+    wanted = [name for name in tensors if not is_unused(name)]
+    unknown = [name for name in wanted if name not in names]
+    if unknown:
+        raise ModelError(f"The GeoPixel checkpoint's tensor {unknown[0]!r} is not part of SAM-2 as this "
+                         "version builds it: the checkpoint is not GeoPixel's layout.")
+    missing = sorted(set(names) - set(wanted))
     if missing:
-        raise ModelError(f"The GeoPixel checkpoint lacks {missing[0]!r}"
-                         f"{f' and {len(missing) - 1} more SAM-2 tensors' if len(missing) > 1 else ''}: "
-                         "it is incomplete; download it again.")
+        more = f" and {len(missing) - 1} more SAM-2 tensors" if len(missing) > 1 else ""
+        raise ModelError(f"The GeoPixel checkpoint lacks {missing[0]!r}{more}: it is incomplete; "
+                         "download it again.")
     own = module.state_dict()
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(own[name].shape):
-            raise ModelError(f"The GeoPixel checkpoint's {checkpoint_name(name)!r} is {tuple(tensor.shape)}, "
-                             f"SAM-2 here expects {tuple(own[name].shape)}: the sizes were read wrongly or the "
-                             "checkpoint is damaged.")
+    state = {}
+    for name in wanted:
+        tensor, target = tensors[name], own[names[name]]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise ModelError(f"The GeoPixel checkpoint's {name!r} is {tuple(tensor.shape)}, SAM-2 here expects "
+                             f"{tuple(target.shape)}: the sizes were read wrongly or the checkpoint is damaged.")
+        state[names[name]] = tensor
     module.load_state_dict(state, strict=True, assign=any(t.is_meta for t in own.values()))
 
 
@@ -194,3 +194,8 @@ def expected_shapes(config: Sam2Config) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         module = GeoPixelSam2(config)
     return {name: tuple(t.shape) for name, t in checkpoint_tensors(module).items()}
+
+
+def checkpoint_shapes(config: Sam2Config) -> dict[str, tuple[int, ...]]:
+    """Every SAM-2 / text_hidden_fcs tensor of a checkpoint of these sizes, the unused video parts too."""
+    return {**expected_shapes(config), **unused_checkpoint_shapes(config)}

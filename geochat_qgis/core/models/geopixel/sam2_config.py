@@ -152,7 +152,7 @@ class Sam2Config:
                                **sizes)
         for i, dim in enumerate(config.stage_dims):
             block = sum(config.stages[:i + 1]) - 1
-            if shape(TRUNK + f"blocks.{block}.attn.qkv.weight") != (3 * dim, dim):
+            if shape(TRUNK + f"blocks.{block}.attn.qkv.weight")[0] != 3 * dim:
                 raise ModelError(f"Hiera block {block} is not {dim} wide as stage {i + 1} should be: the "
                                  "checkpoint is not SAM-2's layout.")
         return config

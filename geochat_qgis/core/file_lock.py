@@ -3,7 +3,8 @@
 Used for one writer per model folder (core/weights/locks.py) and one run per output file
 (core/outputs.py). ``flock`` locks are released by the system when their process dies, so a
 killed holder never leaves a lock behind; the lock file itself goes when its holder is done.
-Where the system has no ``fcntl`` (Windows) nothing is locked.
+On Windows the same holds with ``msvcrt.locking`` on one byte far past the pid (Windows byte
+locks are mandatory, so the pid itself stays readable); the system drops it with its process.
 """
 from __future__ import annotations
 
@@ -14,8 +15,14 @@ from typing import Optional
 
 try:
     import fcntl
-except ImportError:  # Windows: no advisory locks
+except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
+try:
+    import msvcrt
+except ImportError:  # not Windows
+    msvcrt = None  # type: ignore[assignment]
+
+_WINDOWS_LOCK_OFFSET = 1 << 20  # the byte msvcrt locks: past the pid, which others must read
 
 
 class LockHeld(Exception):
@@ -29,10 +36,29 @@ class LockHeld(Exception):
 def _holder(fd: int) -> Optional[int]:
     """The pid the holder wrote into the lock file (None before it has written one)."""
     try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 32).decode("ascii", "replace").strip()
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+def _lock(fd: int) -> None:
+    """Take the lock on ``fd`` without waiting; OSError when another holds it."""
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+    msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+
+
+def _unlock(fd: int) -> None:
+    """Release the Windows byte lock (closing the file releases an flock by itself)."""
+    try:
+        os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    except OSError:
+        pass  # closing the file releases it too
 
 
 class FileLock:
@@ -44,12 +70,12 @@ class FileLock:
         self._fd: Optional[int] = None
 
     def acquire(self) -> "FileLock":
-        if fcntl is None:
+        if fcntl is None and msvcrt is None:
             return self
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _lock(fd)
             except OSError:
                 pid = _holder(fd)
                 os.close(fd)
@@ -61,6 +87,7 @@ class FileLock:
                 pass
             os.close(fd)
         os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, f"{os.getpid()}\n".encode("ascii"))
         self._fd = fd
         return self
@@ -68,6 +95,14 @@ class FileLock:
     def release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is None:
+            return
+        if msvcrt is not None:  # Windows removes no file that is open: unlock, close, remove
+            _unlock(fd)
+            os.close(fd)
+            try:
+                self.path.unlink(missing_ok=True)
+            except PermissionError:
+                pass  # another process has just opened it to take the lock: it keeps the file
             return
         try:
             self.path.unlink(missing_ok=True)  # still held: nobody else can be using it

@@ -31,6 +31,7 @@ _NATIVE_CRASHES = {"SIGSEGV", "SIGBUS", "SIGABRT", "SIGILL", "SIGFPE"}
 _AFTER = "Results finished so far are kept; the next request starts a fresh runtime."
 _KINDS = frozenset({"ready", "heartbeat", "token", "result", "event", "error"})
 _PROTOCOL = "RuntimeProtocol"
+_HEAVY = frozenset({"load", "generate", "run", "ask", "get_model"})
 
 
 def describe_exit(code: Optional[int]) -> str:
@@ -68,6 +69,16 @@ def line_problem(message: Any) -> Optional[str]:
     return None
 
 
+def model_named(message: Message) -> Optional[str]:
+    """The model file, folder or name a request names (None: it names none)."""
+    request = message.get("request")
+    model = message.get("spec") or (request.get("model") if isinstance(request, dict) else None)
+    if not isinstance(model, dict):
+        return None
+    name = model.get("model") or model.get("model_path") or model.get("name")
+    return str(name) if name else None
+
+
 def dumps(message: Message) -> str:
     """One protocol line (JSON escapes newlines, so a message is always one line)."""
     return json.dumps(message, separators=(",", ":")) + "\n"
@@ -96,6 +107,8 @@ class ChildProcess:
         self._stderr: collections.deque[str] = collections.deque(maxlen=40)
         self._threads: list[threading.Thread] = []
         self.last_seen = 0.0
+        self.model: Optional[str] = None  # the model the child was last asked to use
+        self.activity: Optional[str] = None  # what the child was last doing (heavy work)
 
     @property
     def pid(self) -> Optional[int]:
@@ -172,10 +185,31 @@ class ChildProcess:
             self.info = message
             self._ready.set()
             return
+        if kind == "event":
+            self._follow(message["event"])
         with self._lock:
             box = self._pending.get(message.get("id"))
         if box is not None:
             box.put(message)  # a late answer to an abandoned request is dropped
+
+    def _note(self, message: Message) -> None:
+        """Remember the model and the heavy work a request starts (for a death's message)."""
+        op = message.get("op")
+        if op not in _HEAVY:
+            return
+        self.model = model_named(message) or self.model
+        model = self.model or "the loaded model"
+        self.activity = {"load": f"loading {model}", "generate": f"generating with {model}",
+                         "get_model": f"getting the model {message.get('model')}"}.get(
+            str(op), f"running '{op}' with {model}")
+
+    def _follow(self, event: Message) -> None:
+        """A child's event that says what it is doing now."""
+        if event.get("type") == "status" and str(event.get("message", "")).startswith("loading "):
+            self.activity = str(event["message"])
+        elif event.get("type") == "progress" and event.get("total"):
+            self.activity = (f"running {self.model or 'the model'} on tiles after "
+                             f"{event.get('done')} of {event.get('total')} were done")
 
     def _unreadable(self, line: str, problem: str, message: Any) -> None:
         """A line from the child that is no protocol message: its request (all waiting
@@ -229,6 +263,7 @@ class ChildProcess:
             self._pending[request_id] = box
         try:
             self.send({"id": request_id, **message})
+            self._note(message)
             while True:
                 try:
                     reply = box.get(timeout=0.1)
@@ -253,6 +288,8 @@ class ChildProcess:
         finally:
             with self._lock:
                 self._pending.pop(request_id, None)
+            if message.get("op") in _HEAVY:
+                self.activity = None  # idle again: a later death was not this request's
 
     def _check_heartbeat(self) -> None:
         silent = time.monotonic() - self.last_seen
@@ -276,8 +313,9 @@ class ChildProcess:
                 thread.join(timeout=1)
         tail = self.stderr_tail()
         missing = "No module named" in tail
-        message = (f"The GeoChat runtime process {describe_exit(code)}. QGIS is unaffected. "
-                   f"{_AFTER}" + (f" Its last output: {tail}" if tail else ""))
+        doing = f" It was {self.activity}." if self.activity else ""
+        message = (f"The GeoChat runtime process {describe_exit(code)}.{doing} QGIS is "
+                   f"unaffected. {_AFTER}" + (f" Its last output: {tail}" if tail else ""))
         return RuntimeClientError(message, "RuntimeMissing" if missing else "RuntimeDied", code)
 
     def kill(self) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ModelError
+from .gguf_checks import check_gguf_tensors
 
 GGUF_MAGIC = b"GGUF"
 #: tensors whose output size is the embedding size a projector feeds the text model, in order
@@ -82,6 +83,7 @@ def read_gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
     path = Path(path)
     reader = open_gguf(path)
     architecture = _field(reader, "general.architecture") or "unknown"
+    check_gguf_tensors(reader, path, architecture, _field)
     if architecture == "clip":
         shapes = {tensor.name: [int(n) for n in tensor.shape] for tensor in reader.tensors}
         output = next((shapes[name][1] for name in _PROJECTOR_OUTPUTS

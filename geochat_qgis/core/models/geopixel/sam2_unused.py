@@ -76,7 +76,7 @@ def _memory_encoder(config: Sam2Config) -> dict[str, tuple[int, ...]]:
 
 
 def unused_checkpoint_shapes(config: Sam2Config) -> dict[str, tuple[int, ...]]:
-    """Full checkpoint names and shapes of SAM-2's video parts for ``config`` (GeoPixel's order)."""
+    """Full checkpoint names and shapes of SAM-2's video parts for ``config``."""
     d = config.d_model
     shapes: dict[str, tuple[int, ...]] = {
         "maskmem_tpos_enc": (config.num_maskmem, 1, 1, config.mem_dim),

@@ -44,28 +44,33 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--gpu", action="store_true", help="also time the torch path on CUDA")
+    parser.add_argument("--no-libmtmd", action="store_true",
+                        help="time the project's encoder only (a machine without llama.cpp: "
+                             "bench/gpu_suite.sh)")
     args = parser.parse_args()
     os.environ.setdefault("OPENBLAS_NUM_THREADS", str(args.threads))
-    import llama_cpp
     import numpy as np
 
-    from geochat_qgis.core.backends.llama_cpp import _route_mtmd_logs
     from geochat_qgis.core.vision.encoder import ImageEncoder
-    from geochat_qgis.core.vision.libmtmd import MtmdEncoder
 
     mmproj, text = inputs()
-    _route_mtmd_logs()
-    llama = llama_cpp.Llama(str(text), n_ctx=256, n_threads=args.threads, verbose=False)
     rng = np.random.default_rng(0)
     tiles = [rng.integers(0, 256, (504, 504, 3), dtype=np.uint8) for _ in range(args.tiles)]
     encoder = ImageEncoder(mmproj, device="cpu")
-    start = time.perf_counter()
-    mtmd = MtmdEncoder(llama.model, mmproj, 4096, n_threads=args.threads)
-    load_mtmd = time.perf_counter() - start  # not timed below: both encoders are loaded once
-    modes = {
-        "project": lambda tile: encoder.encode_pixels(encoder.pixels(tile)),
-        "libmtmd": mtmd.embed,
-    }
+    modes = {"project": lambda tile: encoder.encode_pixels(encoder.pixels(tile))}
+    load_mtmd = None
+    if not args.no_libmtmd:
+        import llama_cpp
+
+        from geochat_qgis.core.backends.llama_cpp import _route_mtmd_logs
+        from geochat_qgis.core.vision.libmtmd import MtmdEncoder
+
+        _route_mtmd_logs()
+        llama = llama_cpp.Llama(str(text), n_ctx=256, n_threads=args.threads, verbose=False)
+        start = time.perf_counter()
+        mtmd = MtmdEncoder(llama.model, mmproj, 4096, n_threads=args.threads)
+        load_mtmd = time.perf_counter() - start  # not timed below: both are loaded once
+        modes["libmtmd"] = mtmd.embed
     if args.gpu:
         gpu = ImageEncoder(mmproj, device="cuda")
         modes["project-cuda"] = lambda tile: gpu.encode_pixels(gpu.pixels(tile))
@@ -84,8 +89,11 @@ def main() -> int:
             print(f"{name}: {seconds:.2f} s per tile", flush=True)
     figures = {f"{name}_s_per_tile": round(value, 3) for name, value in best.items()}
     figures.update({f"{name}_cpu_s_per_tile": round(v, 3) for name, v in cpu_best.items()})
-    figures["libmtmd_load_s"] = round(load_mtmd, 3)
-    figures["project_over_libmtmd"] = round(best["project"] / best["libmtmd"], 3)
+    if load_mtmd is not None:
+        figures["libmtmd_load_s"] = round(load_mtmd, 3)
+        figures["project_over_libmtmd"] = round(best["project"] / best["libmtmd"], 3)
+    if "project-cuda" in best:
+        figures["cpu_over_cuda"] = round(best["project"] / best["project-cuda"], 1)
     figures["threads"] = args.threads
     print(json.dumps(figures))
     return 0

@@ -148,12 +148,12 @@ def internal_error(exc: BaseException, verbose: bool) -> str:
     text = "".join(traceback.format_exception(exc))
     if verbose:
         sys.stderr.write(text)
-        where = "the traceback is above"
+        where = "the traceback above"
     else:
         with tempfile.NamedTemporaryFile("w", prefix="geochat-error-", suffix=".txt",
                                          delete=False) as out:
             out.write(text)
-        where = f"the traceback is in {out.name}"
+        where = f"its traceback, which is in {out.name}"
     return (f"internal error ({type(exc).__name__}: {str(exc)[:200]}): this is a bug; please "
             f"report it with {where}")
 

@@ -229,6 +229,12 @@ def report(result, written) -> None:
     if result.dropped:
         print(f"note: {len(result.dropped)} box(es) left out: {result.dropped[0]}",
               file=sys.stderr)
+    unread = [a for a in result.answers if set(a.problems) - set(result.dropped)]
+    if unread:
+        first = next(p for p in unread[0].problems if p not in result.dropped)
+        print(f"note: {len(unread)} of {len(result.answers)} answer(s) had parts that could not "
+              f"be read (the log above names each; the first, tile {unread[0].tile_id}: "
+              f"{first})", file=sys.stderr)
     if result.cancelled:
         print("cancelled", file=sys.stderr)
     if result.error:

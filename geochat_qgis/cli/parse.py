@@ -11,6 +11,7 @@ HELP = (
     "y down) and print them as one JSON object."
 )
 DECIMALS = 4
+NPY_MAGIC = b"\x93NUMPY"  # how every numpy.save file starts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,10 +36,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def load_masks(path: str) -> Any:
+    """The mask array saved with numpy.save at ``path``; GeoChatError saying what the file is
+    instead (missing, not a .npy file, Python objects, damaged)."""
+    import numpy as np
+
+    from ..core.errors import GeoChatError
+
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(NPY_MAGIC))
+    except OSError as exc:
+        raise GeoChatError(f"could not read the masks {path}: {exc.strerror or exc}") from None
+    if head != NPY_MAGIC:
+        raise GeoChatError(f"the masks {path} are not a .npy file (it starts with {head!r}): "
+                           "save the (n, H, W) masks with numpy.save(path, masks)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise GeoChatError(f"the masks {path} hold Python objects, not mask values: save a "
+                               "boolean or number array with numpy.save") from None
+        raise GeoChatError(f"the masks {path} are a damaged .npy file ({exc}): save them again "
+                           "with numpy.save") from None
+    except OSError as exc:
+        raise GeoChatError(f"could not read the masks {path}: {exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 
-    import numpy as np
 
     from ..core.errors import GeoChatError
     from ..core.families import get_family
@@ -48,14 +75,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise GeoChatError(f"could not read the model output on stdin: {exc}") from exc
     raw = data.decode("utf-8", errors="replace")
-    masks = None
-    if args.masks:
-        try:
-            masks = np.load(args.masks, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise GeoChatError(
-                f"could not read the masks {args.masks}: {exc}; save them with numpy.save"
-            ) from exc
+    masks = load_masks(args.masks) if args.masks else None
     settings = {"angle_convention": args.angle_convention} if args.family == "geochat" else {}
     family = get_family(args.family, **settings)
     tile_size = args.tile_size or family.preprocess.size

@@ -10,7 +10,6 @@ an existing GeoPackage keeps its other layers (the copy that is renamed into pla
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import os
 import shutil
 import struct
@@ -25,6 +24,7 @@ import shapely
 
 from .errors import Cancelled, ExportError, GeoChatError
 from .results import Detection, geometry_array, polygonal
+from .write_errors import free_bytes, write_failure
 
 
 class _Incomplete(Exception):
@@ -72,6 +72,7 @@ SHAPEFILE_STALE = (".qix", ".sbn", ".sbx")  # spatial indexes of an old file: wr
 SHAPEFILE_HEADERS = {".shp": 100, ".shx": 100, ".dbf": 32}  # header bytes of each part
 SHAPEFILE_TEXT_BYTES = 254  # a dBase text field holds at most 254 bytes
 POLYGON, MULTIPOLYGON = 3, 6  # shapely geometry type ids
+SQLITE_SIDECARS = ("-wal", "-shm", "-journal")  # a GeoPackage's files while it is written
 
 
 def now_iso() -> str:
@@ -180,12 +181,13 @@ def export_detections(
         _check(cancel)
         _commit(dict(zip(finals, temps)), _stale(path, driver))
     except BaseException as exc:
-        for leftover in temps + [temp.with_name(temp.name + s) for s in ("-wal", "-shm")]:
+        left = free_bytes(path.parent)  # before the partial file goes: what the write had left
+        for leftover in temps + [temp.with_name(temp.name + s) for s in SQLITE_SIDECARS]:
             if leftover.exists():
                 leftover.unlink()
         if isinstance(exc, (GeoChatError, KeyboardInterrupt, SystemExit)):
             raise
-        raise ExportError(write_failure(path, exc)) from exc
+        raise ExportError(write_failure(path, exc, left)) from exc
     return path
 
 
@@ -215,26 +217,6 @@ def check_output(path: os.PathLike | str) -> Path:
     if driver == "GPKG" and path.exists():
         _other_layers(path, "")  # ExportError when it is not a readable GeoPackage
     return path
-
-
-def write_failure(path: Path, exc: BaseException) -> str:
-    """A one-line message for a failed write of ``path``: the cause in short, and what to do."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    code = getattr(exc, "errno", None)
-    lowered = text.lower()
-    try:
-        full = shutil.disk_usage(path.parent).free == 0
-    except OSError:
-        full = False
-    if full or code == errno.ENOSPC or "disk is full" in lowered or "no space left" in lowered:
-        return (f"could not write {path}: the disk is full. Free some space or choose another "
-                f"folder; nothing was changed there.")
-    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return (f"could not write {path}: the folder {path.parent} is not writable "
-                f"({os.strerror(code)}). Choose a folder you can write to.")
-    if len(text) > 200:
-        text = text[:200] + "..."
-    return f"could not write {path}: {text}. Nothing was changed there."
 
 
 def _verify(temps: Sequence[Path], driver: str, layer: str, count: int, has_crs: bool) -> None:

@@ -251,6 +251,9 @@ def _run_batch(batch, prompts, backend: Backend, family, options: GenerateOption
                 detection.attributes.update(attributes, prompt=typed or user_text)
             dropped: list[str] = []
             placed = georeference(answer.detections, tile, job.output_crs, dropped)
+            if answer.problems:  # the rest of the answer counts; detect says how many had these
+                log.warning("tile %s, prompt %r: %s", tile.tile_id, typed or job.task,
+                            "; ".join(answer.problems))
             answer.problems += dropped
             result.dropped += dropped
             found.extend(placed)

@@ -160,6 +160,16 @@ def _parse_file(raw: Any, where: str) -> ModelFile:
     )
 
 
+def implied_format(files: Sequence[ModelFile], backends: Sequence[str]) -> str:
+    """The format an entry that names none is in: a .gguf model file or the llama.cpp backend
+    make it gguf, the transformers backend hf, the geopixel backend safetensors ("" else)."""
+    kinds = {str(b).strip().lower().replace("_", ".") for b in backends}
+    if kinds & {"llama.cpp", "llamacpp", "gguf"} or any(
+            f.path.lower().endswith(".gguf") for f in files if f.role in ("model", "")):
+        return "gguf"
+    return "safetensors" if "geopixel" in kinds else "hf" if kinds & {"transformers", "hf"} else ""
+
+
 def parse_entry(raw: Mapping[str, Any], origin: str, base_dir: Optional[Path] = None) -> ModelEntry:
     """One catalog entry from its JSON form; ModelError naming the entry when it is malformed."""
     name = str(raw.get("name", ""))
@@ -194,7 +204,7 @@ def parse_entry(raw: Mapping[str, Any], origin: str, base_dir: Optional[Path] = 
         family=str(raw["family"]),
         files=files,
         title=str(raw.get("title", name)),
-        format=str(raw.get("format", "")),
+        format=str(raw.get("format") or implied_format(files, raw.get("backends", ()))),
         repo=str(repo) if repo else None,
         revision=revision,
         local_path=local_path,
@@ -240,7 +250,9 @@ def load_catalog(
 def add_user_entry(raw: Mapping[str, Any], user_catalog: Optional[PathLike] = None) -> Path:
     """Validate ``raw`` and add it to (or replace it in) the user catalog file, atomically."""
     path = Path(user_catalog) if user_catalog else default_user_catalog()
-    parse_entry(raw, str(path), path.parent)
+    entry = parse_entry(raw, str(path), path.parent)
+    if entry.format and not raw.get("format"):
+        raw = {**raw, "format": entry.format}  # recorded: what `models get` decides by
     data: dict[str, Any] = {"models": []}
     if path.exists():
         read_catalog_file(path)  # refuse to extend a broken file

@@ -1,10 +1,14 @@
 """Shared test fixtures: paths to the real rasters shipped in tests/data."""
 from __future__ import annotations
 
+import fnmatch
+import functools
 import hashlib
+import importlib.util
 import json
 import os
 import socket
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -133,43 +137,62 @@ hub = pytest.fixture(serve_hub)
 cdn = pytest.fixture(serve_hub)
 
 
-# --------------------------------------------------------------- torch left out by build.py
-# Where no CPU build of torch exists for this Python (Debian 13's 3.13: only a CUDA build of
-# several GB), build.py leaves torch out and says why here; a test or fixture that then fails on
-# `import torch`, here or in a runtime child or CLI it started (whose message says "No module
-# named 'torch'" or that the runtime "lacks torch"), is reported as skipped with that reason.
-# Anywhere else it stays a failure.
+# --------------------------------------------------------------- tests that need torch
+# A test that exercises torch by design carries @pytest.mark.needs_torch, or sits in a file named
+# by TORCH_BY_DESIGN (the marker is then added here); where torch is missing it is skipped with
+# the reason. Nothing else is turned into a skip: a test that starts needing torch by accident
+# fails on `import torch` like any other error. Which Python counts: the runtime child's
+# (GEOCHAT_RUNTIME_PYTHON, the qgis tier) when set, else this one. build.py says why it left
+# torch out in GEOCHAT_NO_TORCH_REASON.
+TORCH_BY_DESIGN = (
+    "test_geopixel_*.py",  # GeoPixel runs the project's own torch code
+    "test_models_get_geopixel.py",  # ... and converts with it
+    "test_backend_transformers.py",  # the transformers backend
+    "test_convert_parity.py",  # the converted HF model run by transformers against llama.cpp
+    "test_dock_geopixel.py", "test_processing_segment.py",  # qgis tier: GeoPixel in the runtime
+)
 NO_TORCH_REASON = os.environ.get("GEOCHAT_NO_TORCH_REASON", "")
-_TORCH_MISSING_TEXT = ("No module named 'torch'", "lacks torch")
 
 
-def _torch_missing(exc: BaseException | None) -> bool:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] == "torch":
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+@functools.lru_cache(maxsize=None)
+def torch_missing() -> str:
+    """Why torch cannot be imported where the tests run models ('' when it can)."""
+    runtime = os.environ.get("GEOCHAT_RUNTIME_PYTHON")
+    if runtime:
+        found = subprocess.run([runtime, "-c", "import importlib.util as u; print(bool(u.find_spec('torch')))"],
+                               capture_output=True, text=True).stdout.strip() == "True"
+        where = f"the runtime Python {runtime}"
+    else:
+        found = importlib.util.find_spec("torch") is not None
+        where = "this Python"
+    if found:
+        return ""
+    return f"needs torch, not installed in {where}" + (f": {NO_TORCH_REASON}" if NO_TORCH_REASON else "")
 
 
-if NO_TORCH_REASON:
-    @pytest.hookimpl(hookwrapper=True)
-    def pytest_runtest_makereport(item, call):
-        outcome = yield
-        report = outcome.get_result()
-        if report.failed and call.excinfo is not None and (
-                _torch_missing(call.excinfo.value)
-                or any(text in str(report.longrepr) for text in _TORCH_MISSING_TEXT)):
-            report.outcome = "skipped"
-            report.longrepr = (str(item.path), item.location[1] or 0,
-                               f"Skipped: needs torch, not installed: {NO_TORCH_REASON}")
+def _torch_by_design(path: Path) -> bool:
+    return any(fnmatch.fnmatch(path.name, pattern) for pattern in TORCH_BY_DESIGN)
 
-    @pytest.hookimpl(hookwrapper=True)
-    def pytest_make_collect_report(collector):
-        outcome = yield
-        report = outcome.get_result()
-        if report.failed and "No module named 'torch'" in str(report.longrepr):
-            report.outcome = "skipped"
-            report.longrepr = (str(collector.path), 0,
-                               f"Skipped: needs torch, not installed: {NO_TORCH_REASON}")
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if _torch_by_design(Path(str(item.path))):
+            item.add_marker(pytest.mark.needs_torch)
+
+
+def pytest_runtest_setup(item) -> None:
+    if item.get_closest_marker("needs_torch") and torch_missing():
+        pytest.skip(torch_missing())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A TORCH_BY_DESIGN file that imports torch at its top is skipped (not an error) where torch
+    is missing; any other file that fails to import stays an error."""
+    outcome = yield
+    report = outcome.get_result()
+    path = Path(str(getattr(collector, "path", "") or ""))
+    if (report.failed and path.suffix == ".py" and _torch_by_design(path) and torch_missing()
+            and "No module named 'torch'" in str(report.longrepr)):
+        report.outcome = "skipped"
+        report.longrepr = (str(path), 0, f"Skipped: {torch_missing()}")

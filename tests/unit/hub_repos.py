@@ -227,17 +227,18 @@ def serve_repo_hub() -> Iterator[RepoHub]:
 
 
 def tiny_geochat_repos(folder: Path, seed: int = 0) -> tuple[Path, Path]:
-    """Write the tiny GeoChat and CLIP-336 repositories under ``folder``; returns both folders."""
-    import torch
-    from safetensors.torch import load_file
-
+    """Write the tiny GeoChat and CLIP-336 repositories under ``folder``; returns both folders
+    (numpy only: the runtime that writes them may have no torch)."""
+    from geochat_qgis.core.weights.checkpoint_io import open_tensors
     from geochat_qgis.core.weights.tiny import write_tiny_geochat_checkpoint
+    from geochat_qgis.core.weights.torch_zip_writer import save_state_dict
 
     geochat = write_tiny_geochat_checkpoint(Path(folder) / "geochat-7B", seed)
     clip = Path(folder) / "clip-vit-large-patch14-336"
     (geochat / "clip").rename(clip)
     # the real CLIP-336 repository ships a pickle, not safetensors
-    torch.save(load_file(str(clip / "model.safetensors")), clip / "pytorch_model.bin")
+    with open_tensors(clip / "model.safetensors") as tensors:
+        save_state_dict(tensors, clip / "pytorch_model.bin")
     (clip / "model.safetensors").unlink()
     return geochat, clip
 

@@ -8,13 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from geochat_qgis.cli import main
 from geochat_qgis.core.weights.gguf_writer import MMPROJ_GGUF, TEXT_GGUF
-from test_weights_helpers import ckpt, original_tensors  # noqa: F401 (fixture)
+from test_weights_helpers import ckpt, keys_bicubic_table, original_arrays  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 gguf = pytest.importorskip("gguf")
@@ -74,17 +72,14 @@ def test_mmproj_metadata_matches_geochat(gguf_dir: Path) -> None:
 
 def test_mmproj_holds_the_interpolated_table_and_the_projector(gguf_dir: Path, ckpt: Path) -> None:
     tensors = _tensors(gguf_dir / MMPROJ_GGUF)
-    original = original_tensors(ckpt)
+    original = original_arrays(ckpt)
     table = original["clip.vision_model.embeddings.position_embedding.weight"]
-    grid = table[1:].reshape(24, 24, 32).permute(2, 0, 1)[None]
-    resized = F.interpolate(grid, size=(36, 36), mode="bicubic", align_corners=True)[0]
-    expected = torch.cat([table[:1], resized.permute(1, 2, 0).reshape(36 * 36, 32)]).numpy()
     assert tensors["v.position_embd.weight"].shape == (1297, 32)
-    np.testing.assert_allclose(tensors["v.position_embd.weight"], expected, atol=1e-6, rtol=0)
-    np.testing.assert_array_equal(tensors["mm.0.weight"], original["model.mm_projector.0.weight"].numpy())
-    np.testing.assert_array_equal(tensors["mm.2.bias"], original["model.mm_projector.2.bias"].numpy())
+    np.testing.assert_array_equal(tensors["v.position_embd.weight"], keys_bicubic_table(table, 36))
+    np.testing.assert_array_equal(tensors["mm.0.weight"], original["model.mm_projector.0.weight"])
+    np.testing.assert_array_equal(tensors["mm.2.bias"], original["model.mm_projector.2.bias"])
     np.testing.assert_array_equal(tensors["v.blk.1.ffn_up.weight"],
-                                  original["clip.vision_model.encoder.layers.1.mlp.fc1.weight"].numpy())
+                                  original["clip.vision_model.encoder.layers.1.mlp.fc1.weight"])
 
 
 def test_text_model_metadata_vocabulary_and_rope_layout(gguf_dir: Path, ckpt: Path) -> None:
@@ -97,12 +92,12 @@ def test_text_model_metadata_vocabulary_and_rope_layout(gguf_dir: Path, ckpt: Pa
     assert len(tokens) == 514 and tokens[-2:] == ["<im_patch>", "<image>"]
     tensors = {t.name: t for t in reader.tensors}
     assert "blk.0.attn_q.weight" in tensors and "output.weight" in tensors
-    original = original_tensors(ckpt)
+    original = original_arrays(ckpt)
     q = np.array(tensors["blk.1.attn_q.weight"].data)
     heads, rows = 4, 64
     # undo llama.cpp's interleaved rope layout: it must give back the HF weight exactly
     unpermuted = q.reshape(heads, rows // heads // 2, 2, -1).swapaxes(1, 2).reshape(q.shape)
-    np.testing.assert_array_equal(unpermuted, original["model.layers.1.self_attn.q_proj.weight"].numpy())
+    np.testing.assert_array_equal(unpermuted, original["model.layers.1.self_attn.q_proj.weight"])
     assert not any(".rotary_emb." in name for name in tensors)
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from geochat_qgis.cli import main
 from geochat_qgis.core.families.llava_v1 import SYSTEM, llava_v1_prompt
-from test_weights_helpers import ckpt, original_tensors  # noqa: F401 (fixture)
+from test_weights_helpers import ckpt, keys_bicubic_table, original_tensors  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 QUESTION = "[refer] Give me the location of <p> car </p>"
@@ -77,12 +77,15 @@ def test_position_table_is_geochats_bicubic_interpolation(model, ckpt: Path) -> 
     loaded, _ = model
     table = original_tensors(ckpt)["clip.vision_model.embeddings.position_embedding.weight"]
     assert table.shape == (24 * 24 + 1, 32)
-    grid = table[1:].reshape(24, 24, 32).permute(2, 0, 1)[None]
-    resized = F.interpolate(grid, size=(36, 36), mode="bicubic", align_corners=True)[0]
-    expected = torch.cat([table[:1], resized.permute(1, 2, 0).reshape(36 * 36, 32)])
     held = loaded.model.vision_tower.embeddings.position_embedding.weight.detach()
     assert held.shape == (1297, 32)
-    torch.testing.assert_close(held, expected, rtol=0, atol=1e-6)
+    assert np.array_equal(held.numpy(), keys_bicubic_table(table.numpy(), 36))  # exact, float64 then rounded
+    grid = table[1:].reshape(24, 24, 32).permute(2, 0, 1)[None]
+    resized = F.interpolate(grid.double(), size=(36, 36), mode="bicubic", align_corners=True)[0]
+    expected = torch.cat([table[:1], resized.float().permute(1, 2, 0).reshape(36 * 36, 32)])
+    torch.testing.assert_close(held, expected, rtol=0, atol=2e-7)  # torch's own, in float64
+    fast = F.interpolate(grid, size=(36, 36), mode="bicubic", align_corners=True)[0]  # its float32 kernel
+    torch.testing.assert_close(held[1:], fast.permute(1, 2, 0).reshape(-1, 32), rtol=0, atol=1e-5)
     # transformers' own align_corners=False interpolation would be a different table
     other = F.interpolate(grid, size=(36, 36), mode="bicubic", align_corners=False)[0]
     assert not torch.allclose(held[1:], other.permute(1, 2, 0).reshape(-1, 32), atol=1e-3)

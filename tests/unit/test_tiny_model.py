@@ -5,14 +5,14 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-import torch
-from safetensors import safe_open
 
 from geochat_qgis.cli import main
 from geochat_qgis.core.errors import ModelError
+from geochat_qgis.core.weights.checkpoint_io import open_tensors
 from geochat_qgis.core.weights.tiny import build_tiny_geochat
-from test_weights_helpers import ckpt, original_tensors  # noqa: F401 (fixture)
+from test_weights_helpers import ckpt, original_arrays, original_tensors  # noqa: F401 (fixture)
 
 
 def test_checkpoint_is_laid_out_as_geochat_saves_it(ckpt: Path) -> None:
@@ -25,7 +25,7 @@ def test_checkpoint_is_laid_out_as_geochat_saves_it(ckpt: Path) -> None:
     index = json.loads((ckpt / "pytorch_model.bin.index.json").read_text())
     assert sorted(set(index["weight_map"].values())) == [
         "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
-    state = original_tensors(ckpt, with_clip=False)
+    state = original_arrays(ckpt, with_clip=False)
     assert set(index["weight_map"]) == set(state)
     assert state["model.mm_projector.0.weight"].shape == (64, 32)
     assert state["model.mm_projector.2.weight"].shape == (64, 64)
@@ -38,10 +38,10 @@ def test_clip_folder_is_a_clip_336_style_tower(ckpt: Path) -> None:
     config = json.loads((ckpt / "clip" / "config.json").read_text())
     vision = config["vision_config"]
     assert (vision["image_size"], vision["patch_size"], vision["hidden_act"]) == (336, 14, "quick_gelu")
-    with safe_open(str(ckpt / "clip" / "model.safetensors"), framework="pt") as handle:
-        table = handle.get_tensor("vision_model.embeddings.position_embedding.weight")
-        assert table.shape == (24 * 24 + 1, 32)
-        assert any(key.startswith("visual_projection") for key in handle.keys())
+    with open_tensors(ckpt / "clip" / "model.safetensors") as tensors:
+        table = tensors["vision_model.embeddings.position_embedding.weight"]
+        assert table.shape == (24 * 24 + 1, 32) and table.dtype == "float32"
+        assert any(key.startswith("visual_projection") for key in tensors)
 
 
 def test_tokenizer_is_llama_style_sentencepiece(ckpt: Path) -> None:
@@ -61,11 +61,30 @@ def test_same_seed_same_model_other_seed_other_weights(ckpt: Path, tmp_path: Pat
     assert time.monotonic() - start < 30
     other = build_tiny_geochat(tmp_path / "other", "geochat-checkpoint", seed=1)
     assert (again / "tokenizer.model").read_bytes() == (ckpt / "tokenizer.model").read_bytes()
-    first, second, third = (original_tensors(path, with_clip=False) for path in (ckpt, again, other))
-    assert all(torch.equal(first[k], second[k]) for k in first)
-    assert not torch.equal(first["lm_head.weight"], third["lm_head.weight"])
+    first, second, third = (original_arrays(path, with_clip=False) for path in (ckpt, again, other))
+    assert all(np.array_equal(first[k], second[k]) for k in first)
+    assert not np.array_equal(first["lm_head.weight"], third["lm_head.weight"])
+    for name in ("pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "clip/model.safetensors"):
+        assert (again / name).read_bytes() == (ckpt / name).read_bytes()  # byte for byte
     size = sum(p.stat().st_size for p in again.rglob("*") if p.is_file())
     assert size < 2 * 2**20
+
+
+@pytest.mark.needs_torch
+def test_torch_reads_the_checkpoint_numpy_wrote(ckpt: Path) -> None:
+    """The shards and CLIP are written without torch; torch (torch.load with weights_only,
+    memory-mapped too, and safetensors) reads back exactly what the numpy reader reads."""
+    import torch
+
+    mine = original_arrays(ckpt)
+    theirs = original_tensors(ckpt)
+    assert set(mine) == set(theirs)
+    for name, tensor in theirs.items():
+        assert tensor.dtype == torch.float32 and tensor.is_contiguous()
+        assert np.array_equal(tensor.numpy(), mine[name]), name
+    for shard in sorted(ckpt.glob("pytorch_model-*.bin")):
+        mapped = torch.load(shard, weights_only=True, mmap=True)
+        assert all(np.array_equal(t.numpy(), mine[k]) for k, t in mapped.items())
 
 
 @pytest.mark.parametrize("fmt, files", [

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
-import torch
 
 from geochat_qgis.cli import main
 from geochat_qgis.core.errors import ModelError
+from geochat_qgis.core.weights.checkpoint_io import open_tensors
 from geochat_qgis.core.weights.convert_hf import convert_geochat_to_hf
 from geochat_qgis.core.weights.geochat_checkpoint import open_geochat_checkpoint
 from geochat_qgis.core.weights.gguf_writer import convert_geochat_to_gguf
-from geochat_qgis.core.weights.tiny import build_tiny_geochat
+from geochat_qgis.core.weights.tiny import build_tiny_geochat, write_safetensors
+from geochat_qgis.core.weights.torch_zip import LEGACY_MAGIC
+from geochat_qgis.core.weights.torch_zip_writer import save_state_dict
 
 SHARD_2 = "pytorch_model-00002-of-00002.bin"
 
@@ -30,10 +35,15 @@ def ckpt(pristine: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(pristine, tmp_path / "ckpt"))
 
 
+def _read_shard(path: Path) -> dict[str, np.ndarray]:
+    with open_tensors(path) as tensors:
+        return {name: np.array(t.array) for name, t in tensors.items()}
+
+
 def _edit_shard(path: Path, edit) -> None:
-    state = torch.load(path, weights_only=True)
+    state = _read_shard(path)
     edit(state)
-    torch.save(state, path)
+    save_state_dict(state, path)
 
 
 class _RunsCode:
@@ -67,19 +77,19 @@ def test_missing_tensor_is_refused(ckpt: Path, tmp_path: Path) -> None:
 
 
 def test_unexpected_tensor_is_refused(ckpt: Path, tmp_path: Path) -> None:
-    _edit_shard(ckpt / SHARD_2, lambda s: s.update({"model.layers.7.mlp.up_proj.weight": torch.zeros(2)}))
+    _edit_shard(ckpt / SHARD_2, lambda s: s.update({"model.layers.7.mlp.up_proj.weight": np.zeros(2, np.float32)}))
     _refused(ckpt, tmp_path / "out", r"unexpected tensor.*model\.layers\.7")
 
 
 def test_shape_that_contradicts_the_config_is_refused(ckpt: Path, tmp_path: Path) -> None:
-    _edit_shard(ckpt / SHARD_2, lambda s: s.update({"model.mm_projector.0.weight": torch.zeros(64, 16)}))
+    _edit_shard(ckpt / SHARD_2, lambda s: s.update({"model.mm_projector.0.weight": np.zeros((64, 16), np.float32)}))
     _refused(ckpt, tmp_path / "out", "do not belong together")
 
 
 def test_tokenizer_smaller_than_the_embeddings_is_refused(ckpt: Path, tmp_path: Path) -> None:
-    _edit_shard(ckpt / SHARD_2, lambda s: s.update({"lm_head.weight": torch.zeros(612, 64)}))
+    _edit_shard(ckpt / SHARD_2, lambda s: s.update({"lm_head.weight": np.zeros((612, 64), np.float32)}))
     _edit_shard(ckpt / "pytorch_model-00001-of-00002.bin", lambda s: s.update(
-        {"model.embed_tokens.weight": torch.zeros(612, 64)}))
+        {"model.embed_tokens.weight": np.zeros((612, 64), np.float32)}))
     _refused(ckpt, tmp_path / "out", "tokenizer files do not belong")
 
 
@@ -96,8 +106,40 @@ def test_missing_shard_named_by_the_index_is_refused(ckpt: Path, tmp_path: Path)
     _refused(ckpt, tmp_path / "out", r"incomplete.*pytorch_model-00002-of-00002\.bin")
 
 
+def _pickle_with_code(marker: Path) -> bytes:
+    return pickle.dumps({"model.norm.weight": _RunsCode(marker)}, protocol=2)
+
+
+def _write_zip_pickle(path: Path, payload: bytes) -> None:
+    """A zip laid out as torch.save writes it, its data.pkl ``payload``."""
+    path.unlink()
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data.pkl", payload)
+        archive.writestr("archive/byteorder", "little")
+        archive.writestr("archive/version", "3\n")
+
+
+def _write_legacy_pickle(path: Path, payload: bytes) -> None:
+    """The legacy (PyTorch < 1.6) layout: magic, protocol, system info, then the payload."""
+    info = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 8}}
+    path.write_bytes(b"".join(pickle.dumps(v, protocol=2) for v in (LEGACY_MAGIC, 1001, info))
+                     + payload + pickle.dumps([], protocol=2))
+
+
+@pytest.mark.parametrize("writer", [_write_zip_pickle, _write_legacy_pickle])
+def test_pickle_that_would_run_code_is_refused_not_run(ckpt: Path, tmp_path: Path, writer) -> None:
+    marker = tmp_path / "code-ran"
+    writer(ckpt / SHARD_2, _pickle_with_code(marker))
+    _refused(ckpt, tmp_path / "out", r"would run code.*os\.makedirs")
+    assert not marker.exists()
+
+
+@pytest.mark.needs_torch
 @pytest.mark.parametrize("zip_format", [True, False])
-def test_pickle_that_would_run_code_is_refused_not_run(ckpt: Path, tmp_path: Path, zip_format: bool) -> None:
+def test_torch_saved_pickle_that_would_run_code_is_refused(ckpt: Path, tmp_path: Path, zip_format: bool) -> None:
+    """The same refusal for what torch.save itself writes, in both of its formats."""
+    import torch
+
     marker = tmp_path / "code-ran"
     state = torch.load(ckpt / SHARD_2, weights_only=True)
     state["model.norm.weight"] = _RunsCode(marker)
@@ -131,11 +173,8 @@ def test_non_empty_output_folder_is_refused(pristine: Path, tmp_path: Path) -> N
 
 def test_safetensors_geochat_checkpoint_converts(ckpt: Path, tmp_path: Path) -> None:
     """Shards in safetensors go through the same path as pickles."""
-    from safetensors.torch import save_file
-
     for index, shard in enumerate(sorted(ckpt.glob("pytorch_model-*.bin")), start=1):
-        state = torch.load(shard, weights_only=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(ckpt / f"model-{index}.safetensors"))
+        write_safetensors(ckpt / f"model-{index}.safetensors", _read_shard(shard))
         shard.unlink()
     (ckpt / "pytorch_model.bin.index.json").unlink()
     out = convert_geochat_to_gguf(ckpt, tmp_path / "gguf")

@@ -1,14 +1,19 @@
-"""Read weight shards safely, one shard at a time.
+"""Read weight shards safely, one shard at a time, with numpy alone (torch optional).
 
-A shard is a ``.safetensors`` file or a PyTorch ``.bin`` pickle. Pickles are opened only through
-``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers, so a
-pickle that would run code is rejected instead of executed. Zip pickles are memory-mapped: only
-the tensors being converted are read, never the whole checkpoint.
+A shard is a ``.safetensors`` file or a PyTorch ``.bin`` pickle. :func:`open_tensors` gives its
+tensors as :class:`TensorData` over a read-only memory map of the file, so only the tensors
+being converted are read, never the whole checkpoint. Pickles go through a restricted unpickler
+(torch_zip.py, torch_pickle.py) that accepts only what ``torch.save`` writes for a plain state
+dict; a pickle that would run code is refused, never executed. ``GEOCHAT_PICKLE_READER=torch``
+reads pickles with ``torch.load(weights_only=True, mmap=True)`` instead (the same tensors; for
+comparisons). :func:`open_shard` gives torch tensors, for code that runs torch anyway.
 """
 from __future__ import annotations
 
 import gc
 import json
+import os
+import pickle
 import struct
 import zipfile
 from contextlib import contextmanager
@@ -16,11 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Mapping
 
+import numpy as np
+
 from ..errors import ModelError
+from .tensor_data import STORAGE_DTYPES, TensorData
+from .torch_zip import read_torch_checkpoint
 
 if TYPE_CHECKING:
     import torch
 
+READER_ENV = "GEOCHAT_PICKLE_READER"  # numpy (default) or torch
 SAFETENSORS_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
@@ -92,8 +102,6 @@ def _safetensors_header(path: Path) -> dict:
 
 @contextmanager
 def _refusing_unsafe_pickles(path: Path) -> Iterator[None]:
-    import pickle
-
     try:
         yield
     except pickle.UnpicklingError as exc:
@@ -106,8 +114,14 @@ def _refusing_unsafe_pickles(path: Path) -> Iterator[None]:
         raise ModelError(f"{path} is truncated or corrupt ({exc}); download it again.") from exc
 
 
+def _flat_tensors(path: Path, state: object, kind: type) -> dict:
+    if not isinstance(state, Mapping) or not all(isinstance(v, kind) for v in state.values()):
+        raise ModelError(f"{path} does not hold a flat dict of tensors; it is not a model shard.")
+    return dict(state)
+
+
 def _load_pickle(path: Path) -> dict[str, "torch.Tensor"]:
-    """A ``.bin`` shard as a dict of tensors; memory-mapped when it is a zip pickle."""
+    """A ``.bin`` shard as a dict of torch tensors; memory-mapped when it is a zip pickle."""
     import torch
 
     mmap = zipfile.is_zipfile(path)
@@ -117,9 +131,54 @@ def _load_pickle(path: Path) -> dict[str, "torch.Tensor"]:
         raise ModelError(f"{path} is truncated (its zip directory is missing); download it again.")
     with _refusing_unsafe_pickles(path):
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"{path} does not hold a flat dict of tensors; it is not a model shard.")
-    return dict(state)
+    return _flat_tensors(path, state, torch.Tensor)
+
+
+def _from_torch(tensor: "torch.Tensor") -> TensorData:
+    import torch
+
+    dtype = str(tensor.dtype).replace("torch.", "")
+    if dtype not in STORAGE_DTYPES:
+        raise ModelError(f"A tensor of type {dtype} cannot be converted; only {', '.join(STORAGE_DTYPES)}.")
+    if tensor.dtype == torch.bfloat16:
+        return TensorData(tensor.view(torch.int16).numpy().view(np.uint16), dtype)
+    return TensorData(tensor.numpy(), dtype)
+
+
+def pickle_reader() -> str:
+    """Which reader opens ``.bin`` pickles: ``numpy`` (default) or ``torch`` (READER_ENV)."""
+    reader = os.environ.get(READER_ENV, "").strip().lower() or "numpy"
+    if reader not in ("numpy", "torch"):
+        raise ModelError(f"{READER_ENV}={reader!r}: use numpy or torch.")
+    return reader
+
+
+def _read_pickle(path: Path) -> dict[str, TensorData]:
+    """A ``.bin`` shard as a dict of TensorData over a memory map of the file."""
+    if pickle_reader() == "torch":
+        return {name: _from_torch(t) for name, t in _load_pickle(path).items()}
+    with _refusing_unsafe_pickles(path):
+        state = read_torch_checkpoint(path)
+    return _flat_tensors(path, state, TensorData)
+
+
+def _read_safetensors(path: Path) -> dict[str, TensorData]:
+    """A ``.safetensors`` shard as a dict of TensorData over a memory map of the file."""
+    header = _safetensors_header(path)
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+    whole = np.memmap(path, dtype=np.uint8, mode="r") if header else None
+    tensors = {}
+    for name, info in header.items():
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ModelError(f"{path}: tensor {name} has type {info['dtype']}, which cannot be converted.")
+        begin, end = (8 + length + int(i) for i in info["data_offsets"])
+        shape = tuple(int(n) for n in info["shape"])
+        if end - begin != int(np.prod(shape, dtype=np.int64)) * STORAGE_DTYPES[dtype].itemsize:
+            raise ModelError(f"{path} is corrupt: tensor {name} does not fill its bytes; download it again.")
+        tensors[name] = TensorData(whole[begin:end].view(STORAGE_DTYPES[dtype]).reshape(shape), dtype)
+    return tensors
 
 
 def shard_metadata(path: Path) -> dict[str, TensorMeta]:
@@ -130,11 +189,8 @@ def shard_metadata(path: Path) -> dict[str, TensorMeta]:
             name: TensorMeta(path, tuple(info["shape"]), SAFETENSORS_DTYPES.get(info["dtype"], info["dtype"]))
             for name, info in header.items()
         }
-    with open_shard(path) as tensors:
-        return {
-            name: TensorMeta(path, tuple(t.shape), str(t.dtype).replace("torch.", ""))
-            for name, t in tensors.items()
-        }
+    with open_tensors(path) as tensors:
+        return {name: TensorMeta(path, t.shape, t.dtype) for name, t in tensors.items()}
 
 
 def checkpoint_metadata(files: list[Path]) -> dict[str, TensorMeta]:
@@ -152,8 +208,17 @@ def checkpoint_metadata(files: list[Path]) -> dict[str, TensorMeta]:
 
 
 @contextmanager
+def open_tensors(path: Path) -> Iterator[Mapping[str, TensorData]]:
+    """The tensors of one shard as TensorData, read lazily (no torch needed); released
+    (unmapped) when the block ends."""
+    with _released(_read_safetensors(path) if path.suffix == ".safetensors" else _read_pickle(path)) as state:
+        yield state
+
+
+@contextmanager
 def open_shard(path: Path) -> Iterator[Mapping[str, "torch.Tensor"]]:
-    """The tensors of one shard, read lazily; released (unmapped) when the block ends."""
+    """The tensors of one shard as torch tensors (needs torch), read lazily; released
+    (unmapped) when the block ends."""
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -161,12 +226,17 @@ def open_shard(path: Path) -> Iterator[Mapping[str, "torch.Tensor"]]:
         with safe_open(str(path), framework="pt") as handle:
             yield _SafetensorsView(handle)
         return
-    state = _load_pickle(path)
+    with _released(_load_pickle(path)) as state:
+        yield state
+
+
+@contextmanager
+def _released(state: dict) -> Iterator[dict]:
+    """``state`` for the block; its tensors dropped (their memory maps closed) afterwards."""
     try:
         yield state
     finally:
         state.clear()
-        del state
         gc.collect()
 
 

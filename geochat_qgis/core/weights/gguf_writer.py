@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
+
+import numpy as np
 
 from ..families.base import CLIP_MEAN, CLIP_STD
 from .geochat_checkpoint import GEOCHAT_IMAGE_SIZE, GeoChatCheckpoint, open_geochat_checkpoint
@@ -22,10 +24,6 @@ from .geochat_tensors import (LM_HEAD, PROJECTOR_PREFIX, TEXT_PREFIX, VISION_PRE
                               plan_tensors, stream_tensors)
 from .geochat_tokenizer import LLAVA_V1_CHAT_TEMPLATE, Vocabulary, geochat_vocabulary
 from .output_dir import check_output_dir, staged_output_dir
-
-if TYPE_CHECKING:
-    import numpy as np
-    import torch
 
 TEXT_GGUF = "model.gguf"
 MMPROJ_GGUF = "mmproj.gguf"
@@ -83,17 +81,15 @@ def mmproj_gguf_name(name: str, kept_layers: int) -> Optional[str]:
     return f"v.blk.{match.group(1)}.{_VISION_NAMES[match.group(2)]}.{match.group(3)}"
 
 
-def _permute(weight: "torch.Tensor", heads: int) -> "torch.Tensor":
+def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
     """HF rotate-half q/k rows -> llama.cpp's interleaved rope layout."""
     return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def _gguf_dtype(target: str, ndim: int, half: bool) -> "np.dtype":
+def _gguf_dtype(target: str, ndim: int, half: bool) -> np.dtype:
     """float16 for matrices of a half-precision model; norms, biases and embeddings of the
     vision input stay float32."""
-    import numpy as np
-
     keep_f32 = ndim == 1 or target in ("v.position_embd.weight", "v.class_embd")
     return np.dtype(np.float16 if half and not keep_f32 else np.float32)
 
@@ -163,9 +159,6 @@ def mmproj_writer(path: Path, ckpt: GeoChatCheckpoint, half: bool):
 
 def _write_pair(folder: Path, text_name: str, ckpt: GeoChatCheckpoint, vocab: Vocabulary,
                 plan: list[PlannedTensor], progress: Optional[Callable[[int, int, str], None]]) -> None:
-    import numpy as np
-    import torch
-
     half = plan[0].dtype != "float32"
     text = text_writer(folder / text_name, ckpt, vocab, half)
     mmproj, kept = mmproj_writer(folder / MMPROJ_GGUF, ckpt, half)
@@ -194,12 +187,13 @@ def _write_pair(folder: Path, text_name: str, ckpt: GeoChatCheckpoint, vocab: Vo
         if item.name not in routes:
             continue
         writer, target = routes[item.name]
+        dtype = _gguf_dtype(target, len(item.shape), half)
+        array = tensor.to("float16" if dtype == np.float16 else "float32").array
         if target.endswith("attn_q.weight") and writer is text:
-            tensor = _permute(tensor, heads)
+            array = _permute(array, heads)
         elif target.endswith("attn_k.weight") and writer is text:
-            tensor = _permute(tensor, kv_heads)
-        dtype = _gguf_dtype(target, tensor.ndim, half)
-        writer.write_tensor_data(tensor.to(torch.float16 if dtype == np.float16 else torch.float32).numpy())
+            array = _permute(array, kv_heads)
+        writer.write_tensor_data(np.ascontiguousarray(array))
     for writer in (text, mmproj):
         writer.close()
 

@@ -11,6 +11,8 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from .tensor_data import TensorData
+
 if TYPE_CHECKING:
     import torch
 
@@ -37,11 +39,15 @@ class SafetensorsStreamWriter:
         self._handle.write(struct.pack("<Q", len(raw)) + raw)
         self._next = 0
 
-    def write(self, name: str, tensor: "torch.Tensor") -> None:
-        import torch
-
+    def write(self, name: str, tensor: "TensorData | torch.Tensor") -> None:
+        """The next planned tensor: a TensorData (numpy), or a torch tensor."""
         expected_name, nbytes = self._expected[self._next]
-        data = tensor.contiguous().view(-1).view(dtype=torch.uint8).numpy()
+        if isinstance(tensor, TensorData):
+            data = tensor.raw()
+        else:
+            import torch
+
+            data = tensor.contiguous().view(-1).view(dtype=torch.uint8).numpy()
         if name != expected_name or data.nbytes != nbytes:
             raise ValueError(f"safetensors writer expected {expected_name} ({nbytes} bytes), got {name}")
         self._handle.write(memoryview(data))

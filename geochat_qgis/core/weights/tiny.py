@@ -11,7 +11,9 @@
 - ``gguf``: that checkpoint through :func:`convert_geochat_to_gguf`: ``model.gguf`` (text) and
   ``mmproj.gguf`` (vision, 504 px) in one folder.
 
-The same seed gives the same weights and tokenizer.
+Everything is written from numpy (no torch): the ``.bin`` shards by torch_zip_writer in the
+format ``torch.save`` writes, the CLIP weights by the project's safetensors writer. The same
+seed gives the same weights and tokenizer.
 """
 from __future__ import annotations
 
@@ -21,9 +23,14 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from ..errors import ModelError
 from ..families.llava_v1 import SYSTEM
 from .geochat_checkpoint import CLIP_336_NAME
+from .safetensors_stream import SafetensorsStreamWriter
+from .tensor_data import TensorData
+from .torch_zip_writer import save_state_dict
 
 FORMATS = ("geochat-checkpoint", "hf", "gguf")
 
@@ -66,18 +73,15 @@ def train_tokenizer(vocab_size: int = SP_VOCAB) -> bytes:
 
 
 class _Init:
-    """Random tensors with scales that keep activations O(1) and greedy margins wide."""
+    """Random float32 tensors with scales that keep activations O(1) and greedy margins wide."""
 
     def __init__(self, seed: int) -> None:
-        import torch
+        self.rng = np.random.default_rng(seed)
 
-        self.torch = torch
-        self.gen = torch.Generator().manual_seed(seed)
+    def normal(self, *shape: int, std: float = 1.0, mean: float = 0.0) -> np.ndarray:
+        return (self.rng.standard_normal(shape, dtype=np.float32) * np.float32(std) + np.float32(mean))
 
-    def normal(self, *shape: int, std: float = 1.0, mean: float = 0.0):
-        return self.torch.randn(*shape, generator=self.gen) * std + mean
-
-    def linear(self, out: int, fan_in: int, gain: float = 1.0):
+    def linear(self, out: int, fan_in: int, gain: float = 1.0) -> np.ndarray:
         return self.normal(out, fan_in, std=gain / fan_in ** 0.5)
 
 
@@ -108,15 +112,23 @@ def _clip_vision_state(init: _Init, prefix: str, grid: int) -> dict:
     return state
 
 
-def _write_clip(folder: Path, init: _Init) -> None:
-    from safetensors.torch import save_file
+def write_safetensors(path: Path, state: dict[str, np.ndarray]) -> None:
+    """``state`` (float32 arrays) as one safetensors file, as ``safetensors.torch.save_file``
+    lays it out (tensors in name order)."""
+    names = sorted(state)
+    writer = SafetensorsStreamWriter(path, [(name, state[name].shape, "float32") for name in names])
+    for name in names:
+        writer.write(name, TensorData(np.ascontiguousarray(state[name], dtype="<f4"), "float32"))
+    writer.close()
 
+
+def _write_clip(folder: Path, init: _Init) -> None:
     folder.mkdir(parents=True)
     grid = VISION["image_size"] // VISION["patch_size"]
     state = _clip_vision_state(init, "vision_model.", grid)
     state["visual_projection.weight"] = init.linear(16, VISION["hidden_size"])  # CLIPModel extras,
-    state["logit_scale"] = init.torch.tensor(2.6592)  # ignored by the conversion
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    state["logit_scale"] = np.array(2.6592, dtype=np.float32)  # ignored by the conversion
+    write_safetensors(folder / "model.safetensors", state)
     vision = {**VISION, "model_type": "clip_vision_model", "hidden_act": "quick_gelu",
               "layer_norm_eps": 1e-5, "projection_dim": 16}
     config = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": 16,
@@ -141,8 +153,8 @@ def _geochat_state(init: _Init) -> tuple[dict, dict]:
         layer = f"model.layers.{i}."
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             shard[f"{layer}self_attn.{name}.weight"] = init.linear(h, h)
-        shard[f"{layer}self_attn.rotary_emb.inv_freq"] = 1.0 / (
-            10000 ** (init.torch.arange(0, head_dim, 2).float() / head_dim))
+        shard[f"{layer}self_attn.rotary_emb.inv_freq"] = np.float32(1.0) / (
+            np.float32(10000) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
         shard[f"{layer}mlp.gate_proj.weight"] = init.linear(ff, h)
         shard[f"{layer}mlp.up_proj.weight"] = init.linear(ff, h)
         shard[f"{layer}mlp.down_proj.weight"] = init.linear(h, ff)
@@ -177,8 +189,6 @@ def geochat_config() -> dict:
 
 def write_tiny_geochat_checkpoint(folder: Path, seed: int = 0) -> Path:
     """Write the GeoChat-layout checkpoint (plus ``clip/``) into ``folder`` (new or empty)."""
-    import torch
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     init = _Init(seed)
@@ -187,9 +197,9 @@ def write_tiny_geochat_checkpoint(folder: Path, seed: int = 0) -> Path:
     names = [f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin" for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards):
-        torch.save(shard, folder / name)
+        save_state_dict(shard, folder / name)
         weight_map.update({key: name for key in shard})
-    total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+    total = sum(t.nbytes for shard in shards for t in shard.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     (folder / "config.json").write_text(json.dumps(geochat_config(), indent=2), encoding="utf-8")

@@ -46,10 +46,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--kv-f32", action="store_true",
                        help="llama.cpp: float32 KV cache (exact; twice the KV memory, a little "
                             "slower; default float16)")
-    model.add_argument("--device", help="transformers: cuda or cpu (default: cuda when present)")
+    model.add_argument("--device", help="transformers, geopixel: cuda or cpu (default: cuda "
+                                        "when present)")
+    model.add_argument("--dtype", choices=("bfloat16", "float32"),
+                       help="geopixel: weights and compute type (default bfloat16; float32 "
+                            "takes twice the memory)")
     model.add_argument("--batch-size", type=positive_int,
-                       help="transformers: tiles per batch (default 8 on CUDA, 1 on CPU)")
-    model.add_argument("--geopixel-source", help="geopixel: a GeoPixel source checkout")
+                       help="transformers, geopixel: tiles per batch (default: several on "
+                            "CUDA, 1 on CPU)")
     model.add_argument("--max-new-tokens", type=positive_int, default=256,
                        help="the longest answer, in tokens (default 256)")
     model.add_argument("--temperature", type=non_negative_float, default=0.0,
@@ -123,7 +127,7 @@ def job_request(args: argparse.Namespace) -> dict:
         "server_url": args.server_url, "max_in_flight": args.max_in_flight,
         "timeout": args.timeout, "n_threads": args.threads, "n_ctx": args.n_ctx,
         "n_gpu_layers": args.gpu_layers, "device": args.device, "batch_size": args.batch_size,
-        "source": args.geopixel_source, "kv_f32": getattr(args, "kv_f32", False) or None,
+        "dtype": getattr(args, "dtype", None), "kv_f32": getattr(args, "kv_f32", False) or None,
     }
     if args.server_url or args.backend == "openai":
         model["api_key"] = os.environ.get(API_KEY_ENV)

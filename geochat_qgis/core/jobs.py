@@ -33,7 +33,7 @@ _MODEL_KEYS = {
     "transformers": {"device": "device", "batch_size": "batch_size", "dtype": "dtype"},
     "openai": {"server_url": "base_url", "api_key": "api_key", "max_in_flight": "max_in_flight",
                "timeout": "timeout"},
-    "geopixel": {"source": "source", "device": "device"},
+    "geopixel": {"device": "device", "batch_size": "batch_size", "dtype": "dtype"},
 }
 
 
@@ -67,11 +67,13 @@ def backend_spec(request: Request) -> BackendSpec:
     reference = model.get("model_path") or model.get("name")
     if not reference:
         raise GeoChatError("choose a model: a catalog name, a GGUF file or a checkpoint folder")
-    from .weights.demo import DEMO_NAME, demo_model_dir
+    from .weights.demo import DEMO_GEOPIXEL_NAME, DEMO_NAME, demo_geopixel_dir, demo_model_dir
 
     mmproj = model.get("mmproj_path") or None
     if reference == DEMO_NAME:
         reference, kind = str(demo_model_dir(model.get("cache_dir") or None)), "llama.cpp"
+    elif reference == DEMO_GEOPIXEL_NAME:
+        reference, kind = str(demo_geopixel_dir(model.get("cache_dir") or None)), "geopixel"
     elif not model.get("model_path"):
         reference, mmproj = _converted(str(reference), model) or (reference, mmproj)
     spec = resolve_spec(str(reference), kind, mmproj, family)

@@ -46,6 +46,7 @@ from .model_choice import (
     NOT_FOUND,
     SERVER,
     UNREACHABLE,
+    backend_for,
     check_server,
     fetch_rows,
     model_choices,
@@ -217,6 +218,7 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
         layout.addWidget(self.results_bar)
         self.setWidget(body)
         self._on_task_changed()
+        self._follow_model_family()
         self.refresh_runtime()
         self.refresh_model_status()
 
@@ -266,6 +268,8 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
             self.model_combo.setCurrentIndex(index)
         self.settings.model = key
         self.settings.save()
+        self._follow_model_family()
+        self.refresh_runtime()
         self.refresh_model_status()
 
     def _on_backend_chosen(self, _index: int) -> None:
@@ -292,7 +296,7 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
         if runtime_command() is None:
             self.show_runtime(RuntimeState(False, None, [], ""))
             return
-        backend = self.settings.backend
+        backend = backend_for(self.model_key(), self.settings)
 
         def probe(_cancel, _token, _progress):
             from ..client import runtime_state
@@ -309,7 +313,7 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
         if state.ready:
             self.runtime_ready()
             return
-        backend = self.settings.backend
+        backend = backend_for(self.model_key(), self.settings)
         if state.python is None:
             text = (f"The GeoChat runtime is not installed. It holds the model packages (the "
                     f"core and the {backend} backend) in an environment of its own, outside "
@@ -335,7 +339,8 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
         if self._deps_dialog is not None and self._deps_dialog.isVisible():
             self._deps_dialog.raise_()
             return
-        self._deps_dialog = DepsDialog(self.settings.backend, self, device=self.settings.device)
+        self._deps_dialog = DepsDialog(backend_for(self.model_key(), self.settings), self,
+                                       device=self.settings.device)
         self._deps_dialog.finished.connect(self._on_installer_closed)
         self._deps_dialog.open()
 

@@ -19,7 +19,7 @@ from ..core.errors import GeoChatError  # stdlib only
 from ..toolbelt.settings import DEFAULT_SECONDS_PER_TILE, load_speed, save_speed
 from . import area as areas
 from .chat_history import model_history, save_history
-from .model_choice import DEMO_NAME, model_request
+from .model_choice import DEMO_GEOPIXEL_NAME, DEMO_NAME, backend_for, model_request
 from .result_layers import RESULTS_TABLE, add_result_layer, result_path, results_folder
 from .runner import client
 from .tile_preview import ASK_ABOVE_TILES, describe_estimate, estimate_seconds, human_duration
@@ -53,6 +53,16 @@ class RunsMixin:
 
     def model_key(self) -> str:
         return self.model_combo.currentData() or self.settings.model
+
+    def _follow_model_family(self) -> None:
+        """A GeoPixel model runs with the geopixel backend (the backend combo is greyed) and
+        segments: a task it has no prompt for becomes Segment."""
+        geopixel = backend_for(self.model_key(), self.settings) == "geopixel"
+        self.backend_combo.setEnabled(not geopixel)
+        self.backend_combo.setToolTip("GeoPixel models run with the geopixel backend (torch, "
+                                      "CPU or CUDA)" if geopixel else "")
+        if geopixel and self.task_name not in ("chat", "grounding", "segment"):
+            self.task_combo.setCurrentIndex(self.task_combo.findData("segment"))
 
     def build_request(self, area: Optional[areas.Area], api_key: Optional[str] = None,
                       check: bool = True) -> dict[str, Any]:
@@ -157,7 +167,8 @@ class RunsMixin:
     @staticmethod
     def _seconds_per_tile(model_key: str) -> float:
         """Measured for this model, else a guess: the demo model is tiny, real ones are 7B."""
-        return load_speed(model_key, DEMO_SECONDS_PER_TILE if model_key == DEMO_NAME else DEFAULT_SECONDS_PER_TILE)
+        demo = model_key in (DEMO_NAME, DEMO_GEOPIXEL_NAME)
+        return load_speed(model_key, DEMO_SECONDS_PER_TILE if demo else DEFAULT_SECONDS_PER_TILE)
 
     def _confirm_long(self, seconds: float, tiles: int) -> bool:
         answer = QMessageBox.question(

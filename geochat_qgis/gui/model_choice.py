@@ -30,6 +30,12 @@ UNREACHABLE, CHECKING, NO_BACKEND = "server unreachable", "checking", "cannot ru
 DEMO_NAME = "tiny-demo"  # core/weights/demo.py's name (a unit test keeps the two equal)
 DEMO_NOTE = "tiny demo model with random weights: its answers are random, not real findings"
 DEMO_TITLE = "Tiny demo model (random answers)"
+# core/weights/demo.py's GeoPixel demo (the same unit test keeps them equal)
+DEMO_GEOPIXEL_NAME = "tiny-geopixel-demo"
+DEMO_GEOPIXEL_TITLE = "Tiny GeoPixel demo (random masks)"
+DEMO_GEOPIXEL_NOTE = ("tiny GeoPixel demo with random weights (geopixel backend, CPU): its masks "
+                      "are random, not real findings")
+DEMOS = (DEMO_NAME, DEMO_GEOPIXEL_NAME)
 GB = 1e9
 
 _ROWS: dict[str, dict[str, Any]] = {}  # the last model_list rows, by name
@@ -126,9 +132,11 @@ def model_choices(rows: Optional[list[dict[str, Any]]] = None) -> list[ModelChoi
     if rows is None:
         with _ROWS_LOCK:
             rows = list(_ROWS.values()) or None
-    choices = [ModelChoice(DEMO_NAME, DEMO_TITLE, note=DEMO_NOTE)]
+    choices = [ModelChoice(DEMO_NAME, DEMO_TITLE, note=DEMO_NOTE),
+               ModelChoice(DEMO_GEOPIXEL_NAME, DEMO_GEOPIXEL_TITLE, "geopixel",
+                           note=DEMO_GEOPIXEL_NOTE)]
     for row in rows if rows is not None else catalog_rows():
-        if row.get("name") == DEMO_NAME or row.get("family") == "clip" or not _listed(row):
+        if row.get("name") in DEMOS or row.get("family") == "clip" or not _listed(row):
             continue
         title = str(row.get("title") or row["name"])
         choices.append(ModelChoice(str(row["name"]), title, str(row.get("family") or "geochat"),
@@ -177,11 +185,14 @@ def _runs_here(row: dict[str, Any]) -> list[str]:
 def model_status(choice_key: str, settings: Any, row: Optional[dict[str, Any]] = None) -> tuple[str, str]:
     """(status, sentence) for the dock, at once (no child): from ``row`` or the remembered
     model_list rows; a catalog model not listed yet is ``checking``."""
-    if settings.backend == "openai":
+    if backend_for(choice_key, settings) == "openai":
         return SERVER, f"served by {settings.server_url} as '{settings.server_model or choice_key}'"
     if choice_key == DEMO_NAME:
         return READY, DEMO_NOTE
     row = row or remembered(choice_key)
+    if choice_key == DEMO_GEOPIXEL_NAME:  # built on first use; the runtime says what runs it
+        return (NO_BACKEND, _why_not(row)) if row and not _runs_here(row) and row.get(
+            "choices") else (READY, DEMO_GEOPIXEL_NOTE)
     if row is None:
         if choice_key and Path(choice_key).expanduser().exists():
             return READY, f"local model {Path(choice_key).name}"
@@ -199,8 +210,6 @@ def model_status(choice_key: str, settings: Any, row: Optional[dict[str, Any]] =
             return NO_BACKEND, _why_not(row)
         return READY, f"{title} is ready" + (f" ({', '.join(runs)})" if runs else "")
     if not runs and row.get("choices"):
-        if row.get("family") == "geopixel":
-            return NEEDS_GPU, "GeoPixel needs an NVIDIA GPU with CUDA; use a GeoChat GGUF model here"
         return NO_BACKEND, _why_not(row)
     what = describe_getting(row)
     verb = "got (downloaded and converted)" if row.get("needs_conversion") else "downloaded"
@@ -213,20 +222,44 @@ def _why_not(row: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------ the request
+def is_geopixel(choice_key: str) -> bool:
+    """Whether the choice is a GeoPixel model (the demo, a catalog entry, or a folder whose
+    config.json names InternLM-XComposer / GeoPixel): the geopixel backend runs it."""
+    if choice_key == DEMO_GEOPIXEL_NAME:
+        return True
+    row = remembered(choice_key) or next((r for r in catalog_rows() if r["name"] == choice_key), None)
+    if row is not None:
+        return row.get("family") == "geopixel"
+    config = Path(choice_key).expanduser() / "config.json"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    except (OSError, ValueError):
+        return False
+    names = " ".join([str(data.get("model_type", ""))] + [str(a) for a in data.get(
+        "architectures") or []]) if isinstance(data, dict) else ""
+    return "geopixel" in names.lower() or "xcomposer" in names.lower()
+
+
+def backend_for(choice_key: str, settings: Any) -> str:
+    """The backend that runs the choice: geopixel for GeoPixel models (no server serves them),
+    else the dock's."""
+    return "geopixel" if is_geopixel(choice_key) else settings.backend
+
+
 def model_request(choice_key: str, settings: Any, api_key: Optional[str] = None) -> dict[str, Any]:
     """The ``model`` part of a runtime request for the dock's choice and the plugin settings
     (resolved by core/jobs.py in the child)."""
     cache = getattr(settings, "cache_dir", "") or None
-    if settings.backend == "openai":
+    if backend_for(choice_key, settings) == "openai":
         model: dict[str, Any] = {"backend": "openai", "server_url": settings.server_url,
                                  "server_model": settings.server_model or choice_key,
                                  "name": choice_key or None}
         if api_key:
             model["api_key"] = api_key
         return model
-    model = {"backend": settings.backend or None, "cache_dir": cache}
-    if choice_key == DEMO_NAME:
-        model.update(name=DEMO_NAME, backend="llama.cpp")
+    model = {"backend": backend_for(choice_key, settings) or None, "cache_dir": cache}
+    if choice_key in DEMOS:
+        model.update(name=choice_key, backend="llama.cpp" if choice_key == DEMO_NAME else "geopixel")
     elif choice_key and (Path(choice_key).expanduser().exists() or os.sep in choice_key):
         model["model_path"] = str(Path(choice_key).expanduser())
         if getattr(settings, "mmproj", ""):

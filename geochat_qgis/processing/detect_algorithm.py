@@ -71,7 +71,7 @@ class DetectAlgorithm(GeoChatAlgorithm):
         return read_model(self, parameters, context, self.KIND)
 
     def check_runtime(self) -> None:
-        """Anything the runtime must have before this algorithm's run (segment: a GPU)."""
+        """Anything the runtime must have before this algorithm's run (none so far)."""
 
     def processAlgorithm(self, parameters: dict, context: QgsProcessingContext,  # noqa: N802
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:

@@ -13,6 +13,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from installed_env import load_build
+
 STARTUP = r'''
 import json, os, sys, time
 from qgis.core import QgsApplication
@@ -183,10 +185,10 @@ def main(iface):
 '''
 
 
-def session_script(build, config: dict, timeout_s: int) -> str:
-    """The ``--code`` file's text: build.py's headless harness around SESSION."""
+def session_script(build, config: dict, timeout_s: int, body: str = SESSION) -> str:
+    """The ``--code`` file's text: build.py's headless harness around ``body`` (SESSION)."""
     prefix = f"import sys\nCONFIG = {json.dumps(json.dumps(config))}\n"
-    return build.startup_script(prefix + SESSION, headless=True, settle_ms=2000, timeout_s=timeout_s)
+    return build.startup_script(prefix + body, headless=True, settle_ms=2000, timeout_s=timeout_s)
 
 
 def start_qgis(installed, script: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
@@ -217,3 +219,24 @@ def plugin_problems(events: list[dict]) -> list[str]:
             if "python" in event["tag"].lower() or "geochat" in text.lower():
                 problems.append(f"log {text[:1500]}")
     return problems
+
+
+def run_session(installed, config: dict, name: str, timeout_s: int, body: str = SESSION,
+                **env: str) -> dict:
+    """Run a session script (``body`` defines ``main(iface)``, reads CONFIG, writes the report
+    named in ``config["report"]``) in the real QGIS with the fresh profile and ``env`` added:
+    its report, events, output, exit code and the runtime processes left after it."""
+    events = installed.base / f"events-{name}.jsonl"
+    startup = installed.base / f"startup-{name}.py"
+    startup.write_text(STARTUP, encoding="utf-8")
+    env = installed.env(PYQGIS_STARTUP=str(startup), GEOCHAT_TEST_EVENTS=str(events), **env)
+    try:
+        result = start_qgis(installed, session_script(load_build(), config, timeout_s, body), env,
+                            timeout=timeout_s + 120)
+        code, output = result.returncode, result.stdout + result.stderr
+    except subprocess.TimeoutExpired as exc:
+        code, output = "timeout", f"{exc.stdout or ''}{exc.stderr or ''}"
+    path = Path(config["report"])
+    report = json.loads(path.read_text()) if path.exists() else {}
+    return {"report": report, "events": read_events(events), "code": code, "output": str(output),
+            "orphans": installed.runtime_processes_after(20)}

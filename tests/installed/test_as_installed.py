@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from installed_env import FORBIDDEN, ROOT, load_build, needs_qgis
-from qgis_session import STARTUP, plugin_problems, read_events, session_script, start_qgis
+from installed_env import FORBIDDEN, ROOT, needs_qgis
+from qgis_session import plugin_problems, run_session
 
 SESSION_TIMEOUT = 1500  # the install compiles nothing when pip's cache has llama-cpp-python
 QGIS_PROCESS = shutil.which("qgis_process.bin") or shutil.which("qgis_process")
@@ -21,23 +21,10 @@ QGIS_PROCESS = shutil.which("qgis_process.bin") or shutil.which("qgis_process")
 @pytest.fixture(scope="module")
 def session(installed) -> dict:
     """One user session in QGIS; its report, events, output and exit code."""
-    events = installed.base / "events.jsonl"
-    startup = installed.base / "startup.py"
-    startup.write_text(STARTUP, encoding="utf-8")
     config = {"report": str(installed.base / "report.json"), "deps_dir": str(installed.deps_dir),
               "raster": str(ROOT / "resources" / "demo" / "cogeo.tif"), "out": str(installed.out),
               "forbidden": list(FORBIDDEN)}
-    env = installed.env(PYQGIS_STARTUP=str(startup), GEOCHAT_TEST_EVENTS=str(events))
-    try:
-        result = start_qgis(installed, session_script(load_build(), config, SESSION_TIMEOUT), env,
-                            timeout=SESSION_TIMEOUT + 120)
-        code, output = result.returncode, result.stdout + result.stderr
-    except subprocess.TimeoutExpired as exc:
-        code, output = "timeout", f"{exc.stdout or ''}{exc.stderr or ''}"
-    report_path = Path(config["report"])
-    report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    return {"report": report, "events": read_events(events), "code": code, "output": str(output),
-            "orphans": installed.runtime_processes_after(20)}
+    return run_session(installed, config, "user", SESSION_TIMEOUT)
 
 
 def explain(session: dict) -> str:

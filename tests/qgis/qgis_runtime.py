@@ -8,8 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-from qgis.core import QgsApplication
+from qgis.core import QgsApplication, QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer
 from qgis.PyQt.QtCore import QCoreApplication, QElapsedTimer, QTimer
+
+from geochat_qgis.gui.dock import GeoChatDock
 
 # What QGIS's process must never hold (issue 11): the core's packages live in the runtime.
 FORBIDDEN = ("numpy", "shapely", "rasterio", "pyproj", "pyogrio", "geopandas", "PIL", "torch",
@@ -48,3 +50,23 @@ def run_until_done(dock, timeout: float = 120.0) -> float:
     timer.stop()
     print("longest main-thread gaps (ms):", sorted(gaps)[-5:])
     return max(gaps[1:] or [0])
+
+
+def open_dock(iface, raster: Path, cache: Path, model: str, max_new_tokens: int) -> GeoChatDock:
+    """The dock on ``raster`` (added and active) in an EPSG:4326 project, the runtime's model
+    cache, llama.cpp as the dock's backend, the family's tile size, no "start it?" question,
+    ``model`` picked in the model list."""
+    QgsProject.instance().setCrs(QgsCoordinateReferenceSystem("EPSG:4326"))
+    layer = QgsRasterLayer(str(raster), "cogeo")
+    QgsProject.instance().addMapLayer(layer)
+    iface.setActiveLayer(layer)
+    widget = GeoChatDock(iface)
+    widget.settings.cache_dir = str(cache)
+    widget.settings.backend = "llama.cpp"
+    widget.settings.tile_size = 0  # the family's own (GeoChat: 504 px, GeoPixel: 1680 px)
+    widget.settings.max_new_tokens = max_new_tokens
+    widget.settings.ask_above_seconds = 1e9
+    index = widget.model_combo.findData(model)
+    assert index >= 0, f"the dock lists no {model}"
+    widget.model_combo.setCurrentIndex(index)
+    return widget

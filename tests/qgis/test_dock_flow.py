@@ -7,7 +7,6 @@ import time
 
 import pytest
 from qgis.core import (
-    QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
     QgsProject,
     QgsRasterLayer,
@@ -19,7 +18,7 @@ from geochat_qgis.gui import area as areas
 from geochat_qgis.gui.chat_view import HIGHLIGHT, phrase_href
 from geochat_qgis.gui.dock import GeoChatDock
 from geochat_qgis.gui.result_layers import GROUP_NAME
-from qgis_runtime import FORBIDDEN, run_until_done, runtime_python
+from qgis_runtime import FORBIDDEN, open_dock, run_until_done, runtime_python
 
 # the core's export schema (core/export.py FIELDS; QGIS's side does not import the core)
 SCHEMA = {"label", "phrase", "task", "prompt", "model", "angle", "score", "kind", "flags",
@@ -33,17 +32,7 @@ def forbidden_modules() -> list[str]:
 
 @pytest.fixture()
 def dock(qgis_iface, qgis_new_project, demo_raster, runtime_cache):
-    QgsProject.instance().setCrs(QgsCoordinateReferenceSystem("EPSG:4326"))
-    raster = QgsRasterLayer(str(demo_raster), "cogeo")
-    QgsProject.instance().addMapLayer(raster)
-    qgis_iface.setActiveLayer(raster)
-    widget = GeoChatDock(qgis_iface)
-    widget.settings.cache_dir = str(runtime_cache[0])
-    widget.settings.backend = "llama.cpp"
-    widget.settings.tile_size = 0  # the family's own (GeoChat: 504 px)
-    widget.settings.max_new_tokens = 24
-    widget.settings.ask_above_seconds = 1e9
-    widget.model_combo.setCurrentIndex(widget.model_combo.findData("tiny-demo"))
+    widget = open_dock(qgis_iface, demo_raster, runtime_cache[0], "tiny-demo", 24)
     yield widget
     widget.cleanup()
     widget.deleteLater()

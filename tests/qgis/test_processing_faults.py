@@ -151,18 +151,6 @@ def test_some_tiles_failing_are_said_and_the_others_written(provider, demo_raste
     assert QgsVectorLayer(str(output), "some", "ogr").isValid()
 
 
-def test_segment_without_a_gpu_fails_with_a_clear_message(provider, demo_raster, tmp_path):
-    import processing
-
-    if helpers.shared_client().status()["gpus"]:
-        pytest.skip("this machine has an NVIDIA GPU: the refusal cannot be seen here")
-    with pytest.raises(QgsProcessingException, match="GeoPixel needs an NVIDIA GPU with CUDA"):
-        processing.run("geochat:segment", {
-            "INPUT": str(demo_raster), "PROMPT": "building", "MODEL": str(tmp_path),
-            "OUTPUT": str(tmp_path / "masks.gpkg")})
-    assert not (tmp_path / "masks.gpkg").exists()
-
-
 def test_cancel_keeps_an_existing_output_and_writes_the_finished_tile_beside_it(
         provider, demo_raster, detect_run, tmp_path):
     """Three tiles planned; the feedback is cancelled when the first one reports progress:

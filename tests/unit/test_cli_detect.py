@@ -144,18 +144,6 @@ def test_missing_raster_and_missing_prompt(tiny_gguf, tmp_path, capsys, demo_ras
     _fails(args, capsys, "--prompt TEXT", out)
 
 
-def test_geopixel_without_cuda(demo_raster, tmp_path, capsys):
-    from geochat_qgis.core.backends.geopixel import cuda_available
-
-    if cuda_available():
-        pytest.skip("this machine has CUDA")
-    (tmp_path / "weights").mkdir()
-    out = tmp_path / "o.gpkg"
-    _fails(["detect", str(demo_raster), "--model", str(tmp_path / "weights"), "--backend",
-            "geopixel", "--task", "grounding", "--prompt", "describe", "-o", str(out)],
-           capsys, "GeoPixel needs an NVIDIA GPU", out)
-
-
 def test_all_nodata_is_said_and_writes_an_empty_layer(tiny_gguf, data_dir, tmp_path, capsys):
     out = tmp_path / "none.gpkg"
     assert main(detect_args(data_dir / "all-nodata.tif", tiny_gguf, out)) == 0

@@ -14,7 +14,8 @@ from hub_repos import geochat_hub
 
 from geochat_qgis.client import RuntimeClient, RuntimeClientError
 from geochat_qgis.gui import model_choice
-from geochat_qgis.core.weights.demo import DEMO_NAME, DEMO_NOTE
+from geochat_qgis.core.weights.demo import (DEMO_GEOPIXEL_NAME, DEMO_GEOPIXEL_NOTE,
+                                            DEMO_GEOPIXEL_TITLE, DEMO_NAME, DEMO_NOTE)
 
 MODEL_CHOICE = Path(model_choice.__file__)
 
@@ -35,6 +36,9 @@ def test_model_choice_imports_only_stdlib_and_the_client():
     assert relative <= {"__about__", "client"}
     assert absolute <= set(sys.stdlib_module_names)
     assert (model_choice.DEMO_NAME, model_choice.DEMO_NOTE) == (DEMO_NAME, DEMO_NOTE)
+    assert (model_choice.DEMO_GEOPIXEL_NAME, model_choice.DEMO_GEOPIXEL_TITLE,
+            model_choice.DEMO_GEOPIXEL_NOTE) == (DEMO_GEOPIXEL_NAME, DEMO_GEOPIXEL_TITLE,
+                                                 DEMO_GEOPIXEL_NOTE)
 
 
 def test_catalog_rows_list_geochat_7b_before_any_runtime(monkeypatch, tmp_path):
@@ -74,6 +78,39 @@ def test_model_request_for_each_kind_of_choice(tmp_path):
     server = model_choice.model_request("geochat-7b", settings(backend="openai"), api_key="k")
     assert server == {"backend": "openai", "server_url": "http://127.0.0.1:9/v1",
                       "server_model": "geochat-7b", "name": "geochat-7b", "api_key": "k"}
+
+
+def test_geopixel_choices_run_with_the_geopixel_backend_whatever_the_docks(monkeypatch, tmp_path):
+    monkeypatch.setenv("GEOCHAT_USER_CATALOG", str(tmp_path / "none.json"))
+    model_choice.remember_rows([])
+    choices = [c.key for c in model_choice.model_choices()]
+    assert choices[:2] == [DEMO_NAME, DEMO_GEOPIXEL_NAME]  # both demos first, no download
+    assert {"geopixel-7b", "geopixel-7b-res"} <= set(choices)
+    for backend in ("llama.cpp", "transformers", "openai"):
+        assert model_choice.model_request(DEMO_GEOPIXEL_NAME, settings(backend=backend)) == {
+            "backend": "geopixel", "name": DEMO_GEOPIXEL_NAME}
+        got = model_choice.model_request("geopixel-7b", settings(backend=backend, device="cpu"))
+        assert got == {"backend": "geopixel", "name": "geopixel-7b", "device": "cpu"}
+    folder = tmp_path / "my-geopixel"  # a folder picked with "Model file or folder..."
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architectures": ["InternLMXComposer2ForCausalLM"]}')
+    assert model_choice.model_request(str(folder), settings())["backend"] == "geopixel"
+    (folder / "config.json").write_text('{"architectures": ["LlavaForConditionalGeneration"]}')
+    assert model_choice.model_request(str(folder), settings())["backend"] == "llama.cpp"
+    # GeoPixel runs on the CPU: no "needs a GPU"; without torch the runtime's row says why
+    status, sentence = model_choice.model_status(DEMO_GEOPIXEL_NAME, settings())
+    assert (status, sentence) == (model_choice.READY, DEMO_GEOPIXEL_NOTE)
+    row = {"name": DEMO_GEOPIXEL_NAME, "family": "geopixel", "status": "ready",
+           "choices": [{"target": "download", "backends": [],
+                        "not_here": {"geopixel": "not installed (torch missing)"}}]}
+    status, sentence = model_choice.model_status(DEMO_GEOPIXEL_NAME, settings(), row)
+    assert status == model_choice.NO_BACKEND and "torch missing" in sentence
+    row = {"name": "geopixel-7b", "family": "geopixel", "status": "missing",
+           "needs_conversion": True, "download_bytes": 22.7e9,
+           "choices": [{"target": "safetensors", "quant": None, "bytes": 17.9e9,
+                        "backends": ["geopixel"], "not_here": {}}]}
+    status, sentence = model_choice.model_status("geopixel-7b", settings(), row)
+    assert status == model_choice.MISSING and "safetensors 17.9 GB" in sentence, sentence
 
 
 @pytest.fixture
@@ -154,11 +191,14 @@ def test_qgis_proxy_is_applied_to_the_child_and_taken_back(monkeypatch):
         apply_proxy({"proxy": {"enabled": True, "type": "Socks5Proxy", "host": "s", "port": 1080}})
 
 
-def test_a_runtime_without_torch_is_told_what_converting_needs(hub, tmp_path, monkeypatch):
+def test_a_runtime_without_what_converting_needs_is_told_before_any_download(hub, tmp_path, monkeypatch):
     from geochat_qgis.core.runtime.model_ops import plan_get
 
-    monkeypatch.setitem(sys.modules, "torch", None)  # as in the managed llama.cpp runtime
+    monkeypatch.setitem(sys.modules, "torch", None)  # as in the managed llama.cpp runtime:
     plan = plan_get({"model": "geochat-7b", "options": {"target": "gguf", "quant": "q4_k_m"}})
-    assert not plan["ok"] and "torch" in plan["conversion_missing"]
-    assert "Converting needs torch" in plan["message"]
+    assert plan["ok"] and not plan["conversion_missing"]  # GeoChat converts without torch
+    monkeypatch.setitem(sys.modules, "gguf", None)  # a runtime without the llama.cpp packages
+    plan = plan_get({"model": "geochat-7b", "options": {"target": "gguf", "quant": "q4_k_m"}})
+    assert not plan["ok"] and list(plan["conversion_missing"]) == ["gguf"]
+    assert "Converting needs gguf" in plan["message"] and "llama.cpp backend" in plan["message"]
     assert all(p.endswith("config.json") for _, p, _ in hub.weight_requests())

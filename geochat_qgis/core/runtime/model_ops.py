@@ -51,13 +51,22 @@ def model_list(message: dict[str, Any], ctx: Any = None) -> dict[str, Any]:
     """``{"models": [row...]}``: the demo model, then every catalog model with its status,
     downloads, converted size per choice, memory needed and the backends that run it here
     (core/weights/listing.py; no server is asked)."""
-    from ..weights.demo import DEMO_NAME, DEMO_NOTE
+    from ..weights.demo import (DEMO_GEOPIXEL_NAME, DEMO_GEOPIXEL_NOTE, DEMO_GEOPIXEL_TITLE,
+                                DEMO_NAME, DEMO_NOTE)
     from ..weights.listing import model_list as listing
+    from ..weights.machine import backends_here
 
     demo = {"name": DEMO_NAME, "title": DEMO_TITLE, "family": "geochat", "status": "ready",
             "needs_conversion": False, "requires": [], "download_bytes": 0, "choices": [],
             "backends_published": ["llama.cpp"], "message": DEMO_NOTE}
-    return {"models": [demo, *listing(_cache(message))]}
+    why = backends_here()["geopixel"]  # built on first use; needs the geopixel backend (torch)
+    geopixel = {**demo, "name": DEMO_GEOPIXEL_NAME, "title": DEMO_GEOPIXEL_TITLE,
+                "family": "geopixel", "backends_published": ["geopixel"],
+                "message": DEMO_GEOPIXEL_NOTE,
+                "choices": [{"target": "download", "quant": None, "bytes": 0, "temp_bytes": 0,
+                             "backends": [] if why else ["geopixel"],
+                             "not_here": {"geopixel": why} if why else {}, "installed": None}]}
+    return {"models": [demo, geopixel, *listing(_cache(message))]}
 
 
 def plan_get(message: dict[str, Any], ctx: Any = None) -> dict[str, Any]:

@@ -136,7 +136,7 @@ def _convert(entry: ModelEntry, target: str, quant: Optional[str], src: Path, cl
     if target == "safetensors":  # GeoPixel: the shards once as safetensors, no dead adapters
         from ..models.geopixel.weights import convert_to_safetensors
 
-        convert_to_safetensors(src, work, progress=meter)
+        convert_to_safetensors(src, work, progress=meter, cancel=cancel)
         return {"name": "geochat-qgis/geopixel-weights", "version": version()}
     if target == "hf":
         from .convert_hf import convert_geochat_to_hf

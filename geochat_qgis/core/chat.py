@@ -21,7 +21,7 @@ from .errors import GeoChatError
 from .families import get_family
 from .georef import map_to_tile, reproject_geometry, same_crs
 from .results import Answer, georeference
-from .tiling import Tile, TilePlan, TileSpec, iter_tiles, plan_tiles
+from .tiling import Tile, TilePlan, TileSpec, iter_tiles, model_tile, plan_tiles
 
 REGION_MARGIN = 0.5  # an identify region's extent grows by this fraction of its size each side
 
@@ -118,6 +118,7 @@ def ask(request: ChatRequest, backend: Backend, on_token: Optional[TokenCallback
     if tile is None:
         raise GeoChatError("the extent could not be read (nodata or unreadable blocks): "
                            "choose another extent")
+    tile = model_tile(tile, preprocess.crop_padding)
     size = (tile.image.shape[1], tile.image.shape[0])
     region_px = None
     if request.region is not None:

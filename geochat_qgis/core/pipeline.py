@@ -24,7 +24,7 @@ from .families import get_family
 from .georef import check_crs
 from .merge import DEFAULT_IOU, merge_detections
 from .results import Detection, georeference
-from .tiling import TileEvent, TileSpec, iter_tiles, plan_tiles
+from .tiling import TileEvent, TileSpec, iter_tiles, model_tile, plan_tiles
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,7 @@ def _run_batch(batch, prompts, backend: Backend, family, options: GenerateOption
     A tile is done once one of its answers was parsed (an unparsable answer is a failure)."""
     any_ok = False
     answered: set[str] = set()
+    batch = [model_tile(tile, family.preprocess.crop_padding) for tile in batch]
     for typed, user_text in prompts:
         conversation = Conversation.single(user_text, family.name)
         pairs = _generate_each(batch, backend, conversation, options, typed, result)

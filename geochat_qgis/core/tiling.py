@@ -89,6 +89,9 @@ class Tile:
     nodata_frac: float
     footprint: BaseGeometry  # the whole tile image in raster CRS coordinates
     image: Optional[np.ndarray] = None  # (tile_size, tile_size, 3) uint8 once read
+    # (height, width) of the raster's own pixels at the image's top-left when the raster's edge
+    # cuts the tile (the rest is padding); None: the whole image is raster
+    valid: Optional[tuple[int, int]] = None
 
     @property
     def window(self):
@@ -389,7 +392,9 @@ def _finish(plan: TilePlan, reader, reads, on_event) -> Iterator[Tile]:
                                    f"{nodata_frac:.0%} nodata"))
             continue
         plan.counts.read += 1
-        yield replace(tile, image=image, nodata_frac=nodata_frac)
+        size = plan.spec.tile_size
+        yield replace(tile, image=image, nodata_frac=nodata_frac,
+                      valid=None if out_hw == (size, size) else out_hw)
 
 
 def _raw_reads(reader, plan: TilePlan, prefetch: bool) -> Iterator[tuple[Tile, tuple, Any]]:
@@ -450,3 +455,13 @@ def _place(plan: TilePlan, rgb: np.ndarray, invalid: int,
     image[:] = plan.spec.pad_rgb
     image[:out_h, :out_w] = rgb
     return image, nodata_frac
+
+
+def model_tile(tile: Tile, crop_padding: bool) -> Tile:
+    """The tile as a model sees it: with ``crop_padding`` (a model that pads images itself, as
+    GeoPixel does) only its raster pixels, so an edge tile keeps its own shape; the transform
+    stays valid (padding lies right and below)."""
+    if not crop_padding or tile.valid is None or tile.image is None:
+        return tile
+    height, width = tile.valid
+    return replace(tile, image=tile.image[:height, :width], valid=None)

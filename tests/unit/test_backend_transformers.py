@@ -6,10 +6,9 @@ import pytest
 
 from geochat_qgis.core.backends.base import CancelToken, Conversation, GenerateOptions
 from geochat_qgis.core.backends.factory import resolve_spec
-from geochat_qgis.core.backends.geopixel import GeoPixelBackend, cuda_available
 from geochat_qgis.core.backends.transformers_backend import (TransformersBackend,
                                                              TransformersSettings)
-from geochat_qgis.core.errors import BackendError, Cancelled, ModelError
+from geochat_qgis.core.errors import Cancelled, ModelError
 
 pytest.importorskip("transformers")
 
@@ -91,12 +90,6 @@ def test_gguf_or_missing_folder_is_explained(tmp_path):
         TransformersBackend(tmp_path / "model.gguf").load()
     with pytest.raises(ModelError, match="no config.json"):
         TransformersBackend(tmp_path).load()
-
-
-@pytest.mark.skipif(cuda_available(), reason="this machine has CUDA")
-def test_geopixel_refuses_without_cuda(tmp_path):
-    with pytest.raises(BackendError, match="GeoPixel needs an NVIDIA GPU.*--backend llama.cpp"):
-        GeoPixelBackend(tmp_path).load()
 
 
 def test_prompts_of_a_tile_share_one_prefill(backend, tiles):

@@ -7,6 +7,7 @@ the subprocess runtime can send it to its child and build the same backend there
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,8 +62,20 @@ def infer_kind(model: str, server_url: Optional[str] = None) -> str:
         return "openai"
     path = Path(model)
     if path.is_dir() and (path / "config.json").is_file() and not any(path.glob("*.gguf")):
-        return "transformers"
+        return "geopixel" if is_geopixel_folder(path) else "transformers"
     return "llama.cpp"
+
+
+def is_geopixel_folder(path: Path) -> bool:
+    """Whether ``path/config.json`` is a GeoPixel checkpoint's (published or converted)."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(config, dict):
+        return False
+    names = " ".join(str(a) for a in config.get("architectures") or [])
+    return "GeoPixel" in names or (config.get("model_type") == "internlm2" and "out_dim" in config)
 
 
 def resolve_spec(model: str, kind: Optional[str] = None, mmproj: Optional[str] = None,

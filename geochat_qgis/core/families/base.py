@@ -54,7 +54,9 @@ class Preprocess:
 
     ``size`` is the tile side to feed it (what tiling uses by default; None: any size);
     ``pad_rgb`` the fill when padding a tile to square (None: no padding, any aspect ratio);
-    ``multiple_of`` the step of sizes the model resizes to itself (Qwen2.5-VL: 28).
+    ``multiple_of`` the step of sizes the model resizes to itself (Qwen2.5-VL: 28);
+    ``crop_padding``: a tile cut by the raster's edge goes in as its raster pixels only (the model
+    pads itself), not padded to a square.
     """
 
     size: Optional[int]
@@ -62,6 +64,7 @@ class Preprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     multiple_of: Optional[int] = None
+    crop_padding: bool = False
 
 
 def tile_dims(tile_size: TileSize) -> tuple[int, int]:

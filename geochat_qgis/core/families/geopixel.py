@@ -31,10 +31,12 @@ class GeoPixelFamily(Family):
 
     name = "geopixel"
     tasks = frozenset({Task.CHAT, Task.CAPTION, Task.GROUNDING, Task.SEGMENT})
-    # IXC-2.5 cuts the image into 560 px sub-images itself (white padding, CLIP normalisation)
-    # and upscales a square under 1680 px to 1680 (3 x 3): 1680 px tiles are its native input
+    # IXC-2.5 cuts the image into 560 px sub-images itself (white padding at the bottom, CLIP
+    # normalisation) and upscales a square under 1680 px to 1680 (3 x 3): 1680 px tiles are its
+    # native input, and a tile cut by the raster's edge goes in unpadded (GeoPixel pads it)
     preprocess = Preprocess(
-        size=3 * 560, pad_rgb=(255, 255, 255), mean=CLIP_MEAN, std=CLIP_STD, multiple_of=560
+        size=3 * 560, pad_rgb=(255, 255, 255), mean=CLIP_MEAN, std=CLIP_STD, multiple_of=560,
+        crop_padding=True,
     )
     template = None  # the model's own chat template, applied by its backend
 

@@ -9,6 +9,7 @@ one call (:meth:`answer_many`): one CLIP batch, one left-padded decoding batch, 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -20,13 +21,13 @@ from ...cancel import CancelToken
 from ...errors import ModelError
 from .config import GeoPixelConfig, read_config_json
 from .decoder import InternLM2Decoder
-from .generate import generate_batch
-from .hd_transform import DEFAULT_HD_NUM
+from .generate import generate_batch, reply_text
+from .hd_transform import DEFAULT_HD_NUM, MAX_TILE_SIDE, image_token_count
 from .prompt import assemble_prompt, build_prompt_ids
 from .sam2 import GeoPixelSam2
 from .tokenizer import InternLM2Tokenizer
 from .vision import IXCVision
-from .weights import checkpoint_files, checkpoint_shapes, load_parts
+from .weights import checkpoint_files, checkpoint_shapes, load_parts, route
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 History = Sequence[tuple[str, str]]
@@ -43,6 +44,7 @@ class GeoPixelAnswer:
     stop: str
     mask_logits: np.ndarray
     seg_hidden: np.ndarray
+    prompt_tokens: int = 0
     step_logits: Optional[np.ndarray] = None
 
 
@@ -70,6 +72,26 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint folder read up to its tensors' names and shapes (no tensor data)."""
+
+    folder: Path
+    files: list[Path]
+    shapes: dict[str, tuple[int, ...]]
+    config: GeoPixelConfig
+
+
+def read_checkpoint(folder: Path | str) -> Checkpoint:
+    """The files, shapes and config of a GeoPixel folder; ModelError when it is not one."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"{folder} is not a folder: give the folder of a GeoPixel checkpoint.")
+    files = checkpoint_files(folder)
+    shapes = checkpoint_shapes(files)
+    return Checkpoint(folder, files, shapes, GeoPixelConfig.from_checkpoint(read_config_json(folder), shapes))
+
+
 class GeoPixelModel:
     """The loaded model: tokenizer, decoder, image side and mask head on one device and dtype."""
 
@@ -87,17 +109,21 @@ class GeoPixelModel:
     def from_folder(cls, folder: Path | str, *, device: str = "cpu", dtype: str = "bfloat16",
                     cancel: Optional[CancelToken] = None) -> "GeoPixelModel":
         """Load a GeoPixel checkpoint folder (published .bin shards or converted safetensors)."""
-        folder = Path(folder)
-        files = checkpoint_files(folder)
-        config = GeoPixelConfig.from_checkpoint(read_config_json(folder), checkpoint_shapes(files))
-        tokenizer = InternLM2Tokenizer(folder)
+        return cls.load(read_checkpoint(folder), device=device, dtype=dtype, cancel=cancel)
+
+    @classmethod
+    def load(cls, checkpoint: "Checkpoint", *, device: str = "cpu", dtype: str = "bfloat16",
+             cancel: Optional[CancelToken] = None) -> "GeoPixelModel":
+        """Build the parts on ``meta`` and fill them from the checkpoint's files (one read each)."""
+        config = checkpoint.config
+        tokenizer = InternLM2Tokenizer(checkpoint.folder)
         target, torch_dtype = resolve_device(device), resolve_dtype(dtype)
         with torch.device("meta"):
             parts = {"text": InternLM2Decoder(config.text), "vision": IXCVision(config.vision),
                      "sam2": GeoPixelSam2(config.sam2)}
         for module in parts.values():
             module.to(dtype=torch_dtype)
-        load_parts(files, parts, device=target, dtype=torch_dtype, cancel=cancel)
+        load_parts(checkpoint.files, parts, device=target, dtype=torch_dtype, cancel=cancel)
         for module in parts.values():
             module.eval().requires_grad_(False)
         return cls(config, tokenizer, parts["text"], parts["vision"], parts["sam2"])
@@ -105,6 +131,10 @@ class GeoPixelModel:
     @property
     def device(self) -> torch.device:
         return self.vision.device
+
+    def reply(self, token_ids: Sequence[int]) -> str:
+        """GeoPixel's reply text for generated ids (for streaming: the text so far)."""
+        return reply_text(self.tokenizer, token_ids)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -148,6 +178,26 @@ class GeoPixelModel:
                 masks = torch.zeros((0, *image.shape[:2]))
             answers.append(GeoPixelAnswer(
                 text=generation.text, token_ids=list(generation.token_ids), stop=generation.stop,
+                prompt_tokens=int(prompts[index][0].shape[-2]),
                 mask_logits=masks.float().cpu().numpy(), seg_hidden=generation.seg_hidden.float().cpu().numpy(),
                 step_logits=None if generation.step_logits is None else generation.step_logits.float().cpu().numpy()))
         return answers
+
+
+def weights_bytes(shapes: dict[str, tuple[int, ...]], dtype: str) -> int:
+    """Bytes the used tensors take in ``dtype`` (the skipped ones are never loaded)."""
+    width = torch.tensor([], dtype=resolve_dtype(dtype)).element_size()
+    return sum(math.prod(shape) * width for name, shape in shapes.items() if route(name) is not None)
+
+
+def activation_bytes(config: GeoPixelConfig, batch: int, dtype: str, max_new_tokens: int = 512) -> int:
+    """A generous estimate of the working memory of ``batch`` 1680 px tiles answered at once: the
+    KV cache and the prefill's feed-forward / attention rows (the largest step), plus CLIP and
+    SAM-2 activations (about 1 GB at GeoPixel-7B's widths, less for smaller models)."""
+    t = config.text
+    width = 2 if dtype == "bfloat16" else 4
+    length = image_token_count(MAX_TILE_SIDE, MAX_TILE_SIDE) + 64 + max_new_tokens
+    kv = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * length * width
+    prefill = length * (3 * t.intermediate_size + 8 * t.hidden_size) * 4
+    images = int(1e9 * max(t.hidden_size / 4096, 0.05))
+    return batch * (kv + max(prefill, images))

@@ -32,6 +32,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from ..client import RuntimeClientError
+from ..core.deps.requirements import CONVERTER_BACKENDS, requirements_for  # stdlib only
 from .model_choice import describe_getting
 
 PHASES = {"download": "Download", "convert": "Convert", "quantize": "Quantise", "verify": "Verify"}
@@ -175,12 +176,10 @@ class GetModelDialog(QDialog):
         self.memory_box.setVisible(False)
         self.memory_box.toggled.connect(lambda _on: self.refresh_plan())
         layout.addWidget(self.memory_box)
-        self.install_button = QPushButton("Install what converting needs (torch, about 1 GB)...", self)
+        self.install_button = QPushButton("Install what converting needs...", self)
         self.install_button.setObjectName("GeoChatGetInstallConverter")
-        self.install_button.setToolTip("The transformers packages (torch, transformers, safetensors) "
-                                       "go into GeoChat's runtime environment; QGIS's Python is not "
-                                       "changed")
         self.install_button.setVisible(False)
+        self.converter_backend = "llama.cpp"
         self.install_button.clicked.connect(self.install_converter)
         layout.addWidget(self.install_button)
         self.progress_grid = QGridLayout()
@@ -243,7 +242,7 @@ class GetModelDialog(QDialog):
         available, needed = plan.get("memory_available"), plan.get("memory_needed") or 0
         short = available is not None and not plan.get("installed") and available < needed
         self.memory_box.setVisible(short or self.memory_box.isChecked())
-        self.install_button.setVisible(bool(plan.get("conversion_missing")))
+        self._offer_converter(plan)
         if plan.get("problems"):
             self._say(self.plan_label, " ".join(plan["problems"]), RED)
             return
@@ -265,12 +264,26 @@ class GetModelDialog(QDialog):
                          + (f", {human_bytes(available)} available" if available else ""))
         self._say(self.plan_label, "; ".join(parts) + ".")
 
+    def _offer_converter(self, plan: dict) -> None:
+        """The install button, when the runtime lacks what converting needs: the packages of
+        the backend that runs the chosen output (GGUF: llama.cpp, no torch), and their size."""
+        missing = plan.get("conversion_missing") or []
+        self.install_button.setVisible(bool(missing))
+        if not missing:
+            return
+        self.converter_backend = CONVERTER_BACKENDS.get(plan.get("target") or "", "llama.cpp")
+        needs = requirements_for(self.converter_backend, "cpu")
+        self.install_button.setText(f"Install what converting needs ({', '.join(missing)}: the "
+                                    f"{self.converter_backend} packages, about {needs.approx_mb} MB)...")
+        self.install_button.setToolTip(f"The {self.converter_backend} backend's packages go into "
+                                       "GeoChat's runtime environment; QGIS's Python is not changed")
+
     def install_converter(self) -> None:
-        """The runtime lacks what converting needs: the installer for the transformers
-        packages (into the runtime's environment); the plan is asked again once it closes."""
+        """The runtime lacks what converting needs: the installer for the chosen output's
+        backend (into the runtime's environment); the plan is asked again once it closes."""
         from .deps_dialog import DepsDialog
 
-        self.deps_dialog = DepsDialog("transformers", self)
+        self.deps_dialog = DepsDialog(self.converter_backend, self)
         self.deps_dialog.finished.connect(lambda _result: self.refresh_plan())
         self.deps_dialog.open()
 

@@ -43,14 +43,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not RUNTIME, reason="set GEOC
 
 @pytest.fixture(scope="session")
 def repos(tmp_path_factory) -> tuple[Path, Path]:
-    """The tiny repositories, written by the runtime's Python (it has torch; QGIS's has not)."""
+    """The tiny repositories, written by the runtime's Python (numpy; QGIS's has none)."""
     folder = tmp_path_factory.mktemp("repos")
     script = ("import sys; sys.path.insert(0, sys.argv[1]); from hub_repos import tiny_geochat_repos;"
               " tiny_geochat_repos(__import__('pathlib').Path(sys.argv[2]))")
     done = subprocess.run([RUNTIME, "-c", script, str(ROOT / "tests" / "unit"), str(folder)],
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
                           text=True, timeout=300)
-    # where build.py left torch out, "No module named 'torch'" makes this a skip (tests/conftest)
     assert done.returncode == 0, done.stderr[-3000:]
     return folder / "geochat-7B", folder / "clip-vit-large-patch14-336"
 
@@ -369,10 +368,16 @@ def test_the_dock_gets_geochat_with_its_get_button_then_finds_objects_with_it(
 
 def test_a_runtime_that_cannot_convert_offers_the_installer(client, hub):
     dialog = dialog_for(client)
-    assert dialog.install_button.isHidden()  # this runtime has torch: nothing to install
-    dialog.show_plan({"conversion_missing": ["torch", "safetensors"], "installed": None,
-                      "problems": ["Converting needs torch, safetensors, not installed here."]})
-    assert not dialog.install_button.isHidden()
+    assert dialog.install_button.isHidden()  # this runtime converts GeoChat: nothing to install
+    # a runtime without the llama.cpp packages: the GGUF needs those (no torch, under 1 GB)
+    dialog.show_plan({"target": "gguf", "conversion_missing": ["gguf"], "installed": None,
+                      "problems": ["Converting needs gguf, not installed here."]})
+    assert not dialog.install_button.isHidden() and dialog.converter_backend == "llama.cpp"
+    label = dialog.install_button.text()
+    assert "llama.cpp packages" in label and "torch" not in label and " MB)" in label, label
+    dialog.show_plan({"target": "hf", "conversion_missing": ["transformers"], "installed": None,
+                      "problems": ["Converting needs transformers, not installed here."]})
+    assert "transformers packages" in dialog.install_button.text()
     dialog.install_button.click()
     installer = dialog.deps_dialog
     assert installer.isVisible() and installer.backend == "transformers"

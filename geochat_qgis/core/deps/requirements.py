@@ -68,6 +68,9 @@ class BackendRequirements:
 
 
 BACKENDS = ("llama.cpp", "transformers", "geopixel", "openai")
+# a converted model's format -> the backend whose packages convert to it: GeoChat's GGUF needs
+# no torch (numpy reads the checkpoint), its HF checkpoint transformers, GeoPixel's torch
+CONVERTER_BACKENDS = {"gguf": "llama.cpp", "hf": "transformers", "safetensors": "geopixel"}
 
 
 def default_accelerator() -> str:

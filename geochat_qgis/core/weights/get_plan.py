@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from ..deps.requirements import CONVERTER_BACKENDS
 from ..errors import ModelError
 from .catalog import Catalog, ModelEntry, ModelFile, PathLike, cache_root, load_catalog
 from .download import (PART_SUFFIX, SPACE_MARGIN_BYTES, DownloadError, fetch_json, file_url,
@@ -110,19 +111,23 @@ def is_installed(folder: Path) -> bool:
 
 def conversion_needs(target: str, quant: Optional[str]) -> list[str]:
     """Python packages the conversion needs that this environment lacks (checked before any
-    download: a 16 GB download that cannot be converted helps nobody)."""
+    download: a 16 GB download that cannot be converted helps nobody). GeoChat's conversions
+    need no torch: GGUF takes gguf and sentencepiece (and llama.cpp to quantise), the HF
+    checkpoint transformers for its tokenizer and processor files."""
     import importlib
 
     from .machine import _importable
 
     importlib.invalidate_caches()  # packages installed since this process started count
-    needed = {"torch": "torch", "safetensors": "safetensors", "sentencepiece": "sentencepiece"}
+    needed = {"numpy": "numpy", "sentencepiece": "sentencepiece"}
     if target == "gguf":
         needed["gguf"] = "gguf"
         if quant != "f16":
             needed["llama_cpp"] = "llama-cpp-python (to quantise)"
     elif target == "hf":
         needed["transformers"] = "transformers"
+    else:  # GeoPixel's own conversion runs torch
+        needed.update({"torch": "torch", "safetensors": "safetensors"})
     return [label for module, label in needed.items() if not _importable(module)]
 
 
@@ -275,8 +280,8 @@ def resolve_get(model_id: str, target: Optional[str], quant: Optional[str],
     missing = [] if installed else conversion_needs(target, quant) if entry.convert else []
     if missing:
         problems.append(f"Converting needs {', '.join(missing)}, not installed in this "
-                        "environment: install the llama.cpp (GGUF) or transformers (HF) "
-                        "dependencies first (Raster > GeoChat > Install model dependencies).")
+                        f"environment: install the {CONVERTER_BACKENDS.get(target, target)} backend's "
+                        "packages first (Raster > GeoChat > Install model dependencies).")
     if offline() and download and not installed:
         problems.append(f"Offline mode (HF_HUB_OFFLINE=1): {download / 1e9:.2f} GB still to "
                         "download. Unset HF_HUB_OFFLINE, or copy the files into the model cache.")

@@ -173,3 +173,23 @@ def test_requests_about_a_tile_share_their_start(server, tiles):
         answers = [http.generate(tiles[:1], c, options)[0] for c in conversations]
     assert all(a.generated_tokens >= 1 for a in answers)
     assert answers[2].prompt_tokens > answers[0].prompt_tokens
+
+
+def test_one_bos_through_llama_cpp_server(server, tiny_gguf, tiles):
+    """Issue 23: the GGUF's chat template renders no <s> (llama-cpp-python's multimodal handler
+    adds BOS on top of the rendered text): the server counts exactly the tokens of GeoChat's
+    prompt with one BOS, the 1296 image rows and the text after the image."""
+    from llama_cpp import Llama
+
+    from geochat_qgis.core.families.llava_v1 import IMAGE_TOKEN, llava_v1_prompt
+
+    vocab = Llama(model_path=str(tiny_gguf / "model.gguf"), vocab_only=True, verbose=False)
+    before, after = llava_v1_prompt([(REFER, None)]).split(IMAGE_TOKEN)
+    head = vocab.tokenize(before.encode(), add_bos=True, special=True)
+    tail = vocab.tokenize(after.encode(), add_bos=False, special=True)
+    bos = vocab.token_bos()
+    assert head[0] == bos and head.count(bos) == 1
+    assert vocab.tokenize(b"<s>" + before.encode(), add_bos=True, special=True)[:2] == [bos, bos]
+    http = OpenAIHttpBackend("tiny", settings=HttpSettings(base_url=server.url, api_key=KEY))
+    (answer,) = http.generate(tiles[:1], Conversation.single(REFER), GenerateOptions(max_new_tokens=2))
+    assert answer.prompt_tokens == len(head) + 36 * 36 + len(tail)

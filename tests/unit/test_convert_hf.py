@@ -145,15 +145,25 @@ def test_tokenizer_reproduces_geochats_chunked_slow_tokenizer(processor, ckpt: P
     assert processor.tokenizer(prompt).input_ids == expected
 
 
-def test_chat_template_is_llava_v1(processor) -> None:
+def test_chat_template_is_llava_v1_bos_first(processor, hf_dir: Path) -> None:
+    """Issue 23: vLLM's chat endpoint tokenises the rendered template without special tokens,
+    so the template itself starts with <s>; transformers then adds none (one BOS)."""
     first = [{"type": "image"}, {"type": "text", "text": QUESTION}]
     messages = [{"role": "user", "content": first}]
-    assert processor.apply_chat_template(messages) == llava_v1_prompt([(QUESTION, None)])
+    assert processor.apply_chat_template(messages) == "<s>" + llava_v1_prompt([(QUESTION, None)])
     turns = messages + [{"role": "assistant", "content": "{<1><2><3><4>|<5>}"},
                         {"role": "user", "content": [{"type": "text", "text": "and the ship?"}]}]
-    assert processor.apply_chat_template(turns) == llava_v1_prompt(
+    assert processor.apply_chat_template(turns) == "<s>" + llava_v1_prompt(
         [(QUESTION, "{<1><2><3><4>|<5>}"), ("and the ship?", None)])
-    assert processor.apply_chat_template(messages).startswith(SYSTEM + " USER: <image>\n")
+    assert processor.apply_chat_template(messages).startswith("<s>" + SYSTEM + " USER: <image>\n")
+    assert (hf_dir / "chat_template.jinja").read_text().startswith("{{- bos_token -}}")
+    with_pixels = [{"role": "user", "content": [{"type": "image", "image": _image(0)}, first[1]]}]
+    ids = processor.apply_chat_template(with_pixels, tokenize=True, return_dict=True)["input_ids"]
+    ids = ids[0] if isinstance(ids[0], list) else ids
+    assert ids[0] == 1 and ids.count(1) == 1
+    as_geochat = processor.tokenizer(llava_v1_prompt([(QUESTION, None)])).input_ids
+    assert processor.tokenizer(processor.apply_chat_template(messages),
+                               add_special_tokens=False).input_ids == as_geochat
 
 
 def test_processor_pads_with_clip_mean_and_counts_1296_tokens(processor) -> None:

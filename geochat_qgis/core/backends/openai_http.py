@@ -1,10 +1,12 @@
 """An OpenAI-compatible chat completions server over HTTP (llama-server, llama_cpp.server, vLLM, Ollama).
 
-Standard library only (urllib). Tiles travel as PNG data URIs; up to ``max_in_flight`` requests
-run at once; 5xx answers and refused or dropped connections are retried with exponential
-backoff; 401/403, 404, 5xx, refused connections and timeouts each get a message that says what to
-check. Streaming (SSE) is used when tokens are wanted live or a cancel token is given, so a
-cancel stops reading between tokens.
+Standard library only (urllib). Tiles travel as PNG data URIs, GeoChat's already padded to a
+square and resized to 504 px as GeoChat does (PIL bicubic), so the server's own resize (vLLM's
+may be torchvision's) changes nothing; up to ``max_in_flight`` requests run at once; 5xx answers
+and refused or dropped connections are retried with exponential backoff; 401/403, 404, 5xx,
+refused connections and timeouts each get a message that says what to check (http_errors.py).
+Streaming (SSE) is used when tokens are wanted live or a cancel token is given, so a cancel stops
+reading between tokens.
 
 Prefix caching: every request about a tile starts with the same bytes (system message, then the
 tile's PNG, then the text), so a server that caches prompt prefixes (llama-server's
@@ -31,13 +33,16 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from ..errors import BackendError, Cancelled
+from ..vision.preprocess import geochat_image
 from .base import Backend, Conversation, GenerateOptions, Generation
+from .http_errors import (API_KEY_ENV, Retryable, connection_error, cut_off, error_detail,
+                          http_error, stream_stopped, timeout_error)
 from .images import png_data_uri
-from .messages import chat_messages
+from .messages import LLAVA_V1_FAMILIES, chat_messages
 
 log = logging.getLogger(__name__)
 
-API_KEY_ENV = "GEOCHAT_API_KEY"
+__all__ = ["API_KEY_ENV", "HttpSettings", "OpenAIHttpBackend"]
 
 
 @dataclass
@@ -58,14 +63,6 @@ class HttpSettings:
         default_factory=lambda: {"repeat_penalty": 1.0, "cache_prompt": True})
 
 
-class _Retryable(Exception):
-    """A failure worth another try (5xx, connection refused or dropped)."""
-
-    def __init__(self, error: BackendError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
 class OpenAIHttpBackend(Backend):
     """Chat completions against ``settings.base_url`` for the server-side model ``model``."""
 
@@ -78,6 +75,9 @@ class OpenAIHttpBackend(Backend):
         self.settings = settings or HttpSettings()
         self.batch_size = max(1, self.settings.max_in_flight)
         self._pool: Optional[ThreadPoolExecutor] = None
+        # how the server failed since its last answer (a 5xx and its body first: the cause)
+        self._failed: Optional[str] = None
+        self._answered = False  # it answered a chat request in this session
 
     @property
     def url(self) -> str:
@@ -110,12 +110,12 @@ class OpenAIHttpBackend(Backend):
                 listing = json.loads(answer.read().decode("utf-8") or "{}")
         except urllib.error.HTTPError as exc:
             failure = self._http_error(exc, url)
-            if isinstance(failure, _Retryable):
+            if isinstance(failure, Retryable):
                 log.warning("%s", failure.error)
                 return
             raise failure from None
         except (TimeoutError, socket.timeout):
-            raise self._timeout_error() from None
+            raise timeout_error(self.settings.base_url, self.settings.timeout) from None
         except (urllib.error.URLError, ConnectionError) as exc:
             failure = self._connection_error(getattr(exc, "reason", exc))
             raise getattr(failure, "error", failure) from None
@@ -145,6 +145,8 @@ class OpenAIHttpBackend(Backend):
 
     def _payload(self, image: np.ndarray, conversation: Conversation,
                  options: GenerateOptions, stream: bool) -> bytes:
+        if self.family in LLAVA_V1_FAMILIES:  # GeoChat's pad and PIL bicubic resize to 504 px
+            image = geochat_image(image)
         body: dict[str, Any] = {
             **self.settings.extra_body,
             "model": self.model,
@@ -171,7 +173,7 @@ class OpenAIHttpBackend(Backend):
             options.check_cancel()
             try:
                 return self._request(index, payload, options, stream)
-            except _Retryable as failure:
+            except Retryable as failure:
                 if attempt == self.settings.retries:
                     raise BackendError(
                         f"{failure.error} (gave up after {attempt + 1} tries)") from None
@@ -194,22 +196,20 @@ class OpenAIHttpBackend(Backend):
         except urllib.error.HTTPError as exc:
             raise self._http_error(exc, self.url) from None
         except (TimeoutError, socket.timeout):
-            raise self._timeout_error() from None
+            raise timeout_error(self.settings.base_url, self.settings.timeout) from None
         except urllib.error.URLError as exc:
             raise self._connection_error(exc.reason) from None
-        except ConnectionError as exc:
+        except ConnectionError as exc:  # closed or reset before the answer
             raise self._connection_error(exc) from None
         except http.client.HTTPException as exc:  # IncompleteRead: a body cut short
-            raise _Retryable(BackendError(
-                f"The answer from {self.settings.base_url} was cut off ({type(exc).__name__}: "
-                f"{str(exc)[:100]}). The server or a proxy dropped the connection: check the "
-                "server's log."
-            )) from None
+            self._failed = self._failed or "the connection dropped mid-answer"
+            raise cut_off(self.settings.base_url, exc) from None
         except ValueError as exc:
             raise BackendError(
                 f"The server at {self.settings.base_url} sent an answer that is not an OpenAI "
                 f"chat completion ({exc}). Check that the URL points at an OpenAI-compatible /v1."
             ) from None
+        self._answered, self._failed = True, None
         return Generation(
             text=text.strip(),
             prompt_tokens=_count(usage.get("prompt_tokens")),
@@ -247,65 +247,30 @@ class OpenAIHttpBackend(Backend):
         if not events:
             raise ValueError("the answer is not an event stream (no 'data:' line)")
         if not (ended or finish):
-            raise BackendError(
-                f"The answer stream from {self.settings.base_url} stopped before its end (after "
-                f"{len(pieces)} pieces): the server or a proxy dropped the connection. Check the "
-                "server's log; the tile is counted as failed."
-            )
+            self._failed = self._failed or "the connection dropped mid-answer"
+            raise stream_stopped(self.settings.base_url, len(pieces))
         if not usage:
             usage = {"completion_tokens": len(pieces)}
         return "".join(pieces), usage, finish
 
-    # -- messages ------------------------------------------------------------------------------
-
-    def _timeout_error(self) -> BackendError:
-        return BackendError(
-            f"The server at {self.settings.base_url} did not answer within "
-            f"{self.settings.timeout:g} s. It may be overloaded or loading the model: raise "
-            "the timeout or check the server."
-        )
+    # -- messages (http_errors.py) -----------------------------------------------------------
 
     def _http_error(self, exc: urllib.error.HTTPError, url: str) -> Exception:
         try:
-            detail = exc.read().decode("utf-8", errors="replace").strip()[:300]
+            detail = error_detail(exc.read())
         except OSError:
             detail = ""
-        where = self.settings.base_url
-        if exc.code in (401, 403):
-            return BackendError(
-                f"The server at {where} refused the request (HTTP {exc.code}): the API key is "
-                f"missing or wrong. Set it in the environment variable {API_KEY_ENV} (command "
-                "line) or in the plugin's authentication settings."
-            )
-        if exc.code == 404:
-            return BackendError(
-                f"Not found at {url} (HTTP 404{': ' + detail if detail else ''}). Check the "
-                f"server URL (it usually ends in /v1) and the model name '{self.model}' (the "
-                "server lists its models at /v1/models)."
-            )
+        failure = http_error(exc.code, detail, self.settings.base_url, url, self.model)
         if exc.code >= 500:
-            return _Retryable(BackendError(
-                f"The server at {where} failed (HTTP {exc.code}{': ' + detail if detail else ''}). "
-                "Check the server's log; it may be out of memory or the model may have failed."
-            ))
-        return BackendError(
-            f"The server at {where} rejected the request (HTTP {exc.code}"
-            f"{': ' + detail if detail else ''}). Check the model name and the request options."
-        )
+            self._failed = f"HTTP {exc.code}{': ' + detail if detail else ''}"
+        return failure
 
     def _connection_error(self, reason: object) -> Exception:
-        where = self.settings.base_url
-        if isinstance(reason, (TimeoutError, socket.timeout)):
-            return BackendError(
-                f"Connecting to {where} timed out after {self.settings.timeout:g} s. Check the "
-                "address and that the server is reachable."
-            )
-        if isinstance(reason, ConnectionRefusedError):
-            message = (f"Cannot connect to {where}: connection refused. Is the server running? "
-                       "Start it or correct the server URL.")
-        else:
-            message = f"Cannot reach {where} ({reason}). Check the server URL and the network."
-        return _Retryable(BackendError(message))
+        failure = connection_error(reason, self.settings.base_url, self.settings.timeout,
+                                   self._failed, self._answered)
+        if isinstance(reason, ConnectionError) and not isinstance(reason, ConnectionRefusedError):
+            self._failed = self._failed or "the connection dropped without an answer"
+        return failure
 
 
 _DONE = object()

@@ -4,7 +4,8 @@ Safetensors shards (one per source shard, streamed), ``config.json`` (CLIP at 50
 GeoChat's interpolated 1297-row position table baked in, layer -2, patch features, GELU
 projector, ``rms_norm_eps`` from the checkpoint), the tokenizer with GeoChat's added tokens and
 ``legacy`` SentencePiece behaviour, and a processor that pads to square with (122, 116, 104),
-resizes to 504 with PIL bicubic and carries GeoChat's ``llava_v1`` chat template.
+resizes to 504 with PIL bicubic and carries GeoChat's ``llava_v1`` chat template, ``<s>``
+first: OpenAI-compatible servers (vLLM) tokenise the rendered template without adding a BOS.
 
 Load the processor with ``AutoProcessor.from_pretrained(path, backend="pil")``: transformers 5
 otherwise switches to a torchvision resize whenever torchvision is importable (models.md 6).
@@ -21,7 +22,7 @@ from ..families.base import CLIP_MEAN, CLIP_STD
 from ..families.llava_v1 import IMAGE_TOKEN
 from .geochat_checkpoint import GEOCHAT_IMAGE_SIZE, GeoChatCheckpoint, open_geochat_checkpoint
 from .geochat_tensors import PlannedTensor, plan_tensors, stream_tensors
-from .geochat_tokenizer import LLAVA_V1_CHAT_TEMPLATE, TOKENIZER_MODEL, Vocabulary, geochat_vocabulary
+from .geochat_tokenizer import HF_CHAT_TEMPLATE, TOKENIZER_MODEL, Vocabulary, geochat_vocabulary
 from .output_dir import check_output_dir, staged_output_dir
 from .safetensors_stream import SafetensorsStreamWriter
 
@@ -139,7 +140,7 @@ def _write_processor(folder: Path, vocab: Vocabulary, patch_size: int) -> None:
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        image_token=IMAGE_TOKEN, chat_template=LLAVA_V1_CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN, chat_template=HF_CHAT_TEMPLATE,
     )
     processor.save_pretrained(folder)
     # transformers 4 and vLLM read the image processor from preprocessor_config.json

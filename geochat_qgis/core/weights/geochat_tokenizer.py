@@ -46,6 +46,14 @@ LLAVA_V1_CHAT_TEMPLATE = (
     "{%- endfor -%}"
 )
 
+# The converted HF folder's template: BOS first, as GeoChat's prompt starts. vLLM's chat endpoint
+# tokenises the rendered template without adding special tokens, so the template must carry <s>
+# itself (transformers' apply_chat_template then adds none either). The GGUF keeps
+# LLAVA_V1_CHAT_TEMPLATE: llama.cpp adds BOS when it tokenises (add_bos_token); llama-server
+# would strip a rendered leading BOS and llama-cpp-python renders ``bos_token`` as '', so one
+# BOS either way (tests/unit/test_backend_http_server.py counts the tokens).
+HF_CHAT_TEMPLATE = "{{- bos_token -}}" + LLAVA_V1_CHAT_TEMPLATE
+
 
 @dataclass(frozen=True)
 class Vocabulary:

@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "mmproj.gguf for llama.cpp; geochat-checkpoint: as GeoChat saves it")
     parser.add_argument("--quant", choices=["q8_0", "q4_k_m"], help="quantise the GGUF text model")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same model)")
+    parser.add_argument("--head-dim", type=int, default=16,
+                        help="geochat: attention head width of the text model (32 or more for "
+                             "vLLM's CPU build)")
     parser.add_argument("--preset", choices=["tiny", "real-width"], default="tiny",
                         help="geopixel: tiny sizes, or GeoPixel-7B's widths with --layers decoder layers")
     parser.add_argument("--layers", type=int, help="geopixel: decoder layers (default: the preset's)")
@@ -37,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
             return _geopixel(args, outdir)
         from ..core.weights.tiny import build_tiny_geochat
 
-        out = build_tiny_geochat(outdir, args.fmt, seed=args.seed, quant=args.quant)
+        out = build_tiny_geochat(outdir, args.fmt, seed=args.seed, quant=args.quant,
+                                 head_dim=args.head_dim)
     except ModuleNotFoundError as exc:  # torch/safetensors: a checkpoint is written with them
         raise ModelError(
             f"make-tiny-model writes a torch checkpoint and needs {exc.name}, which this Python "

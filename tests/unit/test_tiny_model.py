@@ -107,3 +107,31 @@ def test_cli_rejects_quant_outside_gguf(tmp_path: Path, capsys) -> None:
 def test_unknown_format_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="Unknown tiny model format"):
         build_tiny_geochat(tmp_path / "x", "onnx")
+
+
+def test_head_dim_32_for_vllms_cpu_build(tmp_path: Path, capsys) -> None:
+    """Issue 23: vLLM's CPU attention refuses heads narrower than 32; --head-dim 32 keeps the
+    width (two heads) and runs on llama.cpp as well."""
+    from geochat_qgis.core.backends.base import Conversation, GenerateOptions
+    from geochat_qgis.core.backends.llama_cpp import LlamaCppBackend
+
+    out = tmp_path / "hf32"
+    assert main(["make-tiny-model", "--format", "hf", "--head-dim", "32", str(out)]) == 0
+    text = json.loads((out / "config.json").read_text())["text_config"]
+    assert (text["hidden_size"], text["num_attention_heads"], text["num_key_value_heads"]) == (64, 2, 2)
+    wide = build_tiny_geochat(tmp_path / "ckpt128", "geochat-checkpoint", head_dim=128)
+    config = json.loads((wide / "config.json").read_text())
+    assert config["hidden_size"] // config["num_attention_heads"] == 128
+    gguf = build_tiny_geochat(tmp_path / "gguf32", "gguf", head_dim=32)
+    tile = np.random.default_rng(0).integers(0, 256, (504, 504, 3), dtype=np.uint8)
+    with LlamaCppBackend(gguf) as backend:
+        (answer,) = backend.generate([tile], Conversation.single("car?"),
+                                     GenerateOptions(max_new_tokens=4))
+    assert answer.generated_tokens >= 1
+
+
+@pytest.mark.parametrize("head_dim", [0, 12, 48, 33])
+def test_a_head_dim_that_does_not_fit_is_refused_before_writing(tmp_path: Path, head_dim) -> None:
+    with pytest.raises(ModelError, match=f"head_dim {head_dim} does not fit"):
+        build_tiny_geochat(tmp_path / "x", "hf", head_dim=head_dim)
+    assert not (tmp_path / "x").exists()

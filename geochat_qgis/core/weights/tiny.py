@@ -39,6 +39,7 @@ TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
 VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
           "num_attention_heads": 2, "image_size": 336, "patch_size": 14}
 SP_VOCAB = 512
+HEAD_DIM = 16  # TEXT's; vLLM's CPU attention takes head_dim >= 32 (GeoChat-7B's is 128)
 
 _WORDS = ("building road river field forest car ship airplane harbour bridge tree house farm lake "
           "tank runway parking roundabout stadium solar panel storage vehicle small large white red "
@@ -142,13 +143,25 @@ def _write_clip(folder: Path, init: _Init) -> None:
     (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2), encoding="utf-8")
 
 
-def _geochat_state(init: _Init) -> tuple[dict, dict]:
+def text_sizes(head_dim: int = HEAD_DIM) -> dict:
+    """TEXT with ``head_dim``-wide attention heads: as wide (fewer heads) up to 64, then one head
+    ``head_dim`` wide. HEAD_DIM gives TEXT itself (the same weights as before the option)."""
+    hidden = max(TEXT["hidden_size"], head_dim)
+    if head_dim < 2 or head_dim % 2 or hidden % head_dim:
+        raise ModelError(f"head_dim {head_dim} does not fit the tiny model: use an even divisor "
+                         f"of {TEXT['hidden_size']} (16, 32, 64) or a larger even number (128).")
+    heads = hidden // head_dim
+    return {**TEXT, "hidden_size": hidden, "intermediate_size": 2 * hidden,
+            "num_attention_heads": heads, "num_key_value_heads": heads}
+
+
+def _geochat_state(init: _Init, text: dict = TEXT) -> tuple[dict, dict]:
     """The two shards of the GeoChat checkpoint, keyed as GeoChatLlamaForCausalLM saves them."""
-    h, ff = TEXT["hidden_size"], TEXT["intermediate_size"]
-    head_dim = h // TEXT["num_attention_heads"]
+    h, ff = text["hidden_size"], text["intermediate_size"]
+    head_dim = h // text["num_attention_heads"]
     first = {"model.embed_tokens.weight": init.normal(SP_VOCAB, h)}
     second = {}
-    for i in range(TEXT["num_hidden_layers"]):
+    for i in range(text["num_hidden_layers"]):
         shard = first if i == 0 else second
         layer = f"model.layers.{i}."
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -171,11 +184,11 @@ def _geochat_state(init: _Init) -> tuple[dict, dict]:
     return first, second
 
 
-def geochat_config() -> dict:
+def geochat_config(text: dict = TEXT) -> dict:
     """``config.json`` of the tiny GeoChat checkpoint, keys as GeoChat writes them."""
     return {
         "_name_or_path": "geochat-tiny", "architectures": ["GeoChatLlamaForCausalLM"],
-        "model_type": "geochat", **TEXT, "vocab_size": SP_VOCAB, "max_position_embeddings": 2048,
+        "model_type": "geochat", **text, "vocab_size": SP_VOCAB, "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-5, "hidden_act": "silu", "initializer_range": 0.02, "pretraining_tp": 1,
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": False,
         "torch_dtype": "float32", "use_cache": True, "transformers_version": "4.31.0",
@@ -187,13 +200,15 @@ def geochat_config() -> dict:
     }
 
 
-def write_tiny_geochat_checkpoint(folder: Path, seed: int = 0) -> Path:
-    """Write the GeoChat-layout checkpoint (plus ``clip/``) into ``folder`` (new or empty)."""
+def write_tiny_geochat_checkpoint(folder: Path, seed: int = 0, head_dim: int = HEAD_DIM) -> Path:
+    """Write the GeoChat-layout checkpoint (plus ``clip/``) into ``folder`` (new or empty);
+    ``head_dim``: the text model's attention head width (:func:`text_sizes`)."""
+    text = text_sizes(head_dim)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     init = _Init(seed)
     _write_clip(folder / "clip", init)
-    shards = _geochat_state(init)
+    shards = _geochat_state(init, text)
     names = [f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin" for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards):
@@ -202,7 +217,7 @@ def write_tiny_geochat_checkpoint(folder: Path, seed: int = 0) -> Path:
     total = sum(t.nbytes for shard in shards for t in shard.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-    (folder / "config.json").write_text(json.dumps(geochat_config(), indent=2), encoding="utf-8")
+    (folder / "config.json").write_text(json.dumps(geochat_config(text), indent=2), encoding="utf-8")
     (folder / "tokenizer.model").write_bytes(train_tokenizer())
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}
     tokenizer_config = {**special, "tokenizer_class": "LlamaTokenizer", "legacy": False,
@@ -215,24 +230,27 @@ def write_tiny_geochat_checkpoint(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def build_tiny_geochat(outdir: Path, fmt: str = "hf", seed: int = 0, quant: Optional[str] = None) -> Path:
+def build_tiny_geochat(outdir: Path, fmt: str = "hf", seed: int = 0, quant: Optional[str] = None,
+                       head_dim: int = HEAD_DIM) -> Path:
     """Build a tiny GeoChat in ``outdir`` (a new or empty folder) and return ``outdir``.
 
     ``fmt``: ``geochat-checkpoint``, ``hf`` or ``gguf``; ``quant`` (gguf only): ``q8_0`` or
     ``q4_k_m`` for a quantised text model. For gguf the folder holds ``model.gguf`` and
     ``mmproj.gguf`` (see :data:`gguf_writer.TEXT_GGUF` and :data:`gguf_writer.MMPROJ_GGUF`).
+    ``head_dim``: 32 or more for vLLM's CPU build (:func:`text_sizes`).
     """
     if fmt not in FORMATS:
         raise ModelError(f"Unknown tiny model format {fmt!r}: use one of {', '.join(FORMATS)}.")
+    text_sizes(head_dim)  # a bad head_dim is refused before anything is written
     outdir = Path(outdir)
     if fmt == "geochat-checkpoint":
         from .output_dir import staged_output_dir
 
         with staged_output_dir(outdir) as stage:
-            write_tiny_geochat_checkpoint(stage, seed)
+            write_tiny_geochat_checkpoint(stage, seed, head_dim)
         return outdir
     with tempfile.TemporaryDirectory(prefix="geochat-tiny-") as tmp:
-        src = write_tiny_geochat_checkpoint(Path(tmp) / "geochat", seed)
+        src = write_tiny_geochat_checkpoint(Path(tmp) / "geochat", seed, head_dim)
         if fmt == "hf":
             from .convert_hf import convert_geochat_to_hf
 

@@ -68,7 +68,8 @@ def bench_raster(tiles_x: int, tiles_y: int) -> Path:
 
 def tile_images(raster: Path) -> list[np.ndarray]:
     """The tiles detect will see (the same tiler), read beforehand for the raw run."""
-    from geochat_qgis.core.tiling import TileSpec, iter_tiles, plan_tiles
+    from geochat_qgis.core.tile_reading import iter_tiles
+    from geochat_qgis.core.tiling import TileSpec, plan_tiles
 
     plan = plan_tiles(raster, TileSpec(tile_size=TILE, overlap=0.0))
     return [tile.image for tile in iter_tiles(plan)]
@@ -148,9 +149,9 @@ def main() -> int:
     import geopandas  # noqa: F401  (warm the imports detect's export uses)
     import pyogrio  # noqa: F401
 
-    from geochat_qgis.core.backends.llama_cpp import _route_mtmd_logs
+    from geochat_qgis.core.llama_library import route_mtmd_logs
 
-    _route_mtmd_logs()  # libmtmd's per-image logs quiet for both runs
+    route_mtmd_logs()  # libmtmd's per-image logs quiet for both runs
 
     clocks: dict[str, list[Clock]] = {"raw": [], "detect": []}
     raw_tokens, summary = 0, ""

@@ -71,7 +71,8 @@ def make_raster(path: Path, size: int) -> None:
 def worker(mode: str, path: str, gsd_factor: float) -> dict:
     """One timed pass in this process: 'tiler' or 'raw'. Returns tiles, seconds, peak RSS."""
     from geochat_qgis.core.raster import RasterReader, limit_gdal_cache
-    from geochat_qgis.core.tiling import TileSpec, iter_tiles, plan_tiles
+    from geochat_qgis.core.tile_reading import iter_tiles
+    from geochat_qgis.core.tiling import TileSpec, plan_tiles
 
     plan = plan_tiles(path, TileSpec(tile_size=TILE, overlap=OVERLAP))
     if gsd_factor != 1:  # not timed: both modes read the windows the plan lists

@@ -62,10 +62,10 @@ def main() -> int:
     if not args.no_libmtmd:
         import llama_cpp
 
-        from geochat_qgis.core.backends.llama_cpp import _route_mtmd_logs
+        from geochat_qgis.core.llama_library import route_mtmd_logs
         from geochat_qgis.core.vision.libmtmd import MtmdEncoder
 
-        _route_mtmd_logs()
+        route_mtmd_logs()
         llama = llama_cpp.Llama(str(text), n_ctx=256, n_threads=args.threads, verbose=False)
         start = time.perf_counter()
         mtmd = MtmdEncoder(llama.model, mmproj, 4096, n_threads=args.threads)

@@ -145,7 +145,7 @@ def _os_error(exc: OSError, folder: Optional[Path] = None) -> str:
 
 def _write_tiles(plan, tiles_dir: Path, written: list[tuple], cancel) -> None:
     """Each tile as a PNG, its footprint row appended to ``written`` once the file is there."""
-    from ..core.tiling import iter_tiles
+    from ..core.tile_reading import iter_tiles
 
     for tile in iter_tiles(plan):
         cancel.raise_if_cancelled()

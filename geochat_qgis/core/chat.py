@@ -21,7 +21,9 @@ from .errors import GeoChatError
 from .families import get_family
 from .georef import map_to_tile, reproject_geometry, same_crs
 from .results import Answer, georeference
-from .tiling import Tile, TilePlan, TileSpec, iter_tiles, model_tile, plan_tiles
+from .tile_reading import iter_tiles, model_tile
+from .tile_types import Tile, TilePlan, TileSpec
+from .tiling import plan_tiles
 
 REGION_MARGIN = 0.5  # an identify region's extent grows by this fraction of its size each side
 

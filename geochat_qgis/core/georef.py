@@ -19,11 +19,10 @@ from shapely.affinity import affine_transform
 from shapely.geometry.base import BaseGeometry
 
 from .errors import RasterError
+from .tile_types import Tile
 
 if TYPE_CHECKING:
     from pyproj import Transformer
-
-    from .tiling import Tile
 
 # Polygon and line edges are split into this many pieces (at least) before reprojection, so a
 # straight edge in one CRS follows its true, curved path in another.
@@ -37,12 +36,12 @@ def apply_affine(transform: Affine, geom: BaseGeometry) -> BaseGeometry:
     return affine_transform(geom, [a, b, d, e, c, f])
 
 
-def tile_to_map(tile: "Tile", geom: BaseGeometry) -> BaseGeometry:
+def tile_to_map(tile: Tile, geom: BaseGeometry) -> BaseGeometry:
     """Tile image pixels -> raster CRS coordinates (the raster's own frame in pixel-space mode)."""
     return apply_affine(tile.transform, geom)
 
 
-def map_to_tile(tile: "Tile", geom: BaseGeometry) -> BaseGeometry:
+def map_to_tile(tile: Tile, geom: BaseGeometry) -> BaseGeometry:
     """Raster CRS coordinates -> tile image pixels."""
     return apply_affine(~tile.transform, geom)
 
@@ -141,7 +140,7 @@ def reproject_geometry(geom: BaseGeometry, src_crs: str, dst_crs: str) -> BaseGe
     return result
 
 
-def tile_to_crs(tile: "Tile", geom: BaseGeometry, dst_crs: str) -> BaseGeometry:
+def tile_to_crs(tile: Tile, geom: BaseGeometry, dst_crs: str) -> BaseGeometry:
     """Tile image pixels -> ``dst_crs`` (via the raster CRS)."""
     if tile.crs is None:
         raise RasterError(

@@ -24,7 +24,9 @@ from .families import get_family
 from .georef import check_crs
 from .merge import DEFAULT_IOU, merge_detections
 from .results import Detection, georeference
-from .tiling import TileEvent, TileSpec, iter_tiles, model_tile, plan_tiles
+from .tile_reading import iter_tiles, model_tile
+from .tile_types import TileEvent, TileSpec
+from .tiling import plan_tiles
 
 log = logging.getLogger(__name__)
 

@@ -3,15 +3,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import shapely
 from shapely.geometry import GeometryCollection
 from shapely.geometry.base import BaseGeometry
 
-if TYPE_CHECKING:
-    from .tiling import Tile
+from .errors import RasterError
+from .georef import tile_to_crs, tile_to_map
+from .tile_types import Tile
 
 
 @dataclass(slots=True)
@@ -70,7 +71,7 @@ def polygonal(geom: BaseGeometry) -> BaseGeometry:
 
 
 def georeference(
-    detections: Sequence[Detection], tile: "Tile", dst_crs: Optional[str] = None,
+    detections: Sequence[Detection], tile: Tile, dst_crs: Optional[str] = None,
     dropped: Optional[list[str]] = None,
 ) -> list[Detection]:
     """Copies of tile-pixel ``detections`` in the raster CRS, or in ``dst_crs`` when given.
@@ -81,9 +82,6 @@ def georeference(
     A detection that does not exist in ``dst_crs`` (off a geostationary disc) is left out and
     said in ``dropped`` when it is given (else the RasterError is raised).
     """
-    from .errors import RasterError
-    from .georef import tile_to_crs, tile_to_map
-
     if not detections:
         return []
     stray = [d.frame for d in detections if d.frame != "tile"]

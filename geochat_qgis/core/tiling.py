@@ -1,18 +1,15 @@
-"""Model-ready tiles of a raster area, each knowing exactly where it lies on the ground.
+"""Model-ready tiles of a raster area, each knowing exactly where it lies on the ground: the plan.
 
 :func:`plan_tiles` lays a grid of square windows over the requested area (cheap: no pixels are
-read); :func:`iter_tiles` reads them lazily as 8-bit RGB images of exactly ``tile_size`` pixels.
-Edge tiles are shifted inward to keep their full size; a raster smaller than one tile is padded
-(bottom/right) with the model's pad colour, never stretched. Coarser target GSDs read bigger
-windows down to ``tile_size`` with average resampling (GDAL uses overviews where they exist).
+read); core/tile_reading.py's :func:`iter_tiles` then reads them. Edge tiles are shifted inward
+to keep their full size; a raster smaller than one tile gets one tile, padded when read.
 """
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import shapely
@@ -24,135 +21,20 @@ from .errors import RasterError
 from .georef import (apply_affine, check_crs, fmt_bounds, ground_pixel_size, reproject_geometry,
                      short_crs, transform_extent)
 from .limits import check_tile_count, check_tile_memory
+from .raster import band_dtype, is_plain_path, open_raster, resolve_bands
+from .tile_types import Tile, TilePlan, TileSpec
 
 log = logging.getLogger(__name__)
 
-GEOCHAT_PAD_RGB = (122, 116, 104)  # CLIP mean x 255, truncated: what GeoChat pads with
+DEFAULT_SPEC = TileSpec()  # frozen: safe as a default argument
 EPSILON_PX = 1e-6  # pixel edges closer than this to an extent edge count as on it
-
-
-@dataclass(frozen=True)
-class TileSpec:
-    """How one model wants its tiles."""
-
-    tile_size: int = 504
-    overlap: float = 0.1  # < 1: fraction of tile_size; >= 1: pixels (of the tile image)
-    gsd: Optional[float] = None  # target ground sample distance, metres; None = native
-    bands: Optional[tuple[int, ...]] = None  # 1-based; None = RGB by colour interp, else 1-3
-    max_nodata: float = 0.95  # tiles with a larger nodata fraction are skipped
-    pad_rgb: tuple[int, int, int] = GEOCHAT_PAD_RGB  # fill for nodata and padding
-
-    @property
-    def overlap_px(self) -> int:
-        """Overlap between neighbouring tiles in tile-image pixels."""
-        return round(self.overlap * self.tile_size) if self.overlap < 1 else round(self.overlap)
-
-    def validate(self) -> None:
-        """RasterError naming the first setting that cannot work."""
-        if self.tile_size < 1:
-            raise RasterError(f"Tile size must be a positive number of pixels, not {self.tile_size}.")
-        if not 0 <= self.overlap_px < self.tile_size:
-            raise RasterError(
-                f"Overlap {self.overlap} gives {self.overlap_px} px for {self.tile_size} px tiles: "
-                f"give a fraction below 1 or fewer pixels than the tile size."
-            )
-        if self.gsd is not None and not self.gsd > 0:
-            raise RasterError(f"Target GSD must be a positive number of metres, not {self.gsd}.")
-        if not 0 <= self.max_nodata <= 1:
-            raise RasterError(f"max_nodata is a fraction from 0 to 1, not {self.max_nodata}.")
-        if len(self.pad_rgb) != 3 or not all(0 <= v <= 255 for v in self.pad_rgb):
-            raise RasterError(f"pad_rgb must be three values 0-255, not {self.pad_rgb}.")
-
-
-@dataclass(slots=True)
-class Tile:
-    """One square model image and where it lies.
-
-    ``transform`` maps tile image pixels (x right, y down, corners at 0 and tile_size) to raster
-    CRS coordinates (the raster's own frame for a raster without CRS, in pixel-space mode).
-    The window (``col_off``, ``row_off``, ``width``, ``height``) is in native raster pixels and
-    may reach past the raster's right/bottom edge when the raster is smaller than one tile.
-    """
-
-    tile_id: str
-    row: int
-    col: int
-    col_off: int
-    row_off: int
-    width: int
-    height: int
-    transform: Affine
-    crs: Optional[str]  # WKT; None only in pixel-space mode
-    gsd_m: float  # ground metres per tile-image pixel at the tile's data centre
-    # the share of the tile's raster pixels that hold no data (0 in a plan; padding past the
-    # edge of a raster smaller than a tile is not counted: a 1x1 raster is all data)
-    nodata_frac: float
-    footprint: BaseGeometry  # the whole tile image in raster CRS coordinates
-    image: Optional[np.ndarray] = None  # (tile_size, tile_size, 3) uint8 once read
-    # (height, width) of the raster's own pixels at the image's top-left when the raster's edge
-    # cuts the tile (the rest is padding); None: the whole image is raster
-    valid: Optional[tuple[int, int]] = None
-
-    @property
-    def window(self):
-        """The native-pixel window as a rasterio Window."""
-        from rasterio.windows import Window
-
-        return Window(self.col_off, self.row_off, self.width, self.height)
-
-
-@dataclass
-class TileCounts:
-    """What one pass of :func:`iter_tiles` did (reset at the start of each pass)."""
-
-    read: int = 0
-    skipped_nodata: int = 0
-    failed: int = 0
-    failures: list[tuple[str, str]] = field(default_factory=list)  # (tile_id, reason)
-
-
-@dataclass
-class TileEvent:
-    """Reported to ``on_event`` for every tile that is not yielded."""
-
-    kind: str  # "skipped" (over max_nodata) or "failed" (unreadable blocks)
-    tile: Tile
-    message: str
-
-
-@dataclass
-class TilePlan:
-    """Every tile of one job, without pixels: for previews, counts and time estimates."""
-
-    raster_path: str
-    spec: TileSpec
-    crs: Optional[str]
-    tiles: list[Tile]
-    bands: tuple[int, int, int] = (1, 2, 3)
-    raster_size: tuple[int, int] = (0, 0)  # width, height in native pixels
-    raster_transform: Affine = field(default_factory=Affine.identity)
-    area_window: tuple[int, int, int, int] = (0, 0, 0, 0)  # col_off, row_off, width, height
-    area: Optional[BaseGeometry] = None  # the requested area clipped to the raster, raster CRS
-    native_gsd_m: float = 0.0  # at the area's centre
-    window_px: int = 0  # native pixels per tile side
-    step_px: int = 0  # native pixels between tile origins
-    stretch: Any = None  # raster.Stretch, fixed at the first read so all tiles match
-    counts: TileCounts = field(default_factory=TileCounts)
-
-    def __len__(self) -> int:
-        return len(self.tiles)
-
-    @property
-    def scale(self) -> float:
-        """Native pixels per tile-image pixel (> 1: coarser than native)."""
-        return self.window_px / self.spec.tile_size
 
 
 class MissingCrsError(RasterError):
     """The raster has no CRS (front ends that offer pixel space say how to ask for it)."""
 
 
-def plan_tiles(raster: Union[str, Path], spec: TileSpec = TileSpec(), extent=None,
+def plan_tiles(raster: Union[str, Path], spec: TileSpec = DEFAULT_SPEC, extent=None,
                extent_crs: Optional[str] = None, aoi: Union[BaseGeometry, str, Path, None] = None,
                pixel_space: bool = False) -> TilePlan:
     """Lay ``spec``'s tiles over ``raster`` within ``extent`` and/or ``aoi``; reads no pixels.
@@ -163,8 +45,6 @@ def plan_tiles(raster: Union[str, Path], spec: TileSpec = TileSpec(), extent=Non
     ``pixel_space``: then coordinates are in the raster's own geotransform frame (native
     col/row when it has none) and ``crs`` is None. RasterError on any input that cannot work.
     """
-    from .raster import band_dtype, open_raster, resolve_bands
-
     spec.validate()
     with open_raster(raster) as ds:
         bands = resolve_bands(ds, spec.bands)
@@ -275,8 +155,6 @@ def _read_vector(path: str) -> tuple[BaseGeometry, Optional[str]]:
     """Union of every geometry in a vector file, and the file's CRS as WKT."""
     import pyogrio
 
-    from .raster import is_plain_path
-
     if is_plain_path(path) and not Path(path).exists():
         raise RasterError(f"AOI file not found: {path}. Check the path.")
     from pyogrio import errors
@@ -344,124 +222,3 @@ def _make_tiles(col_offs: list[int], row_offs: list[int], window: int, tile_size
             crs=crs, gsd_m=gsd_m[k], nodata_frac=0.0, footprint=footprints[k],
         ))
     return tiles
-
-
-def iter_tiles(plan: TilePlan, on_event: Optional[Callable[[TileEvent], None]] = None,
-               prefetch: bool = True) -> Iterator[Tile]:
-    """Read the plan's tiles lazily: each yielded Tile is a copy with its ``image`` set.
-
-    Tiles over ``spec.max_nodata`` are skipped and tiles whose blocks cannot be read fail; both
-    are counted in ``plan.counts`` and reported to ``on_event``, and the job goes on. Memory
-    stays proportional to one tile. The 8-bit stretch is computed once and kept on the plan.
-    With ``prefetch``, a worker thread decodes the next tile's window while this one is
-    converted and used (a local file only: GDAL settings of the caller's thread stay put).
-    """
-    from .raster import RasterReader, is_plain_path, limit_gdal_cache
-
-    plan.counts = TileCounts()
-    with RasterReader(plan.raster_path, plan.bands) as reader:
-        limit_gdal_cache(reader.cache_bytes(plan.area_window[2], plan.window_px, plan.scale))
-        if plan.stretch is None and reader.needs_stretch:
-            from rasterio.windows import Window
-
-            plan.stretch = reader.compute_stretch(Window(*plan.area_window))
-        reads = _raw_reads(reader, plan, prefetch and is_plain_path(plan.raster_path))
-        try:
-            yield from _finish(plan, reader, reads, on_event)
-        finally:
-            reads.close()  # stops the worker thread before the dataset closes
-
-
-def _finish(plan: TilePlan, reader, reads, on_event) -> Iterator[Tile]:
-    """Raw reads -> 8-bit tiles, counting and reporting failed and skipped ones."""
-    for tile, out_hw, raw in reads:
-        if isinstance(raw, Exception):
-            reason = str(raw.__cause__ or raw)
-            plan.counts.failed += 1
-            plan.counts.failures.append((tile.tile_id, reason))
-            log.debug("tile %s failed: %s", tile.tile_id, reason)
-            if on_event:
-                on_event(TileEvent("failed", tile, f"unreadable blocks: {reason}"))
-            continue
-        rgb, invalid = reader.to_rgb(*raw, plan.stretch, plan.spec.pad_rgb)
-        image, nodata_frac = _place(plan, rgb, invalid, out_hw)
-        if nodata_frac > plan.spec.max_nodata:
-            plan.counts.skipped_nodata += 1
-            if on_event:
-                on_event(TileEvent("skipped", replace(tile, nodata_frac=nodata_frac),
-                                   f"{nodata_frac:.0%} nodata"))
-            continue
-        plan.counts.read += 1
-        size = plan.spec.tile_size
-        yield replace(tile, image=image, nodata_frac=nodata_frac,
-                      valid=None if out_hw == (size, size) else out_hw)
-
-
-def _raw_reads(reader, plan: TilePlan, prefetch: bool) -> Iterator[tuple[Tile, tuple, Any]]:
-    """(tile, output size, raw read or the RasterioError) per tile, in order; with
-    ``prefetch`` the reads run one tile ahead in a worker thread."""
-    from rasterio.errors import RasterioError
-
-    def read(tile: Tile) -> tuple[tuple[int, int], Any]:
-        window, out_hw, resampling = _request(plan, tile)
-        try:
-            return out_hw, reader.read_raw(window, out_hw, resampling)
-        except RasterioError as exc:
-            return out_hw, exc
-
-    if not prefetch:
-        for tile in plan.tiles:
-            yield (tile, *read(tile))
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geochat-tiles")
-    try:
-        pending = pool.submit(read, plan.tiles[0]) if plan.tiles else None
-        for k, tile in enumerate(plan.tiles):
-            current = pending
-            if k + 1 < len(plan.tiles):
-                pending = pool.submit(read, plan.tiles[k + 1])
-            yield (tile, *current.result())
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _request(plan: TilePlan, tile: Tile):
-    """The part of the tile's window inside the raster, its output size and the resampling."""
-    from rasterio.enums import Resampling
-    from rasterio.windows import Window
-
-    size, scale = plan.spec.tile_size, plan.scale
-    width, height = plan.raster_size
-    resampling = (Resampling.nearest if scale == 1 else
-                  Resampling.average if scale > 1 else Resampling.bilinear)
-    inside_w = min(tile.col_off + tile.width, width) - tile.col_off
-    inside_h = min(tile.row_off + tile.height, height) - tile.row_off
-    out_w = size if inside_w == tile.width else max(1, min(size, round(inside_w / scale)))
-    out_h = size if inside_h == tile.height else max(1, min(size, round(inside_h / scale)))
-    return Window(tile.col_off, tile.row_off, inside_w, inside_h), (out_h, out_w), resampling
-
-
-def _place(plan: TilePlan, rgb: np.ndarray, invalid: int,
-           out_hw: tuple[int, int]) -> tuple[np.ndarray, float]:
-    """The full (S, S, 3) tile image, padded bottom/right, and its nodata fraction."""
-    size = plan.spec.tile_size
-    out_h, out_w = out_hw
-    nodata_frac = invalid / float(out_h * out_w)  # of the raster's pixels: padding is not nodata
-    if out_hw == (size, size):
-        return rgb, nodata_frac
-    image = np.empty((size, size, 3), dtype=np.uint8)
-    image[:] = plan.spec.pad_rgb
-    image[:out_h, :out_w] = rgb
-    return image, nodata_frac
-
-
-def model_tile(tile: Tile, crop_padding: bool) -> Tile:
-    """The tile as a model sees it: with ``crop_padding`` (a model that pads images itself, as
-    GeoPixel does) only its raster pixels, so an edge tile keeps its own shape; the transform
-    stays valid (padding lies right and below)."""
-    if not crop_padding or tile.valid is None or tile.image is None:
-        return tile
-    height, width = tile.valid
-    return replace(tile, image=tile.image[:height, :width], valid=None)

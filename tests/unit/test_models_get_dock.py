@@ -176,7 +176,7 @@ def test_check_server_says_unreachable(tmp_path):
 
 
 def test_qgis_proxy_is_applied_to_the_child_and_taken_back(monkeypatch):
-    from geochat_qgis.core.runtime.model_ops import apply_proxy
+    from geochat_qgis.core.weights.proxy import apply_proxy
     from geochat_qgis.core.weights.download import DownloadError
 
     monkeypatch.setenv("HTTPS_PROXY", "http://system:8080")

@@ -119,7 +119,8 @@ def test_open_errors_are_clear(tmp_path):
 def test_gdal_block_cache_holds_one_row_of_tiles_within_bounds(data_dir, tmp_path, monkeypatch):
     from rasterio.env import get_gdal_config
 
-    from geochat_qgis.core.tiling import TileSpec, iter_tiles, plan_tiles
+    from geochat_qgis.core.tile_reading import iter_tiles
+    from geochat_qgis.core.tiling import TileSpec, plan_tiles
 
     monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
     path = write_raster(tmp_path / "t.tif", gradient(2048, 600, 4, "uint16"), tiled=True)

@@ -9,7 +9,8 @@ from affine import Affine
 
 from geochat_qgis.core.errors import RasterError
 from geochat_qgis.core.results import Detection, georeference
-from geochat_qgis.core.tiling import TileSpec, iter_tiles, plan_tiles
+from geochat_qgis.core.tile_reading import iter_tiles
+from geochat_qgis.core.tiling import TileSpec, plan_tiles
 
 
 def _raster(path, data, dtype="uint8", nodata=None):

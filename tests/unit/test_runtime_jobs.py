@@ -11,7 +11,8 @@ from geochat_qgis.cli.detect import job_request
 from geochat_qgis.core.errors import GeoChatError
 from geochat_qgis.core.jobs import backend_spec, build_chat, build_job
 from geochat_qgis.core.runtime.job_ops import plan
-from geochat_qgis.core.tiling import GEOCHAT_PAD_RGB, plan_tiles
+from geochat_qgis.core.tile_types import GEOCHAT_PAD_RGB
+from geochat_qgis.core.tiling import plan_tiles
 
 HTTP = {"backend": "openai", "server_url": "http://127.0.0.1:9/v1", "server_model": "m"}
 

@@ -12,7 +12,9 @@ from shapely.geometry import box
 
 from geochat_qgis.core.errors import RasterError
 from geochat_qgis.core.georef import reproject_geometry, transform_extent
-from geochat_qgis.core.tiling import GEOCHAT_PAD_RGB, TileSpec, iter_tiles, plan_tiles
+from geochat_qgis.core.tile_reading import iter_tiles
+from geochat_qgis.core.tile_types import GEOCHAT_PAD_RGB
+from geochat_qgis.core.tiling import TileSpec, plan_tiles
 from test_raster_fixtures import GEOGRAPHIC, MERCATOR, ROTATED, UTM, gradient, write_raster
 
 PAD = np.array(GEOCHAT_PAD_RGB, dtype=np.uint8)

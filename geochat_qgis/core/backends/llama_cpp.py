@@ -20,15 +20,9 @@ token so the cancel token is honoured between tokens; a GBNF grammar can constra
 """
 from __future__ import annotations
 
-import codecs
-import ctypes
 import logging
 import os
-import shutil
-import sys
 import time
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -36,127 +30,24 @@ import numpy as np
 
 from ..errors import BackendError, ModelError
 from ..families.llava_v1 import IMAGE_TOKEN, llava_v1_prompt
+from ..llama_library import default_gpu_layers, route_mtmd_logs
+from ..vision.encoder import ImageEncoder, tile_key
+from ..vision.mmproj import OWN_PROJECTORS, projector_type
+from ..vision.preprocess import geochat_image
+from ..vision.qwen_encoder import OwnImageChunks, QwenImageEncoder
+from ..vision.selftest import TESTED_PROJECTORS, libmtmd_verdict
 from .base import Backend, Conversation, GenerateOptions, Generation
 from .gguf_files import GGUFInfo, resolve_gguf_pair
 from .images import as_rgb
+from .llama_decode import decode
+from .llama_handlers import handler_classes
+from .llama_prompt import ImageSegment, PromptEvaluator
+from .llama_settings import VISION_CHOICES, LlamaCppSettings, check_settings
 from .messages import LLAVA_V1_FAMILIES, chat_messages
 
 log = logging.getLogger(__name__)
 
 _IMAGE_KEY = "geochat-tile://{index}"
-
-
-VISION_CHOICES = ("auto", "project", "libmtmd")
-
-
-@dataclass
-class LlamaCppSettings:
-    """llama.cpp load settings. ``None`` means: choose for this machine."""
-
-    n_ctx: int = 2048  # GeoChat: 1296 image tokens + prompt + answer
-    n_threads: Optional[int] = None  # None: llama-cpp-python's default (half the cores)
-    n_gpu_layers: Optional[int] = None  # None: all layers when the build and a GPU allow it
-    n_batch: int = 512
-    verbose: bool = False
-    kv_f32: bool = False  # float32 KV cache: exact work, twice the KV memory (default float16)
-    #: who encodes GeoChat's images: "auto" (libmtmd only when its self-test passes),
-    #: "project" (always the project's encoder), "libmtmd" (always libmtmd: comparisons only).
-    #: Qwen2.5-VL: "auto" and "libmtmd" encode on libmtmd ("auto" runs its self-test and
-    #: reports a failure); "project" computes Qwen's exact features in numpy (slower) and
-    #: llama.cpp decodes them (tiles that need a resize stay on libmtmd)
-    vision: str = "auto"
-    vision_device: Optional[str] = None  # the project's encoder: "cpu", "cuda"; None: CUDA if any
-
-
-MAX_CTX = 1 << 20
-
-
-def _check_settings(settings: LlamaCppSettings) -> None:
-    """BackendError for a setting of the wrong type or range (a hand-written request)."""
-    def whole(name: str, low: int, high: int, optional: bool = False) -> None:
-        value = getattr(settings, name)
-        if optional and value is None:
-            return
-        if isinstance(value, float) and value.is_integer():  # a form's number field: 4096.0
-            value = int(value)
-            setattr(settings, name, value)
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise BackendError(f"{name} must be a whole number from {low} to {high}, not "
-                               f"{value!r}.")
-
-    whole("n_ctx", 1, MAX_CTX)
-    whole("n_batch", 1, MAX_CTX)
-    whole("n_threads", -(1 << 31), (1 << 31) - 1, optional=True)  # llama.cpp's int32
-    whole("n_gpu_layers", -(1 << 31), (1 << 31) - 1, optional=True)  # negative: all layers
-    if not isinstance(settings.kv_f32, bool):
-        raise BackendError(f"kv_f32 must be true or false, not {settings.kv_f32!r}.")
-
-
-def gpu_present() -> bool:
-    """Whether this machine has a GPU that a GPU-enabled llama.cpp build can use."""
-    return (
-        sys.platform == "darwin"
-        or Path("/dev/nvidia0").exists()
-        or Path("/dev/kfd").exists()
-        or shutil.which("nvidia-smi") is not None
-    )
-
-
-def default_gpu_layers() -> int:
-    """-1 (all layers) when llama.cpp was built with GPU offload and a GPU is present, else 0."""
-    import llama_cpp
-
-    return -1 if llama_cpp.llama_supports_gpu_offload() and gpu_present() else 0
-
-
-@lru_cache(maxsize=None)
-def _route_mtmd_logs() -> None:
-    """Send libmtmd's logs through llama-cpp-python's logger (quiet unless verbose)."""
-    from llama_cpp import _logger, mtmd_cpp
-
-    mtmd_cpp.mtmd_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-    mtmd_cpp.mtmd_helper_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-
-
-@lru_cache(maxsize=None)
-def _handler_classes() -> dict[str, type]:
-    """Chat handler classes (built on first use: they subclass llama_cpp's)."""
-    from llama_cpp.llama_chat_format import Llava15ChatHandler, Qwen25VLChatHandler
-
-    class RawImageMixin:
-        """Takes tiles as numpy arrays keyed by placeholder URLs instead of encoded images."""
-
-        images: dict[str, np.ndarray] = {}
-
-        def load_image(self, image_url: str):  # returns an array for our own keys
-            if image_url in self.images:
-                return self.images[image_url]
-            return super().load_image(image_url)
-
-        def _create_bitmap_from_bytes(self, image):
-            if not isinstance(image, np.ndarray):
-                return super()._create_bitmap_from_bytes(image)
-            height, width = image.shape[:2]
-            buffer = (ctypes.c_uint8 * image.size).from_buffer(np.array(image, copy=True))
-            bitmap = self._mtmd_cpp.mtmd_bitmap_init(width, height, buffer)
-            if bitmap is None:
-                raise ValueError("libmtmd could not take the tile image")
-            return bitmap
-
-    class GeoChatHandler(RawImageMixin, Llava15ChatHandler):
-        """Renders the text parts as given: the caller passes the full llava_v1 prompt."""
-
-        DEFAULT_SYSTEM_MESSAGE = None
-        CHAT_FORMAT = (
-            "{% for message in messages %}{% for part in message.content %}"
-            "{% if part.type == 'text' %}{{ part.text }}{% endif %}"
-            "{% endfor %}{% endfor %}"
-        )
-
-    class QwenHandler(RawImageMixin, Qwen25VLChatHandler):
-        pass
-
-    return {"geochat": GeoChatHandler, "qwen2.5-vl": QwenHandler}
 
 
 class LlamaCppBackend(Backend):
@@ -178,7 +69,7 @@ class LlamaCppBackend(Backend):
         if self.settings.vision not in VISION_CHOICES:
             raise BackendError(f"vision must be one of {', '.join(VISION_CHOICES)}, "
                                f"not {self.settings.vision!r}.")
-        _check_settings(self.settings)
+        check_settings(self.settings)
         self.text_info: Optional[GGUFInfo] = None
         self.projector_info: Optional[GGUFInfo] = None
         self._llama = None
@@ -212,7 +103,7 @@ class LlamaCppBackend(Backend):
                 "px (CLIP-336's position table interpolated to 504): convert the model with the "
                 "project's converter (python -m geochat_qgis models get geochat-7b --to "
                 "gguf).")
-        _route_mtmd_logs()
+        route_mtmd_logs()
         settings = self.settings
         if self.family in LLAVA_V1_FAMILIES and settings.n_ctx < 2048:
             raise BackendError(f"n_ctx {settings.n_ctx} is too small for GeoChat: use >= 2048.")
@@ -247,16 +138,11 @@ class LlamaCppBackend(Backend):
                 self._handler = self._init_handler(llama, projector.path)
                 self.vision = "libmtmd"
                 if self.family not in LLAVA_V1_FAMILIES:  # counts M-RoPE image tokens
-                    from ..vision.qwen_encoder import OwnImageChunks
-
                     self._chunks = OwnImageChunks(self._handler._mtmd_cpp)
                     self._handler._mtmd_cpp = self._chunks
                     if settings.vision == "project":
                         self._own_qwen_images(projector.path)
             else:
-                from ..vision.encoder import ImageEncoder
-                from .llama_prompt import PromptEvaluator
-
                 self.encoder = ImageEncoder(projector.path, settings.vision_device)
                 self.evaluator = PromptEvaluator(llama)
                 self.vision = f"the project's encoder ({self.encoder.device})"
@@ -285,9 +171,6 @@ class LlamaCppBackend(Backend):
             return True
         if choice == "project":
             return False
-        from ..vision.mmproj import OWN_PROJECTORS, projector_type
-        from ..vision.selftest import libmtmd_verdict
-
         kind = projector_type(mmproj)
         if kind not in OWN_PROJECTORS:
             return True
@@ -302,9 +185,6 @@ class LlamaCppBackend(Backend):
         :attr:`vision_note`, the log and every Generation's ``extra``."""
         if choice != "auto":  # "libmtmd": as asked; "project": exact features, no test needed
             return
-        from ..vision.mmproj import projector_type
-        from ..vision.selftest import TESTED_PROJECTORS, libmtmd_verdict
-
         kind = projector_type(mmproj)
         if kind not in TESTED_PROJECTORS:
             self.vision_note = (f"libmtmd's {kind} image features are not checked (no exact "
@@ -318,13 +198,11 @@ class LlamaCppBackend(Backend):
 
     def _own_qwen_images(self, mmproj: Path) -> None:
         """Qwen's exact image features, decoded by llama.cpp's helper (its M-RoPE positions)."""
-        from ..vision.qwen_encoder import QwenImageEncoder
-
         self.qwen_encoder = QwenImageEncoder(mmproj)  # its features go through OwnImageChunks
         self.vision = "the project's Qwen2.5-VL encoder (numpy), decoded by llama.cpp"
 
     def _init_handler(self, llama, mmproj: Path):
-        handler = _handler_classes()[self.family](
+        handler = handler_classes()[self.family](
             clip_model_path=str(mmproj), verbose=self.settings.verbose)
         handler.images = {}
         handler._init_mtmd_context(llama)
@@ -355,9 +233,6 @@ class LlamaCppBackend(Backend):
 
     def segments(self, image: np.ndarray, conversation: Conversation) -> list:
         """The prompt as [text ids, image embeddings, text ids] (the project's encoder)."""
-        from ..vision.encoder import tile_key
-        from .llama_prompt import ImageSegment
-
         llama = self._llama
         if not conversation.turns:
             raise BackendError("The conversation has no question: ask one.")
@@ -387,7 +262,7 @@ class LlamaCppBackend(Backend):
         prompt = self.evaluator.evaluate(segments, options.check_cancel)
         evaluated = self.evaluator.evaluated
         evaluated_at = time.perf_counter()
-        text, generated, finish = _decode(self._llama, prompt, index, options)
+        text, generated, finish = decode(self._llama, prompt, index, options)
         end = time.perf_counter()
         return Generation(
             text=text.strip(), prompt_tokens=len(prompt), generated_tokens=generated,
@@ -406,8 +281,6 @@ class LlamaCppBackend(Backend):
         llama, handler = self._llama, self._handler
         key = _IMAGE_KEY.format(index=index)
         if self.family in LLAVA_V1_FAMILIES:
-            from ..vision.preprocess import geochat_image
-
             image = geochat_image(image)  # GeoChat's pad-then-resize, not libmtmd's
         handler.images = {key: as_rgb(image)}
         vision = self._vision_extra()
@@ -436,7 +309,7 @@ class LlamaCppBackend(Backend):
         prompt = llama.input_ids[: llama.n_tokens].tolist()
         # M-RoPE images take fewer positions than tokens: count the tokens
         prompt_tokens = len(prompt) + (chunks.unpositioned if chunks is not None else 0)
-        text, generated, finish = _decode(llama, prompt, index, options)
+        text, generated, finish = decode(llama, prompt, index, options)
         return Generation(
             text=text.strip(),
             prompt_tokens=prompt_tokens,
@@ -455,67 +328,3 @@ class LlamaCppBackend(Backend):
         return extra
 
 
-def _decode(llama, prompt: list[int], index: int, options: GenerateOptions
-            ) -> tuple[str, int, str]:
-    """Sample after the evaluated ``prompt`` until end of generation, a stop string, the token
-    limit or a cancel; returns (text, tokens generated, finish reason)."""
-    import llama_cpp
-
-    if options.temperature > 0:
-        llama.set_seed(options.seed)
-    vocab = llama._model.vocab
-    limit = min(options.max_new_tokens, llama.n_ctx() - len(prompt))
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
-    text = ""
-    count = 0
-    finish = "length"
-    tokens = llama.generate(prompt, temp=options.temperature, repeat_penalty=1.0,
-                            grammar=_grammar(options.grammar), reset=True)
-    try:
-        for token in tokens:
-            if llama_cpp.llama_vocab_is_eog(vocab, token):
-                finish = "stop"
-                break
-            count += 1
-            piece = decoder.decode(llama.detokenize([token]))
-            if piece:
-                text += piece
-                if options.on_token is not None:
-                    options.on_token(index, piece)
-            cut = _stop_index(text, options.stop, len(piece))
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-                break
-            if options.cancel is not None and options.cancel.cancelled:
-                options.check_cancel()
-            if count >= limit:
-                break
-    except RuntimeError as exc:  # llama_decode failed; n_tokens/input_ids stay consistent
-        raise BackendError(f"llama.cpp failed while writing the answer ({exc}): try again; if "
-                           "it persists, raise the context size (n_ctx)") from exc
-    finally:
-        tokens.close()
-    return text + decoder.decode(b"", final=True), count, finish
-
-
-def _stop_index(text: str, stop: Sequence[str], new: int) -> int:
-    """Where the first stop string in the tail of ``text`` starts (only the tail can be new)."""
-    for word in stop:
-        if word:
-            at = text.find(word, max(0, len(text) - new - len(word)))
-            if at >= 0:
-                return at
-    return -1
-
-
-@lru_cache(maxsize=8)
-def _grammar(text: Optional[str]):
-    """A compiled LlamaGrammar for GBNF ``text`` (cached: jobs reuse one grammar per task)."""
-    if not text:
-        return None
-    from llama_cpp import LlamaGrammar
-
-    try:
-        return LlamaGrammar.from_string(text, verbose=False)
-    except ValueError as exc:
-        raise BackendError(f"The GBNF grammar does not parse: {exc}") from exc

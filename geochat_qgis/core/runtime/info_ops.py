@@ -8,8 +8,16 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from ...__about__ import version
+from ..deps.gpu import nvidia_gpus
+from ..deps.pip import probe_imports
 from ..errors import ExportError, GeoChatError
+from ..export import DRIVERS, PROVENANCE, export_detections
+from ..jobs import backend_spec
 from ..results import Detection
+from ..vision.selftest import qwen_note
+from ..weights.get import get_model as get
+from ..weights.proxy import apply_proxy
 from .job_ops import Context
 
 PACKAGES = ("numpy", "shapely", "pyproj", "rasterio", "pyogrio", "pillow", "gguf",
@@ -32,8 +40,6 @@ def missing_modules(kind: str) -> list[str]:
 
 def _imports(kind: str) -> Optional[str]:
     """None when the backend's modules import in a fresh process, else the first error."""
-    from ..deps.pip import probe_imports
-
     failed = [c for c in probe_imports(sys.executable, BACKEND_MODULES[kind]) if not c.ok]
     return f"{failed[0].module}: {failed[0].error}" if failed else None
 
@@ -41,9 +47,6 @@ def _imports(kind: str) -> Optional[str]:
 def status(loaded: Optional[str], deep: bool = False) -> dict[str, Any]:
     """Versions, which backends can import (``deep``: really imported, in a fresh process,
     with the errors), the GPUs nvidia-smi reports, the loaded model."""
-    from ...__about__ import version
-    from ..deps.gpu import nvidia_gpus
-
     found = {kind: not missing_modules(kind) for kind in BACKEND_MODULES}
     errors = {kind: _imports(kind) for kind, modules in BACKEND_MODULES.items()
               if found[kind] and modules} if deep else {}
@@ -61,8 +64,6 @@ def status(loaded: Optional[str], deep: bool = False) -> dict[str, Any]:
 
 def model_status(request: dict[str, Any], loaded_spec: Any) -> dict[str, Any]:
     """Whether the request's model can run here: resolved, files present, packages there."""
-    from ..jobs import backend_spec
-
     try:
         spec = backend_spec(request)
     except GeoChatError as exc:
@@ -72,9 +73,7 @@ def model_status(request: dict[str, Any], loaded_spec: Any) -> dict[str, Any]:
                "them with Raster > GeoChat > Install model dependencies..." if missing
                else f"{Path(spec.model).name} ({spec.kind}, {spec.family}) is ready")
     if not missing and spec.kind == "llama.cpp" and spec.family == "qwen2.5-vl":
-        from ..vision.selftest import qwen_note  # libmtmd's Qwen self-test, when it failed
-
-        note = qwen_note()
+        note = qwen_note()  # libmtmd's Qwen self-test, when it failed
         message += f"; {note}" if note else ""
     return {"ready": not missing, "message": message, "kind": spec.kind, "family": spec.family,
             "model": spec.model, "loaded": spec == loaded_spec, "missing": missing}
@@ -84,8 +83,6 @@ def read_detections(source: str, layer: Optional[str]) -> tuple[list[Detection],
     """The features of a result layer as Detections (their attributes kept), and its CRS."""
     import pyogrio
     import shapely
-
-    from ..export import PROVENANCE
 
     try:
         meta, _, geometry, columns = pyogrio.raw.read(source, layer=layer)
@@ -112,8 +109,6 @@ def read_detections(source: str, layer: Optional[str]) -> tuple[list[Detection],
 
 def export(message: dict[str, Any]) -> dict[str, Any]:
     """Copy a result layer to ``destination`` with the core's writer (schema, atomic)."""
-    from ..export import DRIVERS, export_detections
-
     destination = Path(message["destination"]).expanduser()
     driver = message.get("driver")
     if driver and DRIVERS.get(destination.suffix.lower()) != driver:
@@ -132,16 +127,10 @@ def get_model(message: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """Download (and convert) a catalog model with core/weights' get_model, streaming
     ``{"type": "get_model", "phase", "done", "total", "rate", "eta"}`` events. Options:
     target (gguf | hf), quant, cache_dir, endpoint, hf_cache, ignore_memory, proxy (QGIS's
-    proxy settings: model_ops.apply_proxy)."""
+    proxy settings: weights/proxy.py's apply_proxy)."""
     options = message.get("options") or {}
     name = str(message["model"])
-    from .model_ops import apply_proxy
-
     apply_proxy(options)  # QGIS's proxy settings, sent by the dock
-    try:
-        from ..weights.get import get_model as get
-    except ImportError:  # TODO(coordinator): H6's core/weights/get.py not there: download only
-        return _download_only(name, options, ctx)
 
     def progress(phase: str, done: int, total: Optional[int], rate: Optional[float],
                  eta: Optional[float]) -> None:
@@ -157,20 +146,3 @@ def get_model(message: dict[str, Any], ctx: Context) -> dict[str, Any]:
             "mmproj_path": str(model.mmproj_path) if model.mmproj_path else None,
             "backends": list(model.backends), "message": f"{name} is ready in {model.folder}"}
 
-
-def _download_only(name: str, options: dict[str, Any], ctx: Context) -> dict[str, Any]:
-    from ..weights.catalog import load_catalog
-    from ..weights.store import download_model
-
-    catalog = load_catalog()
-    if name not in catalog:
-        raise GeoChatError(f"'{name}' is not in the model catalog ({', '.join(catalog.names())})")
-    entry = catalog.get(name)
-
-    def progress(done: int, total: Optional[int]) -> None:
-        ctx.event({"type": "get_model", "phase": "download", "done": done, "total": total,
-                   "rate": None, "eta": None})
-
-    folder = download_model(entry, options.get("cache_dir") or None,
-                            options.get("endpoint") or None, progress, ctx.cancel)
-    return {"model": name, "folder": str(folder), "message": f"{name} is ready in {folder}"}

@@ -6,56 +6,30 @@ imports core/weights itself.
 """
 from __future__ import annotations
 
-import os
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
+from ..backends.factory import create_backend
 from ..errors import GeoChatError
+from ..jobs import backend_spec
+from ..weights.demo import DEMO_GEOPIXEL_NAME, DEMO_GEOPIXEL_NOTE, DEMO_GEOPIXEL_TITLE, DEMO_NAME, DEMO_NOTE
+from ..weights.get_plan import plan_get as plan
+from ..weights.installed import delete_sources as delete, source_cleanup
+from ..weights.listing import model_list as listing
+from ..weights.machine import backends_here
+from ..weights.proxy import apply_proxy
+from .info_ops import model_status
 
 DEMO_TITLE = "Tiny demo model (random answers)"
-_BEFORE_PROXY: dict[str, Optional[str]] = {}  # the variables apply_proxy replaced, as they were
 
 
 def _cache(message: dict[str, Any]) -> Optional[str]:
     return (message.get("cache_dir") or (message.get("options") or {}).get("cache_dir")) or None
 
 
-def apply_proxy(options: Mapping[str, Any]) -> None:
-    """QGIS's proxy (``options["proxy"]``: enabled, type, host, port, user, password,
-    excluded) as this child's HTTPS_PROXY / HTTP_PROXY / NO_PROXY, which the downloads read.
-    Nothing said, disabled, or QGIS's "default" (system) proxy: the environment's own (a proxy
-    set by an earlier request is taken back)."""
-    from ..weights.download import DownloadError
-    from ..weights.proxy import proxy_environment
-
-    for name, value in _BEFORE_PROXY.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-    _BEFORE_PROXY.clear()
-    proxy = options.get("proxy") or {}
-    if not proxy.get("enabled") or not proxy.get("host"):
-        return
-    try:
-        variables = proxy_environment(
-            str(proxy["host"]), int(proxy["port"]) if proxy.get("port") else None,
-            proxy.get("user") or None, proxy.get("password") or None,
-            str(proxy.get("type") or "HttpProxy"), proxy.get("excluded") or ())
-    except ValueError as exc:
-        raise DownloadError(str(exc)) from None
-    _BEFORE_PROXY.update({name: os.environ.get(name) for name in variables})
-    os.environ.update(variables)
-
-
 def model_list(message: dict[str, Any], ctx: Any = None) -> dict[str, Any]:
     """``{"models": [row...]}``: the demo model, then every catalog model with its status,
     downloads, converted size per choice, memory needed and the backends that run it here
     (core/weights/listing.py; no server is asked)."""
-    from ..weights.demo import (DEMO_GEOPIXEL_NAME, DEMO_GEOPIXEL_NOTE, DEMO_GEOPIXEL_TITLE,
-                                DEMO_NAME, DEMO_NOTE)
-    from ..weights.listing import model_list as listing
-    from ..weights.machine import backends_here
-
     demo = {"name": DEMO_NAME, "title": DEMO_TITLE, "family": "geochat", "status": "ready",
             "needs_conversion": False, "requires": [], "download_bytes": 0, "choices": [],
             "backends_published": ["llama.cpp"], "message": DEMO_NOTE}
@@ -73,8 +47,6 @@ def plan_get(message: dict[str, Any], ctx: Any = None) -> dict[str, Any]:
     """The get plan of ``message["model"]`` (options: target, quant, cache_dir, endpoint,
     hf_cache, ignore_memory): sources, sizes, disk and memory against what is free, and the
     ``problems`` that would refuse it (``ok`` False) before any byte is fetched."""
-    from ..weights.get_plan import plan_get as plan
-
     options = message.get("options") or {}
     apply_proxy(options)
     result = plan(str(message["model"]), options.get("target"), options.get("quant"),
@@ -92,8 +64,6 @@ def plan_get(message: dict[str, Any], ctx: Any = None) -> dict[str, Any]:
 def delete_sources(message: dict[str, Any], ctx: Any = None) -> dict[str, Any]:
     """Delete a converted model's original downloads (``dry_run``: only say what it would
     free): ``{"folders", "bytes", "deleted"}``."""
-    from ..weights.installed import delete_sources as delete, source_cleanup
-
     name, cache = str(message["model"]), _cache(message)
     offer = source_cleanup(name, cache)
     folders = [str(f) for f in offer.folders]
@@ -105,10 +75,6 @@ def delete_sources(message: dict[str, Any], ctx: Any = None) -> dict[str, Any]:
 def check_model(message: dict[str, Any], ctx: Any = None) -> dict[str, Any]:
     """Whether the request's model answers: a server is asked for its models (refused,
     timeout, 401, 404 each a clear message); a local model as ``model_status`` says."""
-    from ..backends.factory import create_backend
-    from ..jobs import backend_spec
-    from .info_ops import model_status
-
     request = message["request"]
     try:
         spec = backend_spec(request)

@@ -7,6 +7,9 @@ from typing import Optional
 
 import numpy as np
 
+from ..llama_library import route_mtmd_logs
+from .preprocess import tile_rgb
+
 
 class MtmdEncoder:
     """A libmtmd context for ``mmproj`` attached to a loaded llama_model (``Llama.model``)."""
@@ -19,9 +22,7 @@ class MtmdEncoder:
         import llama_cpp
         from llama_cpp import mtmd_cpp as mtmd
 
-        from ..backends.llama_cpp import _route_mtmd_logs
-
-        _route_mtmd_logs()  # quiet unless llama-cpp-python is verbose
+        route_mtmd_logs()  # quiet unless llama-cpp-python is verbose
         self.mtmd, self.n_embd = mtmd, n_embd
         params = mtmd.mtmd_context_params_default()
         params.use_gpu, params.print_timings, params.n_threads = use_gpu, False, n_threads
@@ -41,8 +42,6 @@ class MtmdEncoder:
     def embed(self, image: np.ndarray) -> np.ndarray:
         """(n, n_embd) embeddings for the RGB uint8 ``image``; raises RuntimeError (BackendError
         for an array that is not one: libmtmd would read width x height x 3 bytes of it)."""
-        from .preprocess import tile_rgb
-
         mtmd = self.mtmd
         data = tile_rgb(image)
         height, width = data.shape[:2]

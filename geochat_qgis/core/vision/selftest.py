@@ -24,6 +24,12 @@ from typing import Optional
 
 import numpy as np
 
+from .encoder import ImageEncoder
+from .libmtmd import MtmdEncoder, mtmd_embeddings
+from .qwen_numpy import embed
+from .qwen_tiny import QwenDims, write_qwen_tiny_mmproj
+from .tiny_gguf import ClipDims, write_mlp_mmproj
+
 log = logging.getLogger(__name__)
 
 TOLERANCE = 1e-4
@@ -97,10 +103,6 @@ def run_selftest(model, n_embd: int, projector: str = "mlp", use_gpu: bool = Fal
 
 
 def _run_mlp(model, n_embd: int, use_gpu: bool, build: str) -> Verdict:
-    from .encoder import ImageEncoder
-    from .libmtmd import mtmd_embeddings
-    from .tiny_gguf import ClipDims, write_mlp_mmproj
-
     projector = "mlp"
     dims = ClipDims()
     image = np.random.default_rng(5).integers(0, 256, (dims.image_size, dims.image_size, 3),
@@ -129,10 +131,6 @@ def _run_qwen(model, n_embd: int, use_gpu: bool, build: str) -> Verdict:
     """A tiny random Qwen2.5-VL mmproj: Qwen's own computation (core/vision/qwen_numpy.py,
     checked against transformers) against libmtmd's, with flash attention off as the
     backend's chat handler runs it."""
-    from .libmtmd import MtmdEncoder
-    from .qwen_numpy import embed
-    from .qwen_tiny import QwenDims, write_qwen_tiny_mmproj
-
     projector = "qwen2.5vl_merger"
     rng = np.random.default_rng(7)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in QWEN_IMAGES]

@@ -4,17 +4,22 @@ The front end reads QGIS's network settings (``proxy/proxyEnabled``, ``proxy/pro
 ``proxy/proxyHost``, ``proxy/proxyPort``, ``proxy/proxyUser``, ``proxy/proxyPassword``,
 ``proxy/proxyExcludedUrls``, ``proxy/noProxyUrls``) and starts the runtime child with
 ``proxy_environment(...)`` merged into its environment. urllib (the project's downloader) and
-huggingface_hub both read ``HTTPS_PROXY``, ``HTTP_PROXY`` and ``NO_PROXY``. Standard library
-only, so QGIS's process may import it.
+huggingface_hub both read ``HTTPS_PROXY``, ``HTTP_PROXY`` and ``NO_PROXY``. The dock sends
+them with each get request instead; :func:`apply_proxy` sets them in the runtime child. Standard
+library only (with the downloader's error).
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import os
+from typing import Any, Iterable, Mapping, Optional
 from urllib.parse import quote, urlsplit
+
+from .download import DownloadError
 
 PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "https_proxy", "http_proxy",
                    "no_proxy")
 HTTP_KINDS = ("HttpProxy", "HttpCachingProxy", "DefaultProxy", "http")
+_BEFORE_PROXY: dict[str, Optional[str]] = {}  # the variables apply_proxy replaced, as they were
 
 
 def _host_of(url: str) -> str:
@@ -46,3 +51,28 @@ def proxy_environment(host: str, port: Optional[int] = None, user: Optional[str]
     no_proxy = ",".join(dict.fromkeys(direct))
     return {"HTTPS_PROXY": url, "HTTP_PROXY": url, "NO_PROXY": no_proxy,
             "https_proxy": url, "http_proxy": url, "no_proxy": no_proxy}
+
+
+def apply_proxy(options: Mapping[str, Any]) -> None:
+    """QGIS's proxy (``options["proxy"]``: enabled, type, host, port, user, password,
+    excluded) as this child's HTTPS_PROXY / HTTP_PROXY / NO_PROXY, which the downloads read.
+    Nothing said, disabled, or QGIS's "default" (system) proxy: the environment's own (a proxy
+    set by an earlier request is taken back)."""
+    for name, value in _BEFORE_PROXY.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    _BEFORE_PROXY.clear()
+    proxy = options.get("proxy") or {}
+    if not proxy.get("enabled") or not proxy.get("host"):
+        return
+    try:
+        variables = proxy_environment(
+            str(proxy["host"]), int(proxy["port"]) if proxy.get("port") else None,
+            proxy.get("user") or None, proxy.get("password") or None,
+            str(proxy.get("type") or "HttpProxy"), proxy.get("excluded") or ())
+    except ValueError as exc:
+        raise DownloadError(str(exc)) from None
+    _BEFORE_PROXY.update({name: os.environ.get(name) for name in variables})
+    os.environ.update(variables)

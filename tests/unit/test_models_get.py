@@ -78,7 +78,7 @@ def test_plan_states_downloads_sizes_disk_and_memory_before_anything(hub, catalo
     assert by_choice["gguf", "q4_k_m"].temp_bytes > 0 and by_choice["gguf", "f16"].temp_bytes == 0
     assert plan.disk_needed == plan.download_bytes + plan.output_bytes + plan.temp_bytes
     largest = max(len(d) for d in hub.repos[GEOCHAT_REPO].files.values())
-    assert plan.memory_needed == largest + (2 << 30)
+    assert plan.memory_needed == largest + (1 << 30)  # numpy maps the shard: + 1 GB
     assert plan.installed is None and plan.memory_available > 0
     has_llama = importlib.util.find_spec("llama_cpp") is not None
     assert ("llama.cpp" in by_choice["gguf", "q4_k_m"].backends) == has_llama
@@ -100,7 +100,7 @@ def test_plan_for_the_real_checkpoint_sizes_from_the_catalog(catalog, tmp_path, 
     sizes = {(c.target, c.quant): c.bytes for c in plan.choices}
     assert 4.0e9 < sizes["gguf", "q4_k_m"] < 5.5e9
     assert 12.5e9 < sizes["gguf", "f16"] < 15e9 and 12.5e9 < sizes["hf", None] < 15e9
-    assert plan.memory_needed == pytest.approx(9.98e9 + (2 << 30))
+    assert plan.memory_needed == pytest.approx(9.98e9 + (1 << 30))
 
 
 def test_get_ends_with_a_ready_model_that_answers_and_carries_provenance(hub, catalog, tmp_path):

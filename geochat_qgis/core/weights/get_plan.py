@@ -4,7 +4,8 @@
 Hugging Face cache provides, what partial files resume, what is left to download), the size of
 every output choice (GGUF q4_k_m / q8_0 / f16 for llama.cpp, the HF checkpoint for transformers
 and vLLM), the disk needed (downloads + output + temporary files) against the disk free, and the
-memory the conversion needs (about the largest shard + 2 GB) against the memory available. Its
+memory the conversion needs (about the largest shard + 1 GB for GeoChat, read with numpy; + 2 GB
+for GeoPixel, converted with torch) against the memory available. Its
 ``problems`` are the reasons ``get_model`` would refuse to start. Output sizes are estimated
 from the checkpoint's and CLIP's ``config.json`` (parameter counts), read from the cache or, a
 few kilobytes into memory, from the hub.
@@ -21,7 +22,7 @@ from .catalog import Catalog, ModelEntry, ModelFile, PathLike, cache_root, load_
 from .download import (PART_SUFFIX, SPACE_MARGIN_BYTES, DownloadError, fetch_json, file_url,
                        offline)
 from .hub import RemoteFiles, hf_cache_file, remote_files
-from .machine import disk_free, memory_available, runnable_backends
+from .machine import _importable, backends_here, disk_free, memory_available, runnable_backends
 from .provenance import PROVENANCE_FILE
 from .sizes import (dtype_bytes, geopixel_output_bytes, output_sizes, rough_weight_counts,
                     weight_counts)
@@ -29,7 +30,10 @@ from .store import _read_manifest, is_complete, manifest_commit
 
 TARGETS = ("gguf", "hf", "safetensors")  # safetensors: GeoPixel's own converted checkpoint
 QUANTS = ("q4_k_m", "q8_0", "f16")
-CONVERSION_MEMORY_EXTRA = 2 << 30  # beyond the largest shard held in memory
+# beyond the largest shard, mapped in memory while it is converted (bench/convert_memory.py:
+# GeoChat's numpy conversion peaks at the largest shard + 0.1 GiB)
+CONVERSION_MEMORY_EXTRA = 1 << 30
+TORCH_CONVERSION_MEMORY_EXTRA = 2 << 30  # GeoPixel's conversion runs torch
 RUNTIME_MEMORY_EXTRA = 1 << 30  # beyond the weights, to run a model (context, image features)
 
 
@@ -115,8 +119,6 @@ def conversion_needs(target: str, quant: Optional[str]) -> list[str]:
     need no torch: GGUF takes gguf and sentencepiece (and llama.cpp to quantise), the HF
     checkpoint transformers for its tokenizer and processor files."""
     import importlib
-
-    from .machine import _importable
 
     importlib.invalidate_caches()  # packages installed since this process started count
     needed = {"numpy": "numpy", "sentencepiece": "sentencepiece"}
@@ -253,7 +255,8 @@ def resolve_get(model_id: str, target: Optional[str], quant: Optional[str],
     choices = _choices(entry, needs, sources, cache, endpoint if online else False, hf_cache, notes)
     chosen = next(c for c in choices if (c.target, c.quant) == (target, quant))
     download = sum(s.fetch_bytes for s, _ in sources)
-    memory_needed = (sources[0][0].largest_file + CONVERSION_MEMORY_EXTRA) if entry.convert else 0
+    extra = TORCH_CONVERSION_MEMORY_EXTRA if entry.family == "geopixel" else CONVERSION_MEMORY_EXTRA
+    memory_needed = (sources[0][0].largest_file + extra) if entry.convert else 0
     out_folder = (converted_dir(entry, target, quant, cache) if entry.convert
                   else entry.local_dir(cache))
     installed = chosen.installed
@@ -270,7 +273,7 @@ def resolve_get(model_id: str, target: Optional[str], quant: Optional[str],
             "choose another cache folder (GEOCHAT_CACHE or the plugin settings).")
     if not installed and entry.convert and available is not None and available < memory_needed:
         text = (f"The conversion needs about {memory_needed / 1e9:.1f} GB of memory (largest "
-                f"shard + 2 GB), {available / 1e9:.1f} GB is available. Close other programs")
+                f"shard + {extra >> 30} GB), {available / 1e9:.1f} GB is available. Close other programs")
         if ignore_memory:
             notes.append(text + "; going ahead as asked (it may swap).")
         else:
@@ -298,8 +301,6 @@ def resolve_get(model_id: str, target: Optional[str], quant: Optional[str],
 
 def _choices(entry: ModelEntry, needs: list[ModelEntry], sources: list, cache: Optional[PathLike],
              endpoint: Any, hf_cache: Optional[PathLike], notes: list[str]) -> list[OutputChoice]:
-    from .machine import backends_here
-
     here = backends_here()
     if not entry.convert:
         fmt = "gguf" if entry.format == "gguf" else entry.format

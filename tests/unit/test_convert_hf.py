@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from geochat_qgis.cli import main
 from geochat_qgis.core.families.llava_v1 import SYSTEM, llava_v1_prompt
-from test_weights_helpers import ckpt, keys_bicubic_table, original_tensors  # noqa: F401 (fixture)
+from geochat_qgis.core.weights.checkpoint_io import open_tensors
+from geochat_qgis.core.weights.tensor_data import bf16_to_f32
+from test_weights_helpers import ckpt, keys_bicubic_table, original_arrays, original_tensors  # noqa: F401
 
 pytestmark = pytest.mark.slow
 QUESTION = "[refer] Give me the location of <p> car </p>"
@@ -45,6 +45,40 @@ def _image(seed: int, size: int = 504) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
+def _converted(hf_dir: Path) -> dict[str, np.ndarray]:
+    """Every tensor of the converted folder, read with the numpy reader (float32 values)."""
+    arrays = {}
+    for shard in sorted(hf_dir.glob("*.safetensors")):
+        with open_tensors(shard) as tensors:
+            arrays.update({name: bf16_to_f32(t.array) if t.dtype == "bfloat16" else np.array(t.array)
+                           for name, t in tensors.items()})
+    return arrays
+
+
+def test_weights_are_geochats_and_the_clip_towers(hf_dir: Path, ckpt: Path) -> None:
+    """The converted tensors against the originals, without torch: CLIP's tower (not the stale
+    copy) with GeoChat's 1297-row table, the projector and text copied, two mean rows added."""
+    held, original = _converted(hf_dir), original_arrays(ckpt)
+    table = original["clip.vision_model.embeddings.position_embedding.weight"]
+    np.testing.assert_array_equal(held["vision_tower.vision_model.embeddings.position_embedding.weight"],
+                                  keys_bicubic_table(table, 36))
+    name = "encoder.layers.0.self_attn.q_proj.weight"
+    assert np.array_equal(held[f"vision_tower.vision_model.{name}"], original[f"clip.vision_model.{name}"])
+    assert not np.array_equal(held[f"vision_tower.vision_model.{name}"],
+                              original[f"model.vision_tower.vision_tower.vision_model.{name}"])
+    assert np.array_equal(held["multi_modal_projector.linear_1.weight"], original["model.mm_projector.0.weight"])
+    assert np.array_equal(held["multi_modal_projector.linear_2.bias"], original["model.mm_projector.2.bias"])
+    assert np.array_equal(held["language_model.model.layers.1.self_attn.k_proj.weight"],
+                          original["model.layers.1.self_attn.k_proj.weight"])
+    head, embed = held["language_model.lm_head.weight"], held["language_model.model.embed_tokens.weight"]
+    assert head.shape == embed.shape == (514, 64)
+    assert np.array_equal(head[:512], original["lm_head.weight"])
+    mean = original["model.embed_tokens.weight"].mean(axis=0, dtype=np.float32)
+    np.testing.assert_allclose(embed[512:], np.stack([mean, mean]), rtol=0, atol=1e-6)
+    assert not [n for n in held if "rotary_emb" in n or "vision_tower.vision_tower" in n]
+
+
+@pytest.mark.needs_torch
 def test_transformers_loads_without_custom_code_or_missing_keys(model, hf_dir: Path) -> None:
     loaded, info = model
     assert type(loaded).__name__ == "LlavaForConditionalGeneration"
@@ -73,7 +107,11 @@ def test_config_has_geochat_settings(hf_dir: Path) -> None:
     assert legacy["do_pad"] and legacy["size"] == {"shortest_edge": 504} and legacy["resample"] == 3
 
 
+@pytest.mark.needs_torch
 def test_position_table_is_geochats_bicubic_interpolation(model, ckpt: Path) -> None:
+    import torch
+    import torch.nn.functional as F
+
     loaded, _ = model
     table = original_tensors(ckpt)["clip.vision_model.embeddings.position_embedding.weight"]
     assert table.shape == (24 * 24 + 1, 32)
@@ -91,7 +129,10 @@ def test_position_table_is_geochats_bicubic_interpolation(model, ckpt: Path) -> 
     assert not torch.allclose(held[1:], other.permute(1, 2, 0).reshape(-1, 32), atol=1e-3)
 
 
+@pytest.mark.needs_torch
 def test_vision_weights_come_from_clip_not_the_stale_copy(model, ckpt: Path) -> None:
+    import torch
+
     loaded, _ = model
     original = original_tensors(ckpt)
     tower = loaded.model.vision_tower
@@ -102,7 +143,10 @@ def test_vision_weights_come_from_clip_not_the_stale_copy(model, ckpt: Path) -> 
         assert not torch.equal(held, original[f"model.vision_tower.vision_tower.vision_model.{name}"])
 
 
+@pytest.mark.needs_torch
 def test_projector_and_text_weights_are_copied_exactly(model, ckpt: Path) -> None:
+    import torch
+
     loaded, _ = model
     original = original_tensors(ckpt)
     projector = loaded.model.multi_modal_projector
@@ -118,7 +162,10 @@ def test_projector_and_text_weights_are_copied_exactly(model, ckpt: Path) -> Non
     assert torch.equal(text.norm.weight.detach(), original["model.norm.weight"])
 
 
+@pytest.mark.needs_torch
 def test_added_rows_are_the_mean_and_never_win_greedy(model, ckpt: Path) -> None:
+    import torch
+
     loaded, _ = model
     original = original_tensors(ckpt)
     embed = loaded.model.language_model.embed_tokens.weight.detach()
@@ -168,28 +215,30 @@ def test_chat_template_is_llava_v1_bos_first(processor, hf_dir: Path) -> None:
 
 def test_processor_pads_with_clip_mean_and_counts_1296_tokens(processor) -> None:
     wide = np.full((100, 300, 3), 200, dtype=np.uint8)
-    pixels = processor.image_processor(images=Image.fromarray(wide), return_tensors="pt").pixel_values[0]
+    pixels = processor.image_processor(images=Image.fromarray(wide), return_tensors="np").pixel_values[0]
     assert pixels.shape == (3, 504, 504)
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    mean = np.array([0.48145466, 0.4578275, 0.40821073])
+    std = np.array([0.26862954, 0.26130258, 0.27577711])
     corner = pixels[:, 0, 0]
-    expected = (torch.tensor([122, 116, 104]) / 255 - mean) / std  # int(mean*255), truncated
-    torch.testing.assert_close(corner, expected, atol=1e-5, rtol=0)
-    inputs = processor(images=_image(0), text=llava_v1_prompt([(QUESTION, None)]), return_tensors="pt")
+    expected = (np.array([122, 116, 104]) / 255 - mean) / std  # int(mean*255), truncated
+    np.testing.assert_allclose(corner, expected, atol=1e-5, rtol=0)
+    inputs = processor(images=_image(0), text=llava_v1_prompt([(QUESTION, None)]), return_tensors="np")
     assert int((inputs.input_ids == 513).sum()) == 1296
 
 
 def test_processor_resizes_with_pil_bicubic(processor) -> None:
     image = _image(3, size=336)
-    pixels = processor.image_processor(images=image, return_tensors="pt").pixel_values[0]
+    pixels = processor.image_processor(images=image, return_tensors="np").pixel_values[0]
     resized = np.asarray(image.resize((504, 504), Image.BICUBIC), dtype=np.float32) / 255
     mean = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
     std = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
-    expected = torch.from_numpy(((resized - mean) / std).transpose(2, 0, 1))
-    torch.testing.assert_close(pixels, expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(pixels, ((resized - mean) / std).transpose(2, 0, 1), atol=1e-5, rtol=0)
 
 
+@pytest.mark.needs_torch
 def test_generates_greedy_and_the_image_matters(model, processor) -> None:
+    import torch
+
     loaded, _ = model
     prompt = llava_v1_prompt([(QUESTION, None)])
     last_logits = []

@@ -80,3 +80,34 @@ def test_the_request_carries_geochats_504_px_padded_image(chat, height, width):
 def test_other_families_keep_their_tile_size(chat):
     tile = np.random.default_rng(1).integers(0, 256, (200, 300, 3), dtype=np.uint8)
     assert np.array_equal(_sent_png(chat, tile, family="qwen"), tile)
+
+
+def test_a_grammar_goes_to_llama_cpp_and_to_vllm(chat):
+    """llama.cpp's servers read ``grammar``, vLLM reads ``structured_outputs.grammar`` (GBNF
+    through xgrammar); each ignores the other's field."""
+    from geochat_qgis.core.backends.grammar import REFER_GRAMMAR
+
+    backend = OpenAIHttpBackend("m", settings=HttpSettings(base_url=chat.base_url, retries=0))
+    with backend:
+        backend.generate([np.zeros((8, 8, 3), np.uint8)], Conversation.single(QUESTION),
+                         GenerateOptions(max_new_tokens=4, cancel=CancelToken(),
+                                         grammar=REFER_GRAMMAR))
+    body = chat.bodies[-1]
+    assert body["grammar"] == body["structured_outputs"]["grammar"] == REFER_GRAMMAR
+
+
+@pytest.mark.parametrize("shape", [(504, 504, 3), (1, 1, 3), (9, 1, 3), (1, 9, 3), (300, 200, 3)])
+def test_the_png_is_lossless_and_valid(shape):
+    """The client's own PNG writer (Sub filter, zlib RLE): PIL reads back every byte, and its
+    checksums and chunks verify."""
+    from geochat_qgis.core.backends.images import png_bytes
+
+    noise = np.random.default_rng(shape[0]).integers(0, 256, shape, dtype=np.uint8)
+    flat = np.full(shape, GEOCHAT_PAD, np.uint8)
+    for image in (noise, flat):
+        data = png_bytes(image)
+        with Image.open(io.BytesIO(data)) as png:
+            png.verify()
+        with Image.open(io.BytesIO(data)) as png:
+            assert png.mode == "RGB" and np.array_equal(np.asarray(png), image)
+    assert len(png_bytes(np.full((504, 504, 3), GEOCHAT_PAD, np.uint8))) < 10_000

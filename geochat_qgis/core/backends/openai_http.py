@@ -55,7 +55,8 @@ class HttpSettings:
     timeout: float = 300.0  # seconds for one request (connect and each read)
     retries: int = 3  # extra tries after a 5xx or a connection failure
     backoff: float = 0.5  # seconds before the first retry, doubled each time
-    grammar_field: Optional[str] = "grammar"  # request field for GBNF (llama.cpp servers)
+    # request field for GBNF (llama.cpp servers; vLLM gets it as structured_outputs.grammar)
+    grammar_field: Optional[str] = "grammar"
     # more request fields: llama_cpp.server penalises repeats (1.1) unless told not to, which
     # breaks greedy decoding as the papers evaluate it; llama-server keeps a slot's evaluated
     # prompt for the next request with ``cache_prompt``; vLLM and Ollama ignore both fields
@@ -161,7 +162,8 @@ class OpenAIHttpBackend(Backend):
         if options.stop:
             body["stop"] = list(options.stop)
         if options.grammar and self.settings.grammar_field:
-            body[self.settings.grammar_field] = options.grammar
+            body[self.settings.grammar_field] = options.grammar  # llama.cpp's servers
+            body["structured_outputs"] = {"grammar": options.grammar}  # vLLM's (xgrammar GBNF)
         return json.dumps(body).encode("utf-8")
 
     def _with_retries(self, index: int, image: np.ndarray, conversation: Conversation,

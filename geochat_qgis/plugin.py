@@ -11,7 +11,12 @@ from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction
 
 from .__about__ import resource
+from .client import close_shared_client
+from .gui.deps_dialog import DepsDialog
+from .gui.dock import GeoChatDock
+from .processing.provider import GeoChatProvider
 from .toolbelt.log_handler import QgisLogHandler, install_log_handler, remove_log_handler
+from .toolbelt.settings import PluginSettings
 
 MENU = "&GeoChat"
 log = logging.getLogger(__name__)
@@ -31,8 +36,6 @@ class GeoChatPlugin:
 
     # -- QGIS hooks
     def initProcessing(self) -> None:  # noqa: N802 - QGIS API
-        from .processing.provider import GeoChatProvider
-
         if self.provider is None:
             self.provider = GeoChatProvider()
             QgsApplication.processingRegistry().addProvider(self.provider)
@@ -78,8 +81,6 @@ class GeoChatPlugin:
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None
-        from .client import close_shared_client
-
         close_shared_client()  # the runtime child (and its loaded model) goes with the plugin
         if self.log_handler is not None:
             remove_log_handler(self.log_handler)
@@ -89,8 +90,6 @@ class GeoChatPlugin:
     def show_dock(self) -> None:
         """Open the chat dock (creating it the first time)."""
         if self.dock is None:
-            from .gui.dock import GeoChatDock
-
             self.dock = GeoChatDock(self.iface, self.iface.mainWindow())
             self.iface.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
             self.dock.visibilityChanged.connect(self.action.setChecked)
@@ -103,9 +102,6 @@ class GeoChatPlugin:
 
     def show_deps_dialog(self, *_args) -> None:
         """Open the dependency installer for the backend in the settings (not blocking)."""
-        from .gui.deps_dialog import DepsDialog
-        from .toolbelt.settings import PluginSettings
-
         if self.deps_dialog is None or not self.deps_dialog.isVisible():
             if self.deps_dialog is not None:
                 self.deps_dialog.deleteLater()

@@ -1,44 +1,53 @@
 """The headless command line: ``python -m geochat_qgis COMMAND ...``.
 
 Each command lives in its own module of this package with two functions:
-``add_arguments(parser)`` and ``run(args) -> int``, plus a one-line ``HELP`` string. Command
-modules import heavy libraries inside ``run`` only, so ``--help`` stays fast.
+``add_arguments(parser)`` and ``run(args) -> int`` (and an optional ``EPILOG``); its one-line
+help is in :data:`COMMANDS`. Only the module of the command being run is imported (none for
+``--help``), so each loads just the core it uses; heavy libraries (torch, transformers,
+llama_cpp) load inside the core when a model does.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
 import importlib
 import logging
 import os
 import re
-import shutil
 import sys
 import tempfile
 import traceback
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Optional
 
 from ..__about__ import version
 from ..core.errors import GeoChatError
+from .os_errors import os_error_message
 
-# command name -> module in this package
-COMMANDS: dict[str, str] = {
-    "tiles": "tiles",
-    "parse": "parse",
-    "detect": "detect",
-    "ask": "ask",
-    "make-tiny-model": "tiny_model",
-    "convert": "convert",
-    "models": "models",
-    "deps": "deps",
-    "runtime": "runtime",
+# command name -> (module in this package, its one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tiles": ("tiles", "Cut a raster area into model-ready 8-bit RGB tiles (PNG) and their "
+              "footprints (GeoPackage)."),
+    "parse": ("parse", "Parse raw model output read on stdin into its text and detections (tile "
+              "pixels, x right, y down) and print them as one JSON object."),
+    "detect": ("detect", "find objects in a raster with a vision-language model and write them "
+               "as vector features"),
+    "ask": ("ask", "ask a model a question about a raster extent and print its answer"),
+    "make-tiny-model": ("tiny_model", "build a tiny random-weight model: GeoChat (HF folder, GGUF "
+                        "pair or GeoChat-style checkpoint) or GeoPixel (its published checkpoint "
+                        "layout)"),
+    "convert": ("convert", "convert a GeoChat checkpoint to a standard LLaVA folder "
+                "(transformers, vLLM) or GGUF (llama.cpp)"),
+    "models": ("models", "list, get (download + convert), download, verify, remove or add models"),
+    "deps": ("deps", "check or install the Python packages a backend needs (managed environment)"),
+    "runtime": ("runtime", "serve the model runtime protocol on stdin/stdout (started by the "
+                "plugin, not by hand)"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every available command."""
+def build_parser(commands: Optional[Collection[str]] = None) -> argparse.ArgumentParser:
+    """The argument parser: every command listed, with the arguments of ``commands`` (None:
+    all of them). Only those commands' modules are imported, so ``--help`` and each command
+    load only what they need."""
     parser = argparse.ArgumentParser(
         prog="python -m geochat_qgis",
         description="GeoChat for QGIS, headless: tile rasters, run vision-language models, "
@@ -47,18 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module_name in COMMANDS.items():
-        try:
+    for name, (module_name, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        if commands is None or name in commands:
             module = importlib.import_module(f"{__name__}.{module_name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__name__}.{module_name}":
-                continue  # command not built yet
-            raise
-        command = sub.add_parser(name, help=module.HELP, description=module.HELP,
-                                 epilog=getattr(module, "EPILOG", None))
-        module.add_arguments(command)
-        command.set_defaults(_run=module.run)
+            command.epilog = getattr(module, "EPILOG", None)
+            module.add_arguments(command)
+            command.set_defaults(_run=module.run)
     return parser
+
+
+def command_in(argv: Sequence[str]) -> list[str]:
+    """The command ``argv`` names (its first word that is not an option; the options before it
+    take no value), or none."""
+    word = next((item for item in argv if not item.startswith("-")), None)
+    return [word] if word in COMMANDS else []
 
 
 # a comma-separated list of numbers that starts with a minus: an option's value, not an option
@@ -120,28 +132,6 @@ def _layout(database: str) -> tuple[str, ...]:
     return tuple(str(value) for _, value in rows)
 
 
-def os_error_message(exc: OSError, folder: Optional[str | os.PathLike] = None) -> str:
-    """A failed file operation in words: which file, what happened, what to do. ``folder``:
-    where the command was writing (its free space explains errors that carry no errno, like
-    numpy's "4096 requested and 1328 written")."""
-    where = f" {exc.filename}" if exc.filename else (f" {folder}" if folder else "")
-    code = exc.errno or 0
-    if code in (0, errno.ENOSPC, errno.EIO) and folder is not None:
-        with contextlib.suppress(OSError):
-            if shutil.disk_usage(folder).free < 2**20:
-                code = errno.ENOSPC
-    advice = {
-        errno.ENOSPC: "the disk is full: free some space or choose another folder",
-        errno.EROFS: "the file system is read-only: choose a folder you can write to",
-        errno.EACCES: "permission denied: choose a folder you can write to",
-        errno.EPERM: "not permitted: choose a folder you can write to",
-        errno.ENOENT: "not found: check the path",
-        errno.ENOTDIR: "a part of the path is not a folder: check the path",
-        errno.EISDIR: "it is a folder: give a file name",
-    }.get(code, f"{exc.strerror or exc}: check the path and the disk")
-    return f"cannot use{where}: {advice}"
-
-
 def internal_error(exc: BaseException, verbose: bool) -> str:
     """The message for a bug: its traceback goes to a file the message names (or to stderr
     with ``-v``), never silently away."""
@@ -160,8 +150,9 @@ def internal_error(exc: BaseException, verbose: bool) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the process exit code (no traceback reaches the user)."""
-    parser = build_parser()
-    args = parser.parse_args(join_negative_values(sys.argv[1:] if argv is None else argv))
+    argv = join_negative_values(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(command_in(argv))
+    args = parser.parse_args(argv)
     quiet_libraries(args.verbose)
     use_bundled_proj_data()
     if not getattr(args, "_run", None):

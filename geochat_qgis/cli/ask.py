@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..core.jobs import build_job, overview
+from ..core.pipeline import run_job
+from ..core.runtime.backend import open_backend
 from .detect import add_area_arguments, add_model_arguments, job_request
-
-HELP = "ask a model a question about a raster extent and print its answer"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,10 +25,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.jobs import build_job, overview
-    from ..core.pipeline import run_job
-    from ..core.runtime.backend import open_backend
-
     request = job_request(args)
     job = build_job(request)  # a question: the one-tile overview of the extent
     spec = job.backend

@@ -6,7 +6,10 @@ import sys
 import time
 from pathlib import Path
 
-HELP = "convert a GeoChat checkpoint to a standard LLaVA folder (transformers, vLLM) or GGUF (llama.cpp)"
+from ..core.errors import ModelError
+from ..core.weights.convert_hf import convert_geochat_to_hf
+from ..core.weights.gguf_writer import convert_geochat_to_gguf
+from .os_errors import os_error_message
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,9 +44,6 @@ class _Progress:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.errors import ModelError
-    from . import os_error_message
-
     try:
         return _convert(args)
     except OSError as exc:  # a full disk, a read-only folder: nothing is left behind
@@ -61,19 +61,15 @@ def _existing(path: Path) -> Path:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from ..core.errors import ModelError
-
     progress = _Progress()
     if args.to == "hf":
         if args.quant:
             raise ModelError("--quant applies to --to gguf only; transformers loads the float model.")
-        from ..core.weights.convert_hf import convert_geochat_to_hf
 
         out = convert_geochat_to_hf(args.src, args.out, clip=args.clip, dtype=args.dtype, progress=progress)
     else:
         if args.dtype == "bfloat16":
             raise ModelError("GGUF output is float32 or float16; use --quant for smaller files.")
-        from ..core.weights.gguf_writer import convert_geochat_to_gguf
 
         out = convert_geochat_to_gguf(args.src, args.out, clip=args.clip, quant=args.quant,
                                       dtype=args.dtype, progress=progress)

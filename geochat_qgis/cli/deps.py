@@ -5,7 +5,10 @@ import argparse
 import json
 from pathlib import Path
 
-HELP = "check or install the Python packages a backend needs (managed environment)"
+from ..core.deps.diagnostics import diagnostics, diagnostics_text, redact
+from ..core.deps.environment import ManagedEnv
+from ..core.deps.pip import install_backend
+from ..core.deps.requirements import requirements_for
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,11 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.deps.diagnostics import diagnostics, diagnostics_text, redact
-    from ..core.deps.environment import ManagedEnv
-    from ..core.deps.pip import install_backend
-    from ..core.deps.requirements import requirements_for
-
     env = ManagedEnv(Path(args.env)) if args.env else ManagedEnv.default()
     if args.action == "diagnostics":
         print(diagnostics_text(env))

@@ -6,9 +6,18 @@ import os
 import sys
 import time
 
+from ..core.backends.base import CancelToken
+from ..core.backends.openai_http import API_KEY_ENV
+from ..core.errors import GeoChatError
+from ..core.export import check_output
+from ..core.georef import check_crs
+from ..core.jobs import backend_spec as resolve, build_job, model_provenance
+from ..core.outputs import write_result
+from ..core.pipeline import run_job
+from ..core.runtime.backend import open_backend
 from .argtypes import fraction, non_negative_float, positive_float, positive_int
+from .signals import cancel_on_signals
 
-HELP = "find objects in a raster with a vision-language model and write them as vector features"
 EPILOG = (
     "Exit status: 0 when every tile was processed or skipped for nodata; 1 when a tile failed, "
     "the run stopped on an error or nothing could be processed; 2 for bad arguments; 130 after "
@@ -120,8 +129,6 @@ def _bands(text: str) -> tuple[int, ...]:
 def job_request(args: argparse.Namespace) -> dict:
     """The arguments as a runtime request: core/jobs.py resolves it, as for the plugin (API key
     from $GEOCHAT_API_KEY)."""
-    from ..core.backends.openai_http import API_KEY_ENV
-
     model = {
         "name": args.model, "backend": args.backend, "mmproj_path": args.mmproj,
         "server_url": args.server_url, "max_in_flight": args.max_in_flight,
@@ -148,8 +155,6 @@ def job_request(args: argparse.Namespace) -> dict:
 
 def backend_spec(args: argparse.Namespace):
     """The BackendSpec the arguments describe (API key from $GEOCHAT_API_KEY)."""
-    from ..core.jobs import backend_spec as resolve
-
     return resolve(job_request(args))
 
 
@@ -178,9 +183,6 @@ class ProgressBar:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse an output, extent CRS or output CRS that cannot work before any tile runs."""
-    from ..core.export import check_output
-    from ..core.georef import check_crs
-
     check_output(args.output)
     for name, what in (("extent_crs", "extent CRS (--extent-crs)"),
                        ("output_crs", "output CRS (--output-crs)")):
@@ -189,14 +191,6 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.backends.base import CancelToken
-    from ..core.errors import GeoChatError
-    from ..core.jobs import build_job, model_provenance
-    from ..core.outputs import write_result
-    from ..core.pipeline import run_job
-    from ..core.runtime.backend import open_backend
-    from .signals import cancel_on_signals
-
     if not args.prompt:
         raise GeoChatError("Say what to find with --prompt TEXT (repeat it for several things).")
     check_arguments(args)

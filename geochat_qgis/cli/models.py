@@ -14,7 +14,11 @@ import time
 from pathlib import Path
 from typing import Optional, TextIO
 
-HELP = "list, get (download + convert), download, verify, remove or add models"
+from ..core.weights.catalog import add_user_entry, load_catalog
+from ..core.weights.get import remove_converted
+from ..core.weights.listing import model_list
+from ..core.weights.store import download_model, model_status, remove_model, verify_model
+from .models_get import run_get
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,9 +130,6 @@ def _runs_here(listed: dict) -> str:
 
 
 def _list(catalog, cache, as_json: bool) -> int:
-    from ..core.weights.listing import model_list
-    from ..core.weights.store import model_status
-
     listed = {row["name"]: row for row in model_list(cache, catalog)}
     rows = [{
         "name": e.name, "family": e.family, "backends": list(e.backends), "size": _size(e),
@@ -150,8 +151,6 @@ def _list(catalog, cache, as_json: bool) -> int:
 
 
 def _add(args) -> int:
-    from ..core.weights.catalog import add_user_entry
-
     files = []
     if args.model_file:
         files.append({"path": args.model_file, "role": "model"})
@@ -168,17 +167,12 @@ def _add(args) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.weights.catalog import load_catalog
-    from ..core.weights.store import download_model, remove_model, verify_model
-
     if args.action == "add":
         return _add(args)
     catalog = load_catalog(args.user_catalog)
     if args.action == "list":
         return _list(catalog, args.cache, args.json)
     if args.action == "get":
-        from .models_get import run_get
-
         return run_get(args, catalog, ProgressBar)
     entry = catalog.get(args.name)
     if args.action == "download":
@@ -205,8 +199,6 @@ def run(args: argparse.Namespace) -> int:
                   f"`models download {entry.name}`", file=sys.stderr)
         return 1 if bad else 0
     if args.to:
-        from ..core.weights.get import remove_converted
-
         freed = remove_converted(entry.name, args.to, args.quant, args.cache, catalog)
         print(f"{entry.name} ({args.to} {args.quant or ''}): removed, {freed / 1e9:.2f} GB freed")
         return 0

@@ -6,6 +6,9 @@ import json
 import sys
 from typing import Any, Callable, Optional
 
+from ..core.weights.get import delete_sources, get_model, source_cleanup
+from ..core.weights.get_plan import plan_get
+
 GB = 1e9
 UNITS = {"convert": "tensors", "quantize": "steps"}
 
@@ -73,9 +76,6 @@ class PhaseProgress:
 
 
 def run_get(args: argparse.Namespace, catalog, bar_class) -> int:
-    from ..core.weights.get import delete_sources, get_model, source_cleanup
-    from ..core.weights.get_plan import plan_get
-
     import logging
 
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its per-file INFO lines are noise here

@@ -6,17 +6,14 @@ import math
 import sys
 from typing import Any
 
-HELP = (
-    "Parse raw model output read on stdin into its text and detections (tile pixels, x right, "
-    "y down) and print them as one JSON object."
-)
+from ..core.errors import GeoChatError
+from ..core.families import FAMILIES, get_family
+
 DECIMALS = 4
 NPY_MAGIC = b"\x93NUMPY"  # how every numpy.save file starts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..core.families import FAMILIES
-
     parser.add_argument("--family", required=True, choices=sorted(FAMILIES), help="model family")
     parser.add_argument(
         "--tile-size", type=_positive, metavar="N",
@@ -41,8 +38,6 @@ def load_masks(path: str) -> Any:
     instead (missing, not a .npy file, Python objects, damaged)."""
     import numpy as np
 
-    from ..core.errors import GeoChatError
-
     try:
         with open(path, "rb") as handle:
             head = handle.read(len(NPY_MAGIC))
@@ -66,9 +61,6 @@ def load_masks(path: str) -> Any:
 def run(args: argparse.Namespace) -> int:
     import json
 
-
-    from ..core.errors import GeoChatError
-    from ..core.families import get_family
 
     try:
         data = sys.stdin.buffer.read()

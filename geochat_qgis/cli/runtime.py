@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-HELP = "serve the model runtime protocol on stdin/stdout (started by the plugin, not by hand)"
+from ..core.runtime.server import serve
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,8 +16,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.runtime.server import serve
-
     # The protocol owns the real stdout; anything else printed (by Python or by native code
     # such as llama.cpp) goes to stderr, which the parent keeps for its error messages.
     protocol_out = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8", buffering=1)

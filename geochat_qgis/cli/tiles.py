@@ -19,9 +19,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from ..core.backends.base import CancelToken
+from ..core.errors import Cancelled, ExportError, RasterError
+from ..core.tile_reading import iter_tiles
+from ..core.tiling import MissingCrsError, TileSpec, plan_tiles
 from .argtypes import fraction, non_negative_float, positive_float, positive_int
+from .os_errors import os_error_message
+from .signals import cancel_on_signals
 
-HELP = "Cut a raster area into model-ready 8-bit RGB tiles (PNG) and their footprints (GeoPackage)."
 EPILOG = (
     "Exit status: 0 when every tile was written or skipped for nodata; 1 when a tile failed, "
     "the disk filled up or no tile could be written; 2 for bad arguments; 130 after Ctrl-C and "
@@ -71,11 +76,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.backends.base import CancelToken
-    from ..core.errors import Cancelled, RasterError
-    from ..core.tiling import MissingCrsError, TileSpec, plan_tiles
-    from .signals import cancel_on_signals
-
     if not args.verbose:  # one summary line: GDAL's per-block errors are in the failures
         for name in ("rasterio", "pyogrio"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -122,8 +122,6 @@ def run(args: argparse.Namespace) -> int:
 def _check_folder(folder: Path) -> None:
     """Check, before any tile is read, that ``folder`` can be created and takes files (probed
     in it, or in its nearest existing parent: nothing is created yet)."""
-    from ..core.errors import ExportError
-
     existing = folder
     while not existing.exists() and existing.parent != existing:
         existing = existing.parent
@@ -138,15 +136,11 @@ def _check_folder(folder: Path) -> None:
 
 
 def _os_error(exc: OSError, folder: Optional[Path] = None) -> str:
-    from . import os_error_message
-
     return os_error_message(exc, folder)
 
 
 def _write_tiles(plan, tiles_dir: Path, written: list[tuple], cancel) -> None:
     """Each tile as a PNG, its footprint row appended to ``written`` once the file is there."""
-    from ..core.tile_reading import iter_tiles
-
     for tile in iter_tiles(plan):
         cancel.raise_if_cancelled()
         tiles_dir.mkdir(parents=True, exist_ok=True)

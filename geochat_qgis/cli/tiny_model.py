@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = ("build a tiny random-weight model: GeoChat (HF folder, GGUF pair or GeoChat-style checkpoint) "
-        "or GeoPixel (its published checkpoint layout)")
+from ..core.errors import ModelError
+from ..core.weights.output_dir import staged_output_dir
+from ..core.weights.tiny import build_tiny_geochat
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,8 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.errors import ModelError
-
     outdir = args.out or args.outdir
     if outdir is None or (args.out and args.outdir and args.out != args.outdir):
         raise ModelError("Name one output folder: OUTDIR or --out OUTDIR.")
@@ -38,7 +37,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.family == "geopixel":
             return _geopixel(args, outdir)
-        from ..core.weights.tiny import build_tiny_geochat
 
         out = build_tiny_geochat(outdir, args.fmt, seed=args.seed, quant=args.quant,
                                  head_dim=args.head_dim)
@@ -54,9 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _geopixel(args: argparse.Namespace, outdir: Path) -> int:
-    from ..core.errors import ModelError
     from ..core.models.geopixel.tiny import write_tiny_geopixel
-    from ..core.weights.output_dir import staged_output_dir
 
     if args.fmt != "hf" or args.quant:
         raise ModelError("--format and --quant are GeoChat options; GeoPixel is written in its published "

@@ -23,6 +23,7 @@ import numpy as np
 import shapely
 
 from .errors import Cancelled, ExportError, GeoChatError
+from .georef import reproject_geometry, same_crs
 from .results import Detection, geometry_array, polygonal
 from .write_errors import free_bytes, write_failure
 
@@ -322,8 +323,6 @@ def _geometries(
     detections: Sequence[Detection], crs: Optional[str]
 ) -> tuple[np.ndarray, Optional[str]]:
     """Polygonal geometries in the output CRS, and that CRS."""
-    from .georef import reproject_geometry, same_crs
-
     if "tile" in set(map(attrgetter("frame"), detections)):
         raise ExportError(
             "detections are still in tile pixels: georeference them before exporting"

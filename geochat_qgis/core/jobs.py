@@ -15,13 +15,18 @@ from shapely import wkt as shapely_wkt
 from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
 
-from .backends.factory import BackendSpec, normalise_kind, resolve_spec
+from .backends.factory import BACKEND_CLASSES, BackendSpec, normalise_kind, resolve_spec
 from .chat import ChatRequest, overview_spec
 from .errors import GeoChatError
 from .families import get_family
+from .georef import reproject_geometry, same_crs
 from .merge import DEFAULT_IOU
 from .pipeline import Job, check_run_id, default_tile_spec
-from .tiling import TileSpec
+from .tile_types import TileSpec
+from .weights.catalog import load_catalog
+from .weights.demo import DEMO_GEOPIXEL_NAME, DEMO_NAME, demo_geopixel_dir, demo_model_dir
+from .weights.installed import find_installed, installed_model
+from .weights.provenance import provenance_attributes
 
 Request = Mapping[str, Any]
 TILED_TASKS = frozenset({"refer", "grounding", "segment"})  # run over every tile of the area
@@ -67,8 +72,6 @@ def backend_spec(request: Request) -> BackendSpec:
     reference = model.get("model_path") or model.get("name")
     if not reference:
         raise GeoChatError("choose a model: a catalog name, a GGUF file or a checkpoint folder")
-    from .weights.demo import DEMO_GEOPIXEL_NAME, DEMO_NAME, demo_geopixel_dir, demo_model_dir
-
     mmproj = model.get("mmproj_path") or None
     if reference == DEMO_NAME:
         reference, kind = str(demo_model_dir(model.get("cache_dir") or None)), "llama.cpp"
@@ -89,18 +92,12 @@ def model_provenance(spec: Optional[BackendSpec]) -> dict[str, str]:
     with no record."""
     if spec is None or spec.kind == "openai":
         return {}
-    from .weights.provenance import provenance_attributes
-
     return {k: v for k, v in provenance_attributes(spec.model).items() if v}
 
 
 def _converted(name: str, model: Mapping[str, Any]) -> Optional[tuple[str, Optional[str]]]:
     """(model path, mmproj path) of a catalog model converted by ``models get`` (the request's
     ``model.target``/``model.quant``, else any copy got that the backend loads), or None."""
-    try:
-        from .weights.installed import find_installed, installed_model
-    except ImportError:  # core/weights without get_model
-        return None
     try:
         if model.get("target"):
             found = installed_model(name, model.get("target"), model.get("quant"),
@@ -130,24 +127,13 @@ def _backend_settings(kind: Optional[str], model: Mapping[str, Any]) -> dict[str
 
 def _allowed_settings(kind: str) -> Optional[set[str]]:
     """The setting names the backend's settings dataclass has (None: unknown kind)."""
-    from . import backends
-
-    classes = {"llama.cpp": ("llama_cpp", "LlamaCppSettings"),
-               "transformers": ("transformers_backend", "TransformersSettings"),
-               "openai": ("openai_http", "HttpSettings"),
-               "geopixel": ("geopixel", "GeoPixelSettings")}
-    if kind not in classes:
+    if kind not in BACKEND_CLASSES:
         return None
-    import importlib
-
-    module = importlib.import_module(f"{backends.__name__}.{classes[kind][0]}")
-    return {f.name for f in dataclasses.fields(getattr(module, classes[kind][1]))}
+    return {f.name for f in dataclasses.fields(BACKEND_CLASSES[kind][1])}
 
 
 def _catalog_family(name: str) -> str:
     try:
-        from .weights.catalog import load_catalog
-
         catalog = load_catalog()
         return catalog.get(name).family if name in catalog else "geochat"
     except GeoChatError:
@@ -206,8 +192,6 @@ def area(request: Request) -> tuple[Any, Optional[str], Any]:
         if extent_crs is None:
             extent_crs = aoi_crs
         elif aoi_crs and aoi_crs != extent_crs:
-            from .georef import reproject_geometry, same_crs
-
             if not same_crs(aoi_crs, extent_crs):
                 shape = reproject_geometry(shape, aoi_crs, extent_crs)
         aoi = shape

@@ -22,6 +22,7 @@ import numpy as np
 import shapely
 
 from .errors import GeoChatError
+from .georef import same_crs
 from .results import Detection, geometry_array
 
 DEFAULT_IOU = 0.5
@@ -187,8 +188,6 @@ def _components(count: int, left: np.ndarray, right: np.ndarray) -> list[list[in
 
 def _check_one_frame(detections: Sequence[Detection]) -> None:
     """GeoChatError unless all detections share one frame and CRS."""
-    from .georef import same_crs
-
     frames = {d.frame for d in detections}
     crss = list(dict.fromkeys(d.crs for d in detections))
     if len(frames) > 1 or any(not same_crs(crss[0], c) for c in crss[1:]):

@@ -32,11 +32,16 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
+from ..client import (RuntimeState, close_shared_client, runtime_command, runtime_state,
+                      shared_client)
 from ..core.errors import GeoChatError  # stdlib only
 from ..toolbelt.settings import PluginSettings
 from . import area as areas
 from .chat_history import load_history
 from .chat_view import ChatView
+from .deps_dialog import DepsDialog
+from .dock_runs import TASKS, RunsMixin
+from .get_model_dialog import open_get_dialog
 from .layer_summary import describe_layer, raster_or_none
 from .map_tools import RegionMapTool
 from .model_choice import (
@@ -56,7 +61,7 @@ from .model_choice import (
 from .results_bar import ResultsBar
 from .run_task import GeoChatTask
 from .runner import Runner
-from .dock_runs import TASKS, RunsMixin
+from .settings_dialog import SettingsDialog
 from .tile_preview import TilePreview
 
 PLACEHOLDERS = {
@@ -279,8 +284,6 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
         self.refresh_model_status()
 
     def open_settings(self) -> None:
-        from .settings_dialog import SettingsDialog
-
         dialog = SettingsDialog(self.settings, self)
         if dialog.exec():
             self.backend_combo.setCurrentIndex(max(0, self.backend_combo.findData(self.settings.backend)))
@@ -291,16 +294,12 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
     def refresh_runtime(self) -> None:
         """Say whether the runtime can run the chosen backend: at once when none is installed,
         else after a short probe of its interpreter in the background (no child started)."""
-        from ..client import RuntimeState, runtime_command
-
         if runtime_command() is None:
             self.show_runtime(RuntimeState(False, None, [], ""))
             return
         backend = backend_for(self.model_key(), self.settings)
 
         def probe(_cancel, _token, _progress):
-            from ..client import runtime_state
-
             return runtime_state(backend=backend)
 
         self._runtime_check = GeoChatTask("GeoChat: checking the runtime", probe, quiet=True)
@@ -334,8 +333,6 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
     def install_runtime(self) -> None:
         """Open the installer for the chosen backend (core packages + backend, into the managed
         environment); the runtime line follows once it closes."""
-        from .deps_dialog import DepsDialog
-
         if self._deps_dialog is not None and self._deps_dialog.isVisible():
             self._deps_dialog.raise_()
             return
@@ -355,8 +352,6 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
         """After an install (this dock's button or the plugin menu): a child started before it
         is not reused, and the models are listed afresh."""
         if not self.runner.busy:
-            from ..client import close_shared_client
-
             close_shared_client()
         remember_rows([])
 
@@ -375,8 +370,6 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
 
     def _fetch_models(self) -> None:
         """Ask the runtime for the model list in the background; the status line follows."""
-        from ..client import shared_client
-
         cache = self.settings.cache_dir
         self._model_list = GeoChatTask("GeoChat: listing models",
                                        lambda _cancel, _token, _progress: fetch_rows(shared_client(), cache),
@@ -398,8 +391,6 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
 
     def _check_server(self) -> None:
         """Ask the server for its models in the background; the status line follows."""
-        from ..client import shared_client
-
         key, settings, api_key = self.model_combo.currentData() or "", self.settings, self._api_key()
         self._server_check = GeoChatTask("GeoChat: checking the server", lambda _cancel, _token, _progress:
                                          check_server(shared_client(), key, settings, api_key), quiet=True)
@@ -409,8 +400,6 @@ class GeoChatDock(RunsMixin, QgsDockWidget):
     def download_model(self) -> None:
         """Open the Get dialog for the chosen catalog model (download and convert in the
         runtime, with progress); the status follows once it is got."""
-        from .get_model_dialog import open_get_dialog
-
         name = self.model_combo.currentData()
         if name:
             self._get_dialog = open_get_dialog(name, self.settings.cache_dir, self, self._on_model_got)

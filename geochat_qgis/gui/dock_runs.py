@@ -15,7 +15,9 @@ from typing import Any, Callable, Optional
 from qgis.core import Qgis, QgsProject, QgsVectorLayer
 from qgis.PyQt.QtWidgets import QMessageBox
 
+from ..client import runtime_state
 from ..core.errors import GeoChatError  # stdlib only
+from ..toolbelt.auth import api_key_from_auth_manager
 from ..toolbelt.settings import DEFAULT_SECONDS_PER_TILE, load_speed, save_speed
 from . import area as areas
 from .chat_history import model_history, save_history
@@ -129,8 +131,6 @@ class RunsMixin:
         prompts = len(request.get("prompts") or []) if tiled else 1
 
         def work(_cancel, _on_token, _on_progress):
-            from ..client import runtime_state
-
             state = runtime_state(backend=backend)
             return client().plan(request) if state.ready else state
 
@@ -179,8 +179,6 @@ class RunsMixin:
     def _api_key(self) -> Optional[str]:
         if self.settings.backend != "openai" or not self.settings.auth_config_id:
             return None
-        from ..toolbelt.auth import api_key_from_auth_manager
-
         return api_key_from_auth_manager(self.settings.auth_config_id)
 
     def _output_crs(self) -> str:

@@ -7,6 +7,7 @@ from typing import Optional
 
 from qgis.core import QgsProject, QgsVectorLayer
 
+from ..client import RuntimeClientError
 from ..core.errors import ExportError  # stdlib only
 from .result_layers import GROUP_NAME, safe_layer_name
 from .runner import client
@@ -40,8 +41,6 @@ def layer_file(layer: QgsVectorLayer) -> tuple[str, Optional[str]]:
 def export_layer(layer: QgsVectorLayer, path: Path, layer_name: Optional[str] = None) -> Path:
     """Write ``layer``'s features to ``path`` (.shp, .gpkg or .geojson), atomically; into the
     GeoPackage table ``layer_name`` when given (the file's other tables stay)."""
-    from ..client import RuntimeClientError
-
     source, table = layer_file(layer)
     if layer.isEditable() and layer.isModified():
         raise ExportError(f"'{layer.name()}' has unsaved edits: save or discard them first")

@@ -31,9 +31,10 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from ..client import RuntimeClientError
+from ..client import RuntimeClientError, shared_client
 from ..core.deps.requirements import CONVERTER_BACKENDS, requirements_for  # stdlib only
-from .model_choice import describe_getting
+from .deps_dialog import DepsDialog
+from .model_choice import catalog_rows, describe_getting, remembered
 
 PHASES = {"download": "Download", "convert": "Convert", "quantize": "Quantise", "verify": "Verify"}
 UNITS = {"download": "bytes", "verify": "bytes", "convert": "tensors", "quantize": "steps"}
@@ -281,8 +282,6 @@ class GetModelDialog(QDialog):
     def install_converter(self) -> None:
         """The runtime lacks what converting needs: the installer for the chosen output's
         backend (into the runtime's environment); the plan is asked again once it closes."""
-        from .deps_dialog import DepsDialog
-
         self.deps_dialog = DepsDialog(self.converter_backend, self)
         self.deps_dialog.finished.connect(lambda _result: self.refresh_plan())
         self.deps_dialog.open()
@@ -412,9 +411,6 @@ def open_get_dialog(name: str, cache_dir: str, parent: Optional[QWidget],
     """Show the Get dialog for catalog model ``name`` (not modal: the dock stays usable);
     ``on_ready(name)`` once it is got. The row is the runtime's last model list, else the
     catalog's."""
-    from ..client import shared_client
-    from .model_choice import catalog_rows, remembered
-
     row = remembered(name) or next((r for r in catalog_rows() if r["name"] == name), {"name": name})
     dialog = GetModelDialog(row, client or shared_client(), cache_dir, parent)
     dialog.modelReady.connect(on_ready)

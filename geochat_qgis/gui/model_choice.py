@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..__about__ import MODELS_DIR
+from ..client import RuntimeClientError
 
 READY, MISSING, NEEDS_GPU, SERVER, NOT_FOUND = "ready", "not downloaded", "needs a GPU", "server", "not found"
 UNREACHABLE, CHECKING, NO_BACKEND = "server unreachable", "checking", "cannot run here"
@@ -98,8 +99,6 @@ def fetch_rows(client: Any, cache_dir: str = "") -> list[dict[str, Any]]:
     """The runtime's model list (worker thread: may start the child); remembered for
     :func:`model_status`. Falls back to :func:`catalog_rows` when no runtime answers (their
     status ``unknown`` shows as not downloaded)."""
-    from ..client import RuntimeClientError
-
     try:
         rows = client.model_list(cache_dir or None)
     except RuntimeClientError:
@@ -279,8 +278,6 @@ def model_request(choice_key: str, settings: Any, api_key: Optional[str] = None)
 def check_server(client: Any, choice_key: str, settings: Any,
                  api_key: Optional[str] = None) -> tuple[str, str]:
     """(status, sentence) after the runtime asked the server for its models (worker thread)."""
-    from ..client import RuntimeClientError
-
     try:
         reply = client.check_model({"model": model_request(choice_key, settings, api_key)})
     except RuntimeClientError as exc:

@@ -6,13 +6,12 @@ from typing import Any, Callable, Optional
 
 from qgis.core import QgsApplication
 
+from ..client import shared_client
 from .run_task import GeoChatTask, Work
 
 
 def client() -> Any:
     """The process-wide runtime client the dock and Processing share."""
-    from ..client import shared_client
-
     return shared_client()
 
 

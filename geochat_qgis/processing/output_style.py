@@ -6,6 +6,8 @@ from typing import Sequence
 
 from qgis.core import QgsProcessingLayerPostProcessorInterface, QgsVectorLayer
 
+from ..gui.result_layers import style_layer
+
 
 class DetectionStyle(QgsProcessingLayerPostProcessorInterface):
     """Applies the result-layer style (QML, one colour per label, map tips) to a loaded output."""
@@ -28,7 +30,5 @@ class DetectionStyle(QgsProcessingLayerPostProcessorInterface):
         context.layerToLoadOnCompletionDetails(destination).setPostProcessor(style)
 
     def postProcessLayer(self, layer, context, feedback) -> None:  # noqa: N802 - QGIS API
-        from ..gui.result_layers import style_layer
-
         if isinstance(layer, QgsVectorLayer) and layer.isValid():
             style_layer(layer, self.labels, self.masks)

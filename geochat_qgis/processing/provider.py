@@ -5,6 +5,8 @@ from qgis.core import QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
 
 from ..__about__ import resource, version
+from .algorithms import algorithms
+from .outputs import EXTENSIONS
 
 
 class GeoChatProvider(QgsProcessingProvider):
@@ -25,15 +27,11 @@ class GeoChatProvider(QgsProcessingProvider):
 
     def supportedOutputVectorLayerExtensions(self) -> list[str]:  # noqa: N802
         """What the core's writer writes (the runtime writes the outputs itself)."""
-        from .outputs import EXTENSIONS
-
         return list(EXTENSIONS)
 
     def defaultVectorFileExtension(self, hasGeometry: bool = True) -> str:  # noqa: N802,N803
         return "gpkg"
 
     def loadAlgorithms(self) -> None:  # noqa: N802
-        from .algorithms import algorithms
-
         for algorithm in algorithms():
             self.addAlgorithm(algorithm)

@@ -15,7 +15,14 @@ from stat import S_ISREG
 from typing import Any, Callable, Optional
 
 from ..errors import BackendError, ModelError
+from ..weights.catalog import load_catalog
 from .base import Backend
+from .geopixel import GeoPixelBackend, GeoPixelSettings
+from .gguf_files import resolve_gguf_pair
+from .llama_cpp import LlamaCppBackend
+from .llama_settings import LlamaCppSettings
+from .openai_http import HttpSettings, OpenAIHttpBackend
+from .transformers_backend import TransformersBackend, TransformersSettings
 
 KINDS = ("llama.cpp", "transformers", "openai", "geopixel")
 _ALIASES = {"llama_cpp": "llama.cpp", "llamacpp": "llama.cpp", "gguf": "llama.cpp",
@@ -97,8 +104,6 @@ def resolve_spec(model: str, kind: Optional[str] = None, mmproj: Optional[str] =
         return _catalog_spec(model, kind, mmproj, family, settings)
     kind = kind or infer_kind(str(path))
     if kind == "llama.cpp" and family is None:
-        from .gguf_files import resolve_gguf_pair
-
         text, _ = resolve_gguf_pair(path, mmproj)
         family = _GGUF_FAMILIES.get(text.architecture, "geochat")
     default_family = "geopixel" if kind == "geopixel" else "geochat"
@@ -108,8 +113,6 @@ def resolve_spec(model: str, kind: Optional[str] = None, mmproj: Optional[str] =
 
 def _catalog_spec(name: str, kind: Optional[str], mmproj: Optional[str],
                   family: Optional[str], settings: dict[str, Any]) -> BackendSpec:
-    from ..weights.catalog import load_catalog
-
     catalog = load_catalog()
     if name not in catalog:
         raise ModelError(
@@ -148,30 +151,26 @@ def _settings(cls: type, values: dict[str, Any], kind: str):
     return cls(**values)
 
 
+# kind -> (backend class, its settings dataclass); the classes import no model library until
+# they load
+BACKEND_CLASSES: dict[str, tuple[type, type]] = {
+    "llama.cpp": (LlamaCppBackend, LlamaCppSettings),
+    "transformers": (TransformersBackend, TransformersSettings),
+    "openai": (OpenAIHttpBackend, HttpSettings),
+    "geopixel": (GeoPixelBackend, GeoPixelSettings),
+}
+
+
 def create_backend(spec: BackendSpec) -> Backend:
     """A new, unloaded backend for ``spec`` (call ``load()`` or use it as a context manager)."""
     spec = dataclasses.replace(spec, kind=normalise_kind(spec.kind))
+    if spec.kind not in BACKEND_CLASSES:
+        raise BackendError(f"Unknown backend '{spec.kind}': choose one of {', '.join(KINDS)}.")
+    backend, settings = BACKEND_CLASSES[spec.kind]
     if spec.kind == "llama.cpp":
-        from .llama_cpp import LlamaCppBackend, LlamaCppSettings
-
-        return LlamaCppBackend(spec.model, spec.mmproj, spec.family,
-                               _settings(LlamaCppSettings, spec.settings, spec.kind))
-    if spec.kind == "transformers":
-        from .transformers_backend import TransformersBackend, TransformersSettings
-
-        return TransformersBackend(spec.model, spec.family,
-                                   _settings(TransformersSettings, spec.settings, spec.kind))
-    if spec.kind == "openai":
-        from .openai_http import HttpSettings, OpenAIHttpBackend
-
-        return OpenAIHttpBackend(spec.model, spec.family,
-                                 _settings(HttpSettings, spec.settings, spec.kind))
-    if spec.kind == "geopixel":
-        from .geopixel import GeoPixelBackend, GeoPixelSettings
-
-        return GeoPixelBackend(spec.model, spec.family,
-                               _settings(GeoPixelSettings, spec.settings, spec.kind))
-    raise BackendError(f"Unknown backend '{spec.kind}': choose one of {', '.join(KINDS)}.")
+        return backend(spec.model, spec.mmproj, spec.family,
+                       _settings(settings, spec.settings, spec.kind))
+    return backend(spec.model, spec.family, _settings(settings, spec.settings, spec.kind))
 
 
 class BackendCache:

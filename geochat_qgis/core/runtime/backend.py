@@ -22,6 +22,8 @@ from ...client.locate import PACKAGE_PARENT
 from ...client.process import ChildProcess
 from ..backends.base import Backend, Conversation, GenerateOptions, Generation
 from ..backends.factory import BackendSpec, create_backend
+from ..deps.diagnostics import record_error
+from ..deps.environment import runtime_python
 from ..errors import BackendError, Cancelled
 from . import protocol
 
@@ -63,7 +65,6 @@ class SubprocessBackend(Backend):
         if self.process is None or not self.process.alive:
             if self.process is not None:
                 self.process.kill()  # reap a dead one before replacing it
-            from ..deps.environment import runtime_python
 
             settings = self.settings
             # the CLI runs in the core's own environment: its PYTHONPATH is the core's too
@@ -110,7 +111,6 @@ class SubprocessBackend(Backend):
             if not exc.crashed and exc.kind != "RuntimeMissing":
                 raise protocol.decode_error({"error": exc.kind, "message": exc.message}) from None
             self._loaded = False
-            from ..deps.diagnostics import record_error
 
             record_error(f"runtime ({self.spec.kind}:{self.spec.model}): {exc}")
             raise BackendError(str(exc)) from None

@@ -11,14 +11,17 @@ from typing import Any, Optional, Protocol
 
 from ..backends.base import Backend, CancelToken
 from ..backends.factory import BackendSpec
+from ..chat import ask as ask_model, overview_plan, region_extent
 from ..errors import GeoChatError
 from ..export import check_output, export_detections
-from ..jobs import (area, backend_spec, build_chat, build_job, model_provenance, runs_per_tile,
-                    tile_spec)
+from ..georef import reproject_geometry, same_crs
+from ..jobs import (_catalog_family, _geometry, area, backend_spec, build_chat, build_job,
+                    model_provenance, runs_per_tile, tile_spec)
 from ..merge import merge_detections
 from ..outputs import OutputBusy, Written, hold_output, partial_path, write_result
 from ..pipeline import Job, JobResult, Progress, check_run_id, run_job
 from ..results import Detection
+from ..tiling import plan_tiles
 from .checkpoint import Checkpoint, checkpoint_path, read_checkpoint
 
 
@@ -38,17 +41,11 @@ def _family(request: dict[str, Any]) -> str:
     try:
         return backend_spec(request).family
     except GeoChatError:
-        from ..jobs import _catalog_family
-
         return _catalog_family(str((request.get("model") or {}).get("name") or ""))
 
 
 def plan(request: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """The tiles a request would run, footprints as WKT in ``output.crs`` (else the raster's)."""
-    from ..chat import overview_plan, region_extent
-    from ..georef import reproject_geometry, same_crs
-    from ..tiling import plan_tiles
-
     raster = request.get("raster")
     if not raster:
         raise GeoChatError("choose a raster layer (the request names no raster)")
@@ -61,8 +58,6 @@ def plan(request: dict[str, Any], ctx: Context) -> dict[str, Any]:
         how = ""
     else:
         if task == "identify" and request.get("region_wkt"):
-            from ..jobs import _geometry
-
             extent = region_extent(_geometry(request["region_wkt"]))
             extent_crs = request.get("region_crs") or extent_crs
             aoi = None
@@ -225,8 +220,6 @@ def _request_provenance(request: dict[str, Any]) -> dict[str, str]:
 
 def ask(request: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """One question about the request's extent; boxes/masks written when there are any."""
-    from ..chat import ask as ask_model
-
     spec = backend_spec(request)
     chat = build_chat(request, spec)
     backend = ctx.backend(dataclasses.replace(spec, family=chat.family))

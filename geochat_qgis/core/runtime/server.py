@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, TextIO
 from ..backends.base import Backend, CancelToken
 from ..backends.factory import BackendSpec, create_backend
 from ..errors import BackendError, GeoChatError
-from . import protocol
+from . import info_ops, job_ops, model_ops, protocol
 
 log = logging.getLogger(__name__)
 HEAVY = frozenset({"load", "generate", "run", "ask", "get_model"})
@@ -132,8 +132,6 @@ class RuntimeServer:
                 self.tokens.pop(request_id, None)
 
     def _handlers(self) -> dict[str, Callable[[dict[str, Any], RequestContext], dict[str, Any]]]:
-        from . import info_ops, job_ops, model_ops
-
         return {
             "load": lambda m, ctx: self._load(m),
             "generate": self._generate,

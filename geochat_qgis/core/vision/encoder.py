@@ -18,6 +18,8 @@ from typing import Optional
 import numpy as np
 
 from ..errors import BackendError, ModelError
+from .clip_numpy import encode
+from .clip_torch import TorchClip
 from .mmproj import ClipVision, read_mmproj
 from .preprocess import GEOCHAT_PAD, geochat_image, normalise
 
@@ -53,8 +55,6 @@ class ImageEncoder:
         self._torch = None
         if self.device != "cpu":
             try:
-                from .clip_torch import TorchClip
-
                 self._torch = TorchClip(self.vision, self.device)
             except Exception as exc:  # torch raises AssertionError for a CPU-only build
                 raise BackendError(
@@ -80,7 +80,6 @@ class ImageEncoder:
         """Image embeddings for normalised pixels (no cache)."""
         if self._torch is not None:
             return self._torch.encode(pixels)
-        from .clip_numpy import encode
 
         return encode(self.vision, pixels)
 

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..backends.gguf_files import open_gguf
 from ..errors import ModelError
 
 #: projector types the project's own encoder computes (llama.cpp's LLaVA MLP)
@@ -108,8 +109,6 @@ class _File:
     """One mmproj's header values and tensors, each checked as it is read (ModelError)."""
 
     def __init__(self, path: Path) -> None:
-        from ..backends.gguf_files import open_gguf
-
         self.path, self.name = path, path.name
         self.reader = open_gguf(path)  # missing, not GGUF, damaged, truncated
         self.tensors = {t.name: t for t in self.reader.tensors}

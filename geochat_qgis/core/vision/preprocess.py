@@ -13,6 +13,7 @@ import numpy as np
 from ..backends.images import as_rgb
 from ..errors import BackendError
 from ..families.base import CLIP_MEAN, CLIP_STD
+from .bicubic import pad_resize
 
 GEOCHAT_SIZE = 504
 GEOCHAT_PAD = (122, 116, 104)  # int(mean * 255), truncated
@@ -57,8 +58,6 @@ def geochat_image(image: np.ndarray, size: int = GEOCHAT_SIZE,
                            f"takes ({MAX_SIDE} px a side; GeoChat sees {size} px): read it at a "
                            "coarser resolution (a larger GSD or a smaller tile size).")
     if height != width and max(height, width) > PAD_IN_PIL:
-        from .bicubic import pad_resize
-
         return pad_resize(image, size, fill)
     square = pad_to_square(image, fill)
     if square.shape[0] == size:

@@ -11,6 +11,7 @@ from typing import Optional
 
 from ...__about__ import version
 from .catalog import PathLike, cache_root
+from .demo_gguf import write_demo_gguf
 from .locks import exclusive
 from .output_dir import staged_output_dir
 
@@ -28,8 +29,6 @@ def demo_model_dir(cache: Optional[PathLike] = None) -> Path:
     :mod:`demo_gguf`)."""
     folder = cache_root(cache) / DEMO_NAME
     if not (folder / "model.gguf").is_file() or not (folder / "mmproj.gguf").is_file():
-        from .demo_gguf import write_demo_gguf
-
         folder.parent.mkdir(parents=True, exist_ok=True)
         if folder.exists():  # a half-built folder of an older version: build it anew
             shutil.rmtree(folder)

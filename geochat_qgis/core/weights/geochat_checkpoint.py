@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import ModelError
+from .catalog import load_catalog
 from .checkpoint_io import TensorMeta, checkpoint_metadata, weight_files
+from .store import model_status
 
 CLIP_336_NAME = "openai/clip-vit-large-patch14-336"
 GEOCHAT_IMAGE_SIZE = 504  # clip_encoder.py: clip_interpolate_embeddings(image_size=504, patch_size=14)
@@ -194,8 +196,6 @@ def default_clip_folder(src: Path) -> Optional[Path]:
     candidate = Path(src) / "clip"
     if candidate.is_dir():
         return candidate
-    from .catalog import load_catalog
-    from .store import model_status
 
     catalog = load_catalog()
     if CLIP_336_CATALOG_NAME in catalog:

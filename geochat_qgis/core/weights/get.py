@@ -26,14 +26,18 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 from ...__about__ import version
 from ..errors import Cancelled, GeoChatError, ModelError
 from .catalog import Catalog, ModelEntry, PathLike, load_catalog
+from .convert_hf import convert_geochat_to_hf
 from .download import sha256_of
 from .get_plan import GetPlan, converted_dir, is_installed, resolve_get
+from .gguf_writer import MMPROJ_GGUF, TEXT_GGUF, _UNQUANTISED, convert_geochat_to_gguf
 from .installed import (  # noqa: F401  (the public API of getting models, in one place)
     InstalledModel, SourceCleanup, delete_sources, installed_model, remove_converted,
     source_cleanup,
 )
 from .locks import exclusive
+from .output_dir import staged_output_dir
 from .provenance import PROVENANCE_FILE, combined_hash, write_provenance
+from .quantize import quantize_gguf
 from .store import _read_manifest, fetch_files, manifest_commit
 
 if TYPE_CHECKING:
@@ -139,14 +143,9 @@ def _convert(entry: ModelEntry, target: str, quant: Optional[str], src: Path, cl
         convert_to_safetensors(src, work, progress=meter, cancel=cancel)
         return {"name": "geochat-qgis/geopixel-weights", "version": version()}
     if target == "hf":
-        from .convert_hf import convert_geochat_to_hf
-
         convert_geochat_to_hf(src, work, clip=clip, progress=meter)
         return {"name": "geochat-qgis/convert_hf", "version": version()}
     import gguf
-
-    from .gguf_writer import _UNQUANTISED, MMPROJ_GGUF, TEXT_GGUF, convert_geochat_to_gguf
-    from .quantize import quantize_gguf
 
     dtype = "float16" if quant == "f16" else None
     convert_geochat_to_gguf(src, work, clip=clip, dtype=dtype, progress=meter)
@@ -223,8 +222,6 @@ def get_model(model_id: str, target: Optional[str] = None, quant: Optional[str] 
         _clean_stale(out)
         src = entry.local_dir(cache)
         clip = sources[1][0].local_dir(cache) if len(sources) > 1 else None
-        from .output_dir import staged_output_dir
-
         with staged_output_dir(out) as stage:
             work = stage / "converted"
             converter = _convert(entry, plan.target, plan.quant, src, clip, work, on_progress, cancel)

@@ -24,6 +24,7 @@ from .geochat_tensors import (LM_HEAD, PROJECTOR_PREFIX, TEXT_PREFIX, VISION_PRE
                               plan_tensors, stream_tensors)
 from .geochat_tokenizer import LLAVA_V1_CHAT_TEMPLATE, Vocabulary, geochat_vocabulary
 from .output_dir import check_output_dir, staged_output_dir
+from .quantize import check_quant, quantize_gguf
 
 TEXT_GGUF = "model.gguf"
 MMPROJ_GGUF = "mmproj.gguf"
@@ -207,8 +208,6 @@ def convert_geochat_to_gguf(src: Path, out: Path, clip: Optional[Path] = None,
     stays float. ``dtype``: ``float32`` or ``float16`` (default: float32 for a float32
     checkpoint, float16 otherwise). Returns ``out``, which appears only when complete.
     """
-    from .quantize import check_quant, quantize_gguf
-
     check_output_dir(out)
     if quant:
         check_quant(quant)

@@ -14,9 +14,12 @@ from typing import Any, Optional
 
 from ..errors import ModelError
 from .catalog import Catalog, PathLike, load_catalog
-from .get_plan import check_choice, converted_dir, is_installed
+from .get_plan import QUANTS, check_choice, converted_dir, is_installed
+from .gguf_writer import MMPROJ_GGUF, TEXT_GGUF
 from .locks import exclusive
+from .machine import runnable_backends
 from .provenance import provenance_attributes, read_provenance
+from .store import model_status
 
 
 @dataclass(frozen=True)
@@ -56,15 +59,11 @@ def installed_model(model_id: str, target: Optional[str] = None, quant: Optional
     entry = catalog.get(model_id)
     target, quant = check_choice(entry, target, quant)
     if backends is None:
-        from .machine import runnable_backends
-
         fmt = target if target != "download" else ("gguf" if entry.format == "gguf" else entry.format)
         backends = tuple(runnable_backends(fmt)[0])
     needs = [catalog.get(n) for n in (entry.convert or {}).get("requires", [])]
     sources = tuple(e.local_dir(cache) for e in [entry, *needs])
     if target == "download":
-        from .store import model_status
-
         if model_status(entry, cache) != "installed":
             return None
         folder = entry.local_dir(cache)
@@ -75,7 +74,6 @@ def installed_model(model_id: str, target: Optional[str] = None, quant: Optional
     folder = converted_dir(entry, target, quant, cache)
     if not is_installed(folder):
         return None
-    from .gguf_writer import MMPROJ_GGUF, TEXT_GGUF
 
     gguf = target == "gguf"
     return InstalledModel(entry.name, target, quant, folder, folder / TEXT_GGUF if gguf else folder,
@@ -87,8 +85,6 @@ def find_installed(model_id: str, backend: Optional[str] = None, cache: Optional
                    catalog: Optional[Catalog] = None) -> Optional[InstalledModel]:
     """The default choice of ``model_id`` when got, else any other converted copy that
     ``backend`` loads (llama.cpp: a GGUF, q4_k_m first; transformers: the HF checkpoint)."""
-    from .get_plan import QUANTS
-
     catalog = catalog or load_catalog()
     entry = catalog.get(model_id)
     if not entry.convert:

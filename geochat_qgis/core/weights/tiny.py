@@ -27,7 +27,10 @@ import numpy as np
 
 from ..errors import ModelError
 from ..families.llava_v1 import SYSTEM
+from .convert_hf import convert_geochat_to_hf
 from .geochat_checkpoint import CLIP_336_NAME
+from .gguf_writer import convert_geochat_to_gguf
+from .output_dir import staged_output_dir
 from .safetensors_stream import SafetensorsStreamWriter
 from .tensor_data import TensorData
 from .torch_zip_writer import save_state_dict
@@ -244,17 +247,12 @@ def build_tiny_geochat(outdir: Path, fmt: str = "hf", seed: int = 0, quant: Opti
     text_sizes(head_dim)  # a bad head_dim is refused before anything is written
     outdir = Path(outdir)
     if fmt == "geochat-checkpoint":
-        from .output_dir import staged_output_dir
-
         with staged_output_dir(outdir) as stage:
             write_tiny_geochat_checkpoint(stage, seed, head_dim)
         return outdir
     with tempfile.TemporaryDirectory(prefix="geochat-tiny-") as tmp:
         src = write_tiny_geochat_checkpoint(Path(tmp) / "geochat", seed, head_dim)
         if fmt == "hf":
-            from .convert_hf import convert_geochat_to_hf
-
             return convert_geochat_to_hf(src, outdir)
-        from .gguf_writer import convert_geochat_to_gguf
 
         return convert_geochat_to_gguf(src, outdir, quant=quant)

@@ -1,0 +1,89 @@
+"""The package's own import graph, read from the source (tests/unit/import_graph.py): no circle
+among our modules (imports for type hints count too), and our own modules imported at the top
+of the file, except where the allow-list below says why not."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from import_graph import Import, circles, describe, own_imports
+
+PACKAGE = Path(__file__).resolve().parents[2] / "geochat_qgis"
+
+# Modules that import torch at their top (issue 22's torch-only model folder): importing one is
+# importing torch, so a function-local import of them is a heavy library's lazy import.
+TORCH_ONLY = ("geochat_qgis.core.models.geopixel",)
+
+# (importing module, imported module) -> why the import stays inside a function
+ALLOWED_LOCAL: dict[tuple[str, str], str] = {
+    ("geochat_qgis", "geochat_qgis.plugin"):
+        "QGIS boundary: classFactory is QGIS's entry point; the runtime child and the command "
+        "line import the package without QGIS, so plugin.py (qgis, Qt) loads only there",
+    ("geochat_qgis.client.locate", "geochat_qgis.core.deps.environment"):
+        "QGIS boundary: the client runs in QGIS's process and reaches into the core (a "
+        "standard-library-only module) only when it must find the managed environment's Python",
+}
+
+
+def _torch_only(target: str) -> bool:
+    return any(target == pkg or target.startswith(pkg + ".") for pkg in TORCH_ONLY)
+
+
+def local_offenders(edges: list[Import]) -> list[str]:
+    """Function-local imports of our own modules that no rule allows."""
+    return [f"{e.source}:{e.line} imports {e.target} inside a function"
+            for e in edges if e.local and not e.typing and not _torch_only(e.target)
+            and (e.source, e.target) not in ALLOWED_LOCAL]
+
+
+def test_no_circles_among_our_modules():
+    edges = own_imports(PACKAGE)
+    assert len(edges) > 300  # the walk sees the package
+    found = circles(edges)
+    assert found == [], "\n".join(describe(c, edges) for c in found)
+
+
+def test_our_modules_are_imported_at_the_top_of_the_file():
+    assert local_offenders(own_imports(PACKAGE)) == []
+
+
+def test_every_allowed_local_import_is_still_there():
+    """The allow-list stays short and true: an entry whose import moved or went is removed."""
+    local = {(e.source, e.target) for e in own_imports(PACKAGE) if e.local}
+    assert set(ALLOWED_LOCAL) <= local, set(ALLOWED_LOCAL) - local
+
+
+def _write(root: Path, files: dict[str, str]) -> Path:
+    package = root / "pkg"
+    for name, text in files.items():
+        path = package / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return package
+
+
+def test_the_checker_finds_a_planted_circle_through_a_local_import(tmp_path):
+    package = _write(tmp_path, {
+        "__init__.py": "",
+        "low.py": "def f():\n    from .high import g\n    return g\n",
+        "high.py": "from . import low\n\ndef g():\n    return low\n",
+        "sub/__init__.py": "",
+        "sub/leaf.py": "from ..low import f\n",
+    })
+    edges = own_imports(package)
+    assert circles(edges) == [["pkg.high", "pkg.low"]]
+    assert "pkg.low -> pkg.high (line 2, local)" in describe(["pkg.high", "pkg.low"], edges)
+    assert local_offenders(edges) == ["pkg.low:2 imports pkg.high inside a function"]
+    assert Import("pkg.sub.leaf", "pkg.low", 1, False) in edges  # relative, two levels up
+
+
+def test_the_checker_counts_type_hint_imports_in_circles_not_as_local(tmp_path):
+    package = _write(tmp_path, {
+        "__init__.py": "",
+        "tiles.py": "import pkg.geo\n",
+        "geo.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .tiles import T\n",
+        "free.py": "from pkg import geo\n",
+    })
+    edges = own_imports(package)
+    assert circles(edges) == [["pkg.geo", "pkg.tiles"]]
+    assert local_offenders(edges) == []
+    assert Import("pkg.free", "pkg.geo", 1, False) in edges  # from a package import a module

@@ -43,6 +43,7 @@ def test_zip_passes_every_rule(plugin_zip):
                      "models/catalog.json", "core/errors.py"):
         assert f"geochat_qgis/{required}" in names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+    assert not [n for n in names if "buildtools" in n or n.endswith("build.py")]  # build steps stay out
     assert plugin_zip.stat().st_size < build.MAX_ZIP_BYTES
 
 
@@ -100,7 +101,7 @@ def test_two_top_folders_and_macosx_are_refused(plugin_zip, tmp_path):
 
 def test_package_refuses_a_bad_tree_and_leaves_no_zip(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "DIST", tmp_path / "dist")
-    monkeypatch.setattr(build, "EXTRA_FILES", [("metadata.txt", "metadata.txt")])  # no LICENSE
+    monkeypatch.setattr(build.packaging, "EXTRA_FILES", [("metadata.txt", "metadata.txt")])  # no LICENSE
     with pytest.raises(build.BuildError, match="LICENSE is missing"):
         build.package()
     assert not list((tmp_path / "dist").iterdir())

@@ -40,9 +40,9 @@ is described in tests/data/geopixel/README.md. GeoPixel's model is built by
 geopixel_reference_model.py (same folder).
 
     python bench/geopixel_reference.py --geopixel-src DIR --checkpoint DIR --out OUT.npz \
-        --images a.png b.png [--force-reply "<p> a </p> [SEG]"] [--max-new-tokens 6] [--dtype float32]
+        {--images a.png ... | --tiles square1680 ...} [--force-reply "<p> a </p> [SEG]"] \
+        [--max-new-tokens 6] [--dtype float32]
     python bench/geopixel_reference.py --geopixel-src DIR --dump-keys OUT.txt [--config C | --checkpoint D]
-    python bench/geopixel_reference.py --geopixel-src DIR --write-test-images DIR
 """
 from __future__ import annotations
 
@@ -52,10 +52,11 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -169,8 +170,8 @@ def run_image(model, tok, seg_id: int, image: Path, query: str, force: str | Non
     def f32(t):
         return t.detach().float().cpu().numpy()
 
-    def put(name, arr, axes=()):
-        arr, s = strided(arr, axes, limit) if axes else (arr, 1)
+    def put(name, arr, axes=(), scale=1):
+        arr, s = strided(arr, axes, limit * scale) if axes else (arr, 1)
         out[name] = arr
         if s > 1:
             out[name + "__stride"] = np.array(s)
@@ -205,10 +206,11 @@ def run_image(model, tok, seg_id: int, image: Path, query: str, force: str | Non
         assert torch.equal(d["dec_image"][0], f["image_embed"].to(torch.bfloat16)), "decoder image is not bf16(embed)"
         cat = lambda key: np.concatenate([f32(x) for x in d[key]])  # noqa: E731
         out.update(sparse=cat("sparse"), dense_00=np.concatenate([f32(x[:, :, 0, 0]) for x in d["dense"]]),
-                   low_res=cat("low_res"), iou=cat("iou"), all_iou=cat("all_iou"))
+                   iou=cat("iou"), all_iou=cat("all_iou"))
+        put("low_res", cat("low_res"), (2, 3), scale=8)  # whole: 256 KB per [SEG]
         put("image_pe", f32(d["image_pe"][0][0]), (1, 2))
         final = f32(masks[0])
-        put("final_logits", final, (1, 2))
+        put("final_logits", final, (1, 2), scale=2)
         out.update(final_bits=np.packbits(final > 0, axis=-1), final_shape=np.array(final.shape))
     meta = {"image": image.name, "size": list(hd_src_size(image)), "query": query, "force": force,
             "forced_ids": forced, "reply": reply, "max_new_tokens": max_new, "dtype": dtype}
@@ -220,27 +222,27 @@ def hd_src_size(path: Path) -> tuple:
         return im.size
 
 
-TEST_IMAGES = {"square1680": (1680, 1680), "small300": (300, 300), "portrait500x900": (500, 900),
-               "wide1200x400": (1200, 400)}
+def git_head(src: Path) -> str:
+    """The GeoPixel commit the arrays come from (read from its .git, no git binary needed)."""
+    head = (src / ".git" / "HEAD").read_text().strip()
+    if head.startswith("ref: "):
+        ref = src / ".git" / head[5:]
+        packed = src / ".git" / "packed-refs"
+        if ref.exists():
+            return ref.read_text().strip()
+        return next(line.split()[0] for line in packed.read_text().splitlines() if line.endswith(head[5:]))
+    return head
 
 
-def write_test_images(folder: Path) -> None:
-    """The four synthetic RGB tiles of tests/data/geopixel (smooth fields, rectangles, an ellipse, a line)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, (w, h) in TEST_IMAGES.items():
-        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-        seed = len(name)
-        rgb = np.stack([90 + 80 * np.sin(x / w * 3.1 + seed) * np.cos(y / h * 2.3),
-                        120 + 60 * np.cos(x / w * 5.0 - seed) + 30 * (y / h), 100 + 70 * (x / w) - 40 * (y / h)], -1)
-        im = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
-        draw, rng = ImageDraw.Draw(im), np.random.default_rng(seed)
-        for _ in range(6):
-            x0, y0 = rng.integers(0, w - w // 5), rng.integers(0, h - h // 5)
-            x1, y1 = x0 + rng.integers(w // 20, w // 5), y0 + rng.integers(h // 20, h // 5)
-            draw.rectangle([int(x0), int(y0), int(x1), int(y1)], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-        draw.ellipse([w // 3, h // 3, w // 3 + w // 6, h // 3 + h // 8], fill=(250, 250, 240))
-        draw.line([0, h - 1, w - 1, 0], fill=(40, 40, 40), width=max(2, w // 100))
-        im.save(folder / f"{name}.png", optimize=True)
+def tile_pngs(names: list, folder: Path) -> list:
+    """The named tiles of geopixel_vision_reference.TILES (its pattern_tile) written as PNG files."""
+    from geopixel_vision_reference import TILES, pattern_tile
+
+    paths = []
+    for name in names:
+        paths.append(folder / f"{name}.png")
+        Image.fromarray(pattern_tile(*TILES[name])).save(paths[-1])
+    return paths
 
 
 def main(argv: list | None = None) -> int:
@@ -254,14 +256,11 @@ def main(argv: list | None = None) -> int:
                     help="reply to teacher-force; once for all images or once per image")
     ap.add_argument("--max-new-tokens", type=int, default=8, help="free runs; forced runs get len + 1")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    ap.add_argument("--limit-kb", type=int, default=128, help="larger arrays are saved strided")
+    ap.add_argument("--limit-kb", type=int, default=64, help="larger arrays are saved strided")
     ap.add_argument("--dump-keys", type=Path)
     ap.add_argument("--config", type=Path, help="config.json for --dump-keys without a checkpoint")
-    ap.add_argument("--write-test-images", type=Path, help="write the four test tiles into this folder")
+    ap.add_argument("--tiles", nargs="*", default=[], help="pattern tiles by name (geopixel_vision_reference)")
     a = ap.parse_args(argv)
-    if a.write_test_images:
-        write_test_images(a.write_test_images)
-        return 0
     if a.dump_keys:
         cfg_file = a.config or a.checkpoint / "config.json"
         shapes = read_shapes(a.checkpoint) if a.checkpoint else {}
@@ -271,6 +270,8 @@ def main(argv: list | None = None) -> int:
 
     torch.manual_seed(0)
     model, tok, seg_id = load(a.geopixel_src, a.checkpoint, a.dtype)
+    tmp = tempfile.TemporaryDirectory()
+    a.images = list(a.images) + tile_pngs(a.tiles, Path(tmp.name))
     arrays, metas = {}, []
     forces = a.force_reply * len(a.images) if len(a.force_reply) == 1 else a.force_reply
     for i, image in enumerate(a.images):
@@ -281,11 +282,15 @@ def main(argv: list | None = None) -> int:
         for run, force, n in runs:
             out, meta = run_image(model, tok, seg_id, image, a.query, force, n, a.dtype, a.limit_kb * 1024,
                                   full=run == "forced" or not forces)
-            arrays.update({f"{i}.{run}.{k}": v for k, v in out.items()})
+            # the dense PE does not depend on the image: kept once; the padded image is checked by its hash
+            arrays.update({f"{i}.{run}.{k}": v for k, v in out.items()
+                           if not (k.startswith("hd_image") or i and k.startswith("image_pe"))})
             metas.append(dict(meta, index=i, run=run))
             print(f"{image.name} {run}: {meta['reply']!r}", flush=True)
+    files = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(a.checkpoint.iterdir()) if f.is_file()}
     metas.append({"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                  "seg_id": seg_id, "vocab": len(tok)})
+                  "seg_id": seg_id, "len_tokenizer": len(tok), "checkpoint_sha256": files,
+                  "geopixel_commit": git_head(a.geopixel_src)})
     arrays["meta"] = np.array(json.dumps(metas))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(a.out, **arrays)

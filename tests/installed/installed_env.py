@@ -68,7 +68,11 @@ class Installed:
             "GEOCHAT_DEPS_DIR": str(self.deps_dir), "GEOCHAT_CACHE": str(self.cache),
             "PIP_CACHE_DIR": pip_cache_dir(), "XDG_RUNTIME_DIR": str(self.runtime_dir),
         }
-        for name in ("TMPDIR", "CMAKE_ARGS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+        # the user's pip settings (where the package index and local wheels are: a machine
+        # without internet access has its torch wheel there)
+        pip = ("PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_CERT",
+               "PIP_DEFAULT_TIMEOUT")
+        for name in ("TMPDIR", "CMAKE_ARGS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", *pip):
             if os.environ.get(name):
                 env[name] = os.environ[name]
         env.setdefault("CMAKE_ARGS", "-DGGML_NATIVE=OFF")  # the wheel build.py's pip cached

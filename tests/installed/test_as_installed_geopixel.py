@@ -31,9 +31,14 @@ def main(iface):
 
     plugin = qgis.utils.plugins.get("geochat_qgis")
     project = QgsProject.instance()
-    project.setCrs(QgsCoordinateReferenceSystem("EPSG:4326"))
     layer = QgsRasterLayer(config["raster"], "cogeo")
     project.addMapLayer(layer)
+    for _ in range(100):  # a new project takes its first layer's CRS in a deferred step
+        QCoreApplication.processEvents()
+        if project.crs() == layer.crs():
+            break
+        time.sleep(0.01)
+    project.setCrs(QgsCoordinateReferenceSystem("EPSG:4326"))  # masks get reprojected
     iface.setActiveLayer(layer)
     plugin.show_dock()
     dock = plugin.dock

@@ -95,6 +95,10 @@ def test_requirements_choose_cpu_or_cuda_builds(monkeypatch):
         geopixel = requirements_for("geopixel", accelerator)  # the CPU is a real choice now
         assert geopixel.steps[0] == core_step() and geopixel.steps[1].packages == ("torch",)
         assert geopixel.steps[1].index_url.endswith(index)
+        # only torch from its own index; its dependencies from the package index next
+        assert "--no-deps" in geopixel.steps[1].pip_args()
+        assert geopixel.steps[2].index_url is None and "torch" in geopixel.steps[2].packages
+        assert geopixel.describe().count("torch") == 1
         packages = {p for step in geopixel.steps for p in step.packages}
         assert {"transformers", "safetensors", "sentencepiece"} <= packages
         # GeoPixel's own pins are not ours: no clone, no flash attention, no video decoder

@@ -42,9 +42,10 @@ class PipStep:
     index_url: Optional[str] = None
     extra_index_urls: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()  # environment for pip (a source build's CMAKE_ARGS)
+    no_deps: bool = False  # the packages alone; a later step brings their dependencies
 
     def pip_args(self) -> list[str]:
-        args = ["install", *self.packages]
+        args = ["install", *self.packages, *(["--no-deps"] if self.no_deps else [])]
         if self.index_url:
             args += ["--index-url", self.index_url]
         for url in self.extra_index_urls:
@@ -62,7 +63,7 @@ class BackendRequirements:
     note: str = ""
 
     def describe(self) -> str:
-        packages = ", ".join(p for step in self.steps for p in step.packages)
+        packages = ", ".join(dict.fromkeys(p for step in self.steps for p in step.packages))
         return (f"{self.backend} ({self.accelerator}): {packages}; about {self.approx_mb} MB. "
                 f"{self.note}").strip()
 
@@ -101,7 +102,10 @@ def requirements_for(backend: str, accelerator: Optional[str] = None) -> Backend
         raise DepsError(f"Accelerator '{accelerator}' is not one of cuda, cpu.")
     tag = os.environ.get(CUDA_TAG_ENV, DEFAULT_CUDA_TAG) if accelerator == "cuda" else "cpu"
     core = core_step()
-    torch = PipStep(("torch",), index_url=TORCH_INDEX.format(tag=tag))
+    # torch's own build from its index (CPU or CUDA), nothing else from there: its dependencies
+    # (and transformers') come from the package index in the next step
+    torch = PipStep(("torch",), index_url=TORCH_INDEX.format(tag=tag), no_deps=True)
+    with_torch = PipStep(("torch",) + TRANSFORMERS)
     if backend == "llama.cpp":
         return BackendRequirements(
             backend, accelerator, (core, llama_cpp_step(accelerator, tag)),
@@ -111,13 +115,13 @@ def requirements_for(backend: str, accelerator: Optional[str] = None) -> Backend
         )
     if backend == "transformers":
         return BackendRequirements(
-            backend, accelerator, (core, torch, PipStep(TRANSFORMERS)),
+            backend, accelerator, (core, torch, with_torch),
             CORE_IMPORTS + ("torch", "transformers", "safetensors"),
             CORE_MB + (5000 if accelerator == "cuda" else 1000),
         )
     if backend == "geopixel":  # the project's own GeoPixel (core/models/geopixel): no clone
         return BackendRequirements(
-            backend, accelerator, (core, torch, PipStep(TRANSFORMERS)),
+            backend, accelerator, (core, torch, with_torch),
             CORE_IMPORTS + ("torch", "transformers", "safetensors", "sentencepiece"),
             CORE_MB + (5000 if accelerator == "cuda" else 1000),
             "GeoPixel runs on the CPU (bf16, about 18 GB of memory for the 7B) or an NVIDIA "

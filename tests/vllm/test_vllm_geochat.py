@@ -1,8 +1,8 @@
 """The vllm tier (issue 23): the project's HF conversion of a tiny GeoChat (head_dim 32, as vLLM's
 CPU attention needs) served by vLLM itself, against the transformers backend on the same folder.
 
-``python3 build.py test-vllm`` installs vLLM's CPU build into .venv-vllm (tests/vllm/vllm_env.py)
-and runs this file with GEOCHAT_VLLM_PYTHON naming it; without it every test skips, saying so.
+``python3 tests/vllm/vllm_env.py --test`` installs vLLM's CPU build into .venv-vllm and runs this
+file with GEOCHAT_VLLM_PYTHON naming it; without it every test skips, saying so.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from geochat_qgis.core.weights.tiny import build_tiny_geochat
 pytestmark = [
     pytest.mark.slow, pytest.mark.needs_torch,
     pytest.mark.skipif(not vllm_python(), reason=(
-        f"{VLLM_PYTHON_ENV} names no Python with vLLM: `python3 build.py test-vllm` installs "
-        "vLLM's CPU build into .venv-vllm and runs this tier")),
+        f"{VLLM_PYTHON_ENV} names no Python with vLLM: `python3 tests/vllm/vllm_env.py --test` "
+        "installs vLLM's CPU build into .venv-vllm and runs this tier")),
 ]
 QUESTION = "[refer] Give me the location of <p> car </p>"
 

@@ -110,6 +110,34 @@ def test_prompt_ids_greedy_ids_and_logprobs_equal_the_transformers_model(server,
         assert max(gaps) < 1e-4, (name, gaps)
 
 
+def test_another_client_sending_tiles_unresized_gets_the_same_numbers(server, local):
+    """A client that sends tiles as they are (any OpenAI client, not the plugin): the server's
+    PIL processor (``--mm-processor-kwargs '{"backend": "pil"}'``) pads and resizes as GeoChat
+    does; with torchvision's resize an upscaled tile moved the log-probabilities by 4e-4."""
+    import torch
+    from PIL import Image
+
+    from geochat_qgis.core.backends.images import png_data_uri
+    from geochat_qgis.core.backends.messages import chat_messages
+    from geochat_qgis.core.families.llava_v1 import llava_v1_prompt
+    from geochat_qgis.core.vision.preprocess import geochat_image
+
+    for name in ("upscaled", "non-square"):
+        image = _images()[name]
+        answer = server.chat({"model": MODEL_NAME, "max_tokens": 1, "temperature": 0,
+                              "messages": chat_messages(Conversation.single(QUESTION),
+                                                        png_data_uri(image)),
+                              "logprobs": True, "top_logprobs": 5,
+                              "return_tokens_as_token_ids": True})
+        inputs = local.processor(images=Image.fromarray(geochat_image(image)),
+                                 text=llava_v1_prompt([(QUESTION, None)]), return_tensors="pt")
+        with torch.inference_mode():
+            logprobs = local.model(**inputs).logits[0, -1].log_softmax(-1)
+        top = answer["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        gaps = [abs(t["logprob"] - float(logprobs[int(t["token"].split(":")[1])])) for t in top]
+        assert max(gaps) < 1e-4, (name, gaps)
+
+
 def test_a_second_prompt_of_a_tile_hits_the_prefix_cache(server):
     image = np.random.default_rng(11).integers(0, 256, (504, 504, 3), dtype=np.uint8)
     options = GenerateOptions(max_new_tokens=2)

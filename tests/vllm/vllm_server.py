@@ -31,10 +31,12 @@ def free_port() -> int:
 
 def serve_command(python: str, folder: Path, port: int, extra: Sequence[str] = ()) -> list[str]:
     """How the tier starts vLLM: the converted folder as it is, GeoChat's context, float32 on a
-    CPU, automatic prefix caching (the same flags a GPU server takes, see models/geochat-7b.md)."""
+    CPU, automatic prefix caching, transformers' PIL image processor (not torchvision's), as
+    models/geochat-7b.md tells a GPU server."""
     return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
             "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port),
-            "--max-model-len", "2048", "--dtype", "float32", "--enable-prefix-caching", *extra]
+            "--max-model-len", "2048", "--dtype", "float32", "--enable-prefix-caching",
+            "--mm-processor-kwargs", '{"backend": "pil"}', *extra]
 
 
 class VllmServer:

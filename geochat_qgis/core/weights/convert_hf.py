@@ -8,7 +8,9 @@ resizes to 504 with PIL bicubic and carries GeoChat's ``llava_v1`` chat template
 first: OpenAI-compatible servers (vLLM) tokenise the rendered template without adding a BOS.
 
 Load the processor with ``AutoProcessor.from_pretrained(path, backend="pil")``: transformers 5
-otherwise switches to a torchvision resize whenever torchvision is importable (models.md 6).
+otherwise switches to a torchvision resize whenever torchvision is importable (models.md 6), and
+no config key can say otherwise; vLLM takes the same as ``--mm-processor-kwargs '{"backend":
+"pil"}'`` (models/geochat-7b.md).
 """
 from __future__ import annotations
 

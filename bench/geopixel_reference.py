@@ -17,9 +17,10 @@ made before the model is built):
    ``build_sam2`` on its sam2_hiera_l.yaml with hydra overrides, both with sizes taken from the
    checkpoint's tensors (not ``from_pretrained('internlm/internlm-xcomposer2d5-clip')`` /
    ``hf_hub_download('facebook/sam2-hiera-large')``); the shards then fill every weight.
-   Sizes no tensor shows follow the rules the project states (and that give the real values at the
-   real sizes): CLIP heads = width / 64 (or config.json's vision_config.num_attention_heads); Hiera
-   heads 2, windows (pos_embed_window side, 4, 16, 8), global blocks scaled from Hiera-L's 23/33/43.
+   Sizes no tensor shows follow the project's rules (the real values at the real sizes): CLIP heads
+   = width / 64 (or config.json's vision_config.num_attention_heads); Hiera heads, windows and
+   global-attention blocks from geochat_qgis/core/models/geopixel/sam2_config.hiera_rules (pure
+   Python, imported here so the two cannot drift). The sizes used are saved in the meta ("arch").
 5. sizes: ``vision_proj`` and ``plora_glb_GN`` / ``plora_sub_GN``, hard-coded 4096 wide in GeoPixel,
    take their widths from the tensors (identical at the real sizes).
 6. dtype: SAM-2's ``get_dense_pe`` runs under ``torch.autocast("cpu", torch.bfloat16)``. GeoPixel builds
@@ -269,7 +270,7 @@ def main(argv: list | None = None) -> int:
     import torch
 
     torch.manual_seed(0)
-    model, tok, seg_id = load(a.geopixel_src, a.checkpoint, a.dtype)
+    model, tok, seg_id, arch = load(a.geopixel_src, a.checkpoint, a.dtype)
     tmp = tempfile.TemporaryDirectory()
     a.images = list(a.images) + tile_pngs(a.tiles, Path(tmp.name))
     arrays, metas = {}, []
@@ -290,7 +291,7 @@ def main(argv: list | None = None) -> int:
     files = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(a.checkpoint.iterdir()) if f.is_file()}
     metas.append({"torch": torch.__version__, "transformers": __import__("transformers").__version__,
                   "seg_id": seg_id, "len_tokenizer": len(tok), "checkpoint_sha256": files,
-                  "geopixel_commit": git_head(a.geopixel_src)})
+                  "geopixel_commit": git_head(a.geopixel_src), "arch": arch})
     arrays["meta"] = np.array(json.dumps(metas))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(a.out, **arrays)

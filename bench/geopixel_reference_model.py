@@ -14,6 +14,9 @@ from pathlib import Path
 
 from PIL import ImageFont
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from geochat_qgis.core.models.geopixel.sam2_config import hiera_rules  # noqa: E402  (imports no torch)
+
 CLIP = "vit.vision_tower.vision_model."
 SAM = "model.visual_model."
 # ViT-L/14 at 560 (IXC-2.5's CLIP) and the 4096-wide projector: used when no tensors are given.
@@ -60,15 +63,6 @@ def derive_arch(shapes: dict, cfg: dict) -> dict:
     return arch
 
 
-def hiera_rules(stages: list, first_window: int) -> dict:
-    """What no Hiera tensor shows: 2 heads (doubling per stage, as in the yaml), Hiera-L's windows
-    after the first, and its global blocks 23/33/43 = stage-3 positions 15/25/35 of 36 scaled to the
-    third stage's length (the rule the project's sam2_config states; exact for Hiera-L)."""
-    start, n3 = stages[0] + stages[1], stages[2]
-    rel = sorted({max(0, math.floor((p + 1) * n3 / 36 + 0.5) - 1) for p in (15, 25, 35)})
-    return {"heads": 2, "global": [start + r for r in rel], "windows": [first_window, 4, 16, 8]}
-
-
 def sam2_overrides(shapes: dict) -> list:
     """Hydra overrides of sam2_hiera_l.yaml giving the checkpoint's SAM-2 sizes."""
     t, m = SAM + "image_encoder.trunk.", "++model."
@@ -85,12 +79,12 @@ def sam2_overrides(shapes: dict) -> list:
     mem_out = shapes.get(me + "out_proj.weight", (d_model,))[0]
     ds = SAM + "memory_encoder.mask_downsampler.encoder."
     ds_last = max(int(k[len(ds):].split(".")[0]) for k in shapes if k.startswith(ds))
-    rules = hiera_rules(stages, shapes[t + "pos_embed_window"][2])
+    rules = hiera_rules(stages, shapes[t + "pos_embed_window"][2])  # the project's rule (no torch there)
     return [
-        f"{m}image_encoder.trunk.embed_dim={embed}", f"{m}image_encoder.trunk.num_heads={rules['heads']}",
+        f"{m}image_encoder.trunk.embed_dim={embed}", f"{m}image_encoder.trunk.num_heads={rules['num_heads']}",
         f"{m}image_encoder.trunk.stages=[{','.join(map(str, stages))}]",
-        f"{m}image_encoder.trunk.global_att_blocks=[{','.join(map(str, rules['global']))}]",
-        f"{m}image_encoder.trunk.window_spec=[{','.join(map(str, rules['windows']))}]",
+        f"{m}image_encoder.trunk.global_att_blocks=[{','.join(map(str, rules['global_att_blocks']))}]",
+        f"{m}image_encoder.trunk.window_spec=[{','.join(map(str, rules['window_spec']))}]",
         f"{m}image_encoder.trunk.window_pos_embed_bkg_spatial_size=[{','.join(map(str, shapes[t + 'pos_embed'][2:]))}]",
         f"{m}image_encoder.neck.d_model={d_model}",
         f"{m}image_encoder.neck.backbone_channel_list=[{','.join(map(str, chans))}]",
@@ -174,12 +168,13 @@ def cuda_is_cpu():
 
 
 def load(src: Path, ckpt: Path, dtype: str):
-    """(model, tokenizer) as chat.py builds them, on the CPU; fails on missing/unexpected keys."""
+    """(model, tokenizer, [SEG] id, sizes used) as chat.py builds them, on the CPU; fails on any key mismatch."""
     import torch
 
     cfg = json.loads((ckpt / "config.json").read_text())
     shapes = read_shapes(ckpt)
-    install_patches(src, derive_arch(shapes, cfg))
+    arch = derive_arch(shapes, cfg)
+    install_patches(src, arch)
     from model.geopixel import GeoPixelForCausalLM
     from model.IXC.configuration_internlm_xcomposer2 import InternLMXcomposer2Config
     from model.IXC.tokenization_internlm2 import InternLM2Tokenizer
@@ -207,7 +202,7 @@ def load(src: Path, ckpt: Path, dtype: str):
     model.config.pad_token_id = tok.pad_token_id
     model.tokenizer = tok
     model = (model.float() if dtype == "float32" else model.bfloat16()).eval()
-    return model, tok, ids[0]
+    return model, tok, ids[0], arch
 
 
 def dump_keys(src: Path, cfg: dict, shapes: dict, out: Path) -> None:

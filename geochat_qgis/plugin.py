@@ -12,8 +12,6 @@ from qgis.PyQt.QtWidgets import QAction
 
 from .__about__ import resource
 from .client import close_shared_client
-from .gui.deps_dialog import DepsDialog
-from .gui.dock import GeoChatDock
 from .processing.provider import GeoChatProvider
 from .toolbelt.log_handler import QgisLogHandler, install_log_handler, remove_log_handler
 from .toolbelt.settings import PluginSettings
@@ -90,6 +88,8 @@ class GeoChatPlugin:
     def show_dock(self) -> None:
         """Open the chat dock (creating it the first time)."""
         if self.dock is None:
+            from .gui.dock import GeoChatDock  # on first use: QGIS starts ~50 ms faster (ALLOWED_LOCAL)
+
             self.dock = GeoChatDock(self.iface, self.iface.mainWindow())
             self.iface.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
             self.dock.visibilityChanged.connect(self.action.setChecked)
@@ -102,6 +102,8 @@ class GeoChatPlugin:
 
     def show_deps_dialog(self, *_args) -> None:
         """Open the dependency installer for the backend in the settings (not blocking)."""
+        from .gui.deps_dialog import DepsDialog  # on first use, as the dock
+
         if self.deps_dialog is None or not self.deps_dialog.isVisible():
             if self.deps_dialog is not None:
                 self.deps_dialog.deleteLater()

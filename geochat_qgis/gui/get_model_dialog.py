@@ -13,10 +13,9 @@ Qt, QGIS and the runtime client only: nothing of the core is imported in QGIS's 
 from __future__ import annotations
 
 import threading
-import traceback
 from typing import Any, Callable, Optional
 
-from qgis.core import QgsApplication, QgsMessageLog, QgsSettings, QgsTask
+from qgis.core import QgsApplication
 from qgis.PyQt.QtCore import pyqtSignal
 from qgis.PyQt.QtWidgets import (
     QCheckBox,
@@ -31,107 +30,15 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from ..client import RuntimeClientError, shared_client
+from ..client import shared_client
 from ..core.deps.requirements import CONVERTER_BACKENDS, requirements_for  # stdlib only
+from ..toolbelt.proxy_settings import qgis_proxy
+from .client_task import ClientTask
 from .deps_dialog import DepsDialog
+from .get_words import PHASES, choice_label, describe_progress, human_bytes
 from .model_choice import catalog_rows, describe_getting, remembered
 
-PHASES = {"download": "Download", "convert": "Convert", "quantize": "Quantise", "verify": "Verify"}
-UNITS = {"download": "bytes", "verify": "bytes", "convert": "tensors", "quantize": "steps"}
 RED, GREEN = "#b00020", "#2e7d32"
-
-# work(stop, emit) -> result; stop: a threading.Event, emit: an event dict to the main thread
-ClientWork = Callable[[threading.Event, Callable[[dict], None]], Any]
-
-
-class ClientTask(QgsTask):
-    """Runs a runtime-client call in a QGIS worker; events and the end come back as signals."""
-
-    progressed = pyqtSignal(object)  # a get_model event (or the plan)
-    done = pyqtSignal(object, str)  # result (None when it failed), error text ("" when ok)
-
-    def __init__(self, description: str, work: ClientWork) -> None:
-        super().__init__(description, QgsTask.CanCancel)
-        self.work, self.stop = work, threading.Event()
-        self.result: Any = None
-        self.error = ""
-
-    def run(self) -> bool:  # worker thread
-        try:
-            self.result = self.work(self.stop, self.progressed.emit)
-        except RuntimeClientError as exc:
-            self.error = exc.message  # a cancel says "Cancelled during <phase>; ..."
-            return False
-        except Exception as exc:  # noqa: BLE001 - never take QGIS down; say what happened
-            QgsMessageLog.logMessage(traceback.format_exc(), "GeoChat")
-            self.error = f"Unexpected error ({type(exc).__name__}: {exc}); details in the GeoChat log."
-            return False
-        return True
-
-    def finished(self, ok: bool) -> None:  # main thread
-        self.done.emit(self.result if ok else None, "" if ok else (self.error or "Cancelled."))
-
-    def cancel(self) -> None:
-        self.stop.set()
-        super().cancel()
-
-
-def qgis_proxy(settings: Optional[QgsSettings] = None) -> Optional[dict]:
-    """QGIS's proxy (Settings > Options > Network) for the runtime's downloads, or None when
-    QGIS uses none (the runtime then keeps its environment's)."""
-    settings = settings or QgsSettings()
-    if str(settings.value("proxy/proxyEnabled", False)).lower() not in ("true", "1"):
-        return None
-
-    def urls(key: str) -> list[str]:
-        value = settings.value(key, []) or []
-        return [u for u in ([value] if isinstance(value, str) else list(value)) if u]
-
-    return {"enabled": True, "type": str(settings.value("proxy/proxyType", "DefaultProxy")),
-            "host": str(settings.value("proxy/proxyHost", "") or ""),
-            "port": str(settings.value("proxy/proxyPort", "") or ""),
-            "user": str(settings.value("proxy/proxyUser", "") or ""),
-            "password": str(settings.value("proxy/proxyPassword", "") or ""),
-            "excluded": urls("proxy/proxyExcludedUrls") + urls("proxy/noProxyUrls")}
-
-
-def human_bytes(n: Optional[float]) -> str:
-    n = float(n or 0)
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
-def human_seconds(s: Optional[float]) -> str:
-    if s is None:
-        return ""
-    s = int(s)
-    return f"{s // 3600} h {s % 3600 // 60} min" if s >= 3600 else (
-        f"{s // 60} min {s % 60} s" if s >= 60 else f"{s} s")
-
-
-def describe_progress(event: dict) -> str:
-    """One line for a get_model event: done of total, rate, time left."""
-    phase, done, total = event.get("phase", ""), event.get("done") or 0, event.get("total")
-    if UNITS.get(phase) == "bytes":
-        text = human_bytes(done) + (f" of {human_bytes(total)}" if total else "")
-        rate = f"{human_bytes(event['rate'])}/s" if event.get("rate") else ""
-    else:
-        text = f"{done}" + (f" of {total}" if total else "") + f" {UNITS.get(phase, '')}"
-        rate = f"{event['rate']:.1f}/s" if event.get("rate") else ""
-    left = human_seconds(event.get("eta"))
-    return " · ".join(p for p in (text, rate, f"{left} left" if left else "") if p)
-
-
-def choice_label(choice: dict) -> str:
-    what = ("as published" if choice["target"] == "download" else
-            f"GGUF {choice['quant']} (llama.cpp)" if choice["target"] == "gguf" else
-            "HF checkpoint (transformers, vLLM)")
-    runs = ", ".join(choice.get("backends") or []) or "no backend here"
-    size = f", {human_bytes(choice['bytes'])}" if choice.get("bytes") else ""
-    got = " (got)" if choice.get("installed") else ""
-    return f"{what}{size}; runs here: {runs}{got}"
 
 
 class GetModelDialog(QDialog):

@@ -20,8 +20,8 @@ from ..core.errors import GeoChatError  # stdlib only
 from ..toolbelt.auth import api_key_from_auth_manager
 from ..toolbelt.settings import DEFAULT_SECONDS_PER_TILE, load_speed, save_speed
 from . import area as areas
-from .chat_history import model_history, save_history
-from .model_choice import DEMO_GEOPIXEL_NAME, DEMO_NAME, backend_for, model_request
+from .chat_history import model_history
+from .model_choice import DEMO_GEOPIXEL_NAME, DEMO_NAME, model_request
 from .result_layers import RESULTS_TABLE, add_result_layer, result_path, results_folder
 from .runner import client
 from .tile_preview import ASK_ABOVE_TILES, describe_estimate, estimate_seconds, human_duration
@@ -52,19 +52,6 @@ class RunsMixin:
         if self.task_name == "refer":
             return [p.strip() for p in text.split(";") if p.strip()]
         return [text] if text else []
-
-    def model_key(self) -> str:
-        return self.model_combo.currentData() or self.settings.model
-
-    def _follow_model_family(self) -> None:
-        """A GeoPixel model runs with the geopixel backend (the backend combo is greyed) and
-        segments: a task it has no prompt for becomes Segment."""
-        geopixel = backend_for(self.model_key(), self.settings) == "geopixel"
-        self.backend_combo.setEnabled(not geopixel)
-        self.backend_combo.setToolTip("GeoPixel models run with the geopixel backend (torch, "
-                                      "CPU or CUDA)" if geopixel else "")
-        if geopixel and self.task_name not in ("chat", "grounding", "segment"):
-            self.task_combo.setCurrentIndex(self.task_combo.findData("segment"))
 
     def build_request(self, area: Optional[areas.Area], api_key: Optional[str] = None,
                       check: bool = True) -> dict[str, Any]:
@@ -229,6 +216,7 @@ class RunsMixin:
     def _on_failed(self, layer_id: str, message: str) -> None:
         self.chat.end_stream()
         self.chat.add("error", message)
+        self.preview_label.setText(f"failed: {message}")
         self.iface.messageBar().pushMessage("GeoChat", message, Qgis.MessageLevel.Warning, 8)
         log.warning("%s", message)
         if "runtime" in message.lower() and "install" in message.lower():
@@ -265,6 +253,7 @@ class RunsMixin:
                       counts=dict(reply.counts))
         self.chat.add("info", f"(looked at {reply.how}; {reply.generated_tokens} tokens in "
                               f"{reply.seconds:.1f} s)")
+        self.preview_label.setText(f"answered in {reply.seconds:.1f} s")
 
     def _show_job(self, result: Any, name: str, task: str) -> None:
         layer = self._open_layer(result.output, result.layer, name, task, result.counts)
@@ -282,10 +271,8 @@ class RunsMixin:
         self.chat.add("assistant", text, layer_id=layer.id() if layer else None,
                       counts=dict(result.counts))
         self.progress.setValue(100)
-
-    def _save(self, layer_id: str) -> None:
-        if self.layer is not None and self.layer.id() == layer_id:
-            save_history(QgsProject.instance(), layer_id, self.chat.messages)
-
-    def _reload_history(self, *_args: Any) -> None:
-        self.set_layer(self.iface.activeLayer())
+        # the run's last word, not its last status event ("loading <model>..."): the full
+        # text is in the chat
+        self.preview_label.setText(f"{status}: {result.features} object(s), "
+                                   f"{result.tiles_done}/{result.tiles_planned} tile(s), "
+                                   f"{result.seconds:.1f} s")

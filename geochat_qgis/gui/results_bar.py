@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 from qgis.core import QgsProject, QgsVectorLayer
 from qgis.gui import QgisInterface
-from qgis.PyQt.QtWidgets import QFileDialog, QHBoxLayout, QPushButton, QWidget
+from qgis.PyQt.QtWidgets import QFileDialog, QHBoxLayout, QToolButton, QWidget
 
 from ..core.errors import GeoChatError
 from .export_actions import (
@@ -31,13 +31,19 @@ class ResultsBar(QWidget):
         self.say = say
         row = QHBoxLayout(self)
         row.setContentsMargins(0, 0, 0, 0)
-        for text, slot, name in (("Export detections...", self.export_current, "GeoChatExport"),
-                                 ("Export all", self.export_everything, "GeoChatExportAll"),
-                                 ("Settings...", open_settings, "GeoChatSettings")):
-            button = QPushButton(text, self)
+        for text, tip, slot, name in (
+                ("Export...", "Export the detections of the current result layer (Shapefile, "
+                 "GeoPackage or GeoJSON)", self.export_current, "GeoChatExport"),
+                ("Export all", "Export every result layer into one GeoPackage",
+                 self.export_everything, "GeoChatExportAll"),
+                ("Settings...", "GeoChat's settings", open_settings, "GeoChatSettings")):
+            button = QToolButton(self)  # no push button's minimum width: fits a narrow dock
+            button.setText(text)
+            button.setToolTip(tip)
             button.setObjectName(name)
             button.clicked.connect(slot)
             row.addWidget(button)
+        row.addStretch(1)
 
     def current_result_layer(self) -> Optional[QgsVectorLayer]:
         """The active layer when it is a result layer, else the newest result layer."""

@@ -273,6 +273,5 @@ class RunsMixin:
         self.progress.setValue(100)
         # the run's last word, not its last status event ("loading <model>..."): the full
         # text is in the chat
-        self.preview_label.setText(f"{status}: {result.features} object(s), "
-                                   f"{result.tiles_done}/{result.tiles_planned} tile(s), "
-                                   f"{result.seconds:.1f} s")
+        self.preview_label.setText(f"{status}: {result.features} found, {result.tiles_done}/"
+                                   f"{result.tiles_planned} tile(s), {result.seconds:.1f} s")

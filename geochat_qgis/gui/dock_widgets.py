@@ -48,6 +48,7 @@ def build_widgets(dock: QgsDockWidget) -> QWidget:
     layout.addWidget(dock.chat, 1)
     layout.addLayout(_prompt_row(dock, body))
     layout.addLayout(_progress_row(dock, body))
+    layout.addWidget(dock.preview_label)
     dock.results_bar = ResultsBar(dock.iface, dock.chat.add, dock.open_settings, body)
     layout.addWidget(dock.results_bar)
     return body
@@ -167,7 +168,8 @@ def _prompt_row(dock: QgsDockWidget, body: QWidget) -> QHBoxLayout:
 
 
 def _progress_row(dock: QgsDockWidget, body: QWidget) -> QHBoxLayout:
-    """Preview, the run's status line (elided) and its progress bar."""
+    """Preview and the progress bar; the run's status line (elided) goes on the row below, the
+    dock's whole width."""
     row = QHBoxLayout()
     dock.preview_button = QPushButton("Preview tiles", body)
     dock.preview_button.clicked.connect(dock.show_preview)
@@ -176,10 +178,8 @@ def _progress_row(dock: QgsDockWidget, body: QWidget) -> QHBoxLayout:
     dock.progress = QProgressBar(body)
     dock.progress.setRange(0, 100)
     dock.progress.setValue(0)
-    dock.progress.setMaximumWidth(90)
     row.addWidget(dock.preview_button)
-    row.addWidget(dock.preview_label, 1)
-    row.addWidget(dock.progress)
+    row.addWidget(dock.progress, 1)
     return row
 
 

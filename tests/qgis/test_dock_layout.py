@@ -92,5 +92,9 @@ def test_after_a_finished_run_the_status_says_how_it_ended(dock):
     run_until_done(dock)
     assert dock.progress.value() == 100
     text = dock.preview_label.text()
-    assert text.startswith("done: ") and "9/9 tile(s)" in text, (text, statuses)
+    assert text.startswith("done: ") and "found, 9/9 tile(s)" in text, (text, statuses)
+    dock.resize(DOCK_WIDTH, 900)
+    dock.show()
+    settle()
+    assert not dock.preview_label.elided(), text  # 360 px wide, the status line is whole
     assert not text.startswith("loading") and dock.chat.messages[-1]["role"] == "assistant"

@@ -131,3 +131,23 @@ def describe(component: list[str], edges: list[Import]) -> str:
              f"{', type hints' if e.typing else ''})"
              for e in edges if e.source in members and e.target in members]
     return "; ".join(sorted(links))
+
+
+def inside(module: str, package: str) -> bool:
+    """``module`` is ``package`` or one of its submodules."""
+    return module == package or module.startswith(package + ".")
+
+
+def upward_imports(edges: list[Import], layers: list[tuple[tuple[str, ...], tuple[str, ...]]],
+                   top: str) -> list[Import]:
+    """The imports that point up the layers. Each rule is (lower, higher), package names below
+    ``top`` (``core.vision``): no module inside a lower package may import one inside a higher
+    package, at the top of the file, inside a function or for type hints."""
+    found: list[Import] = []
+    for edge in edges:
+        for lower, higher in layers:
+            if (any(inside(edge.source, f"{top}.{name}") for name in lower)
+                    and any(inside(edge.target, f"{top}.{name}") for name in higher)):
+                found.append(edge)
+                break
+    return found

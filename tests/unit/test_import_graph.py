@@ -1,11 +1,12 @@
 """The package's own import graph, read from the source (tests/unit/import_graph.py): no circle
-among our modules (imports for type hints count too), and our own modules imported at the top
-of the file, except where the allow-list below says why not."""
+among our modules (imports for type hints count too), every import pointing down the layers
+(shared/reference/architecture.md), and our own modules imported at the top of the file, except
+where the allow-lists below say why not."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from import_graph import Import, circles, describe, own_imports
+from import_graph import Import, circles, describe, own_imports, upward_imports
 
 PACKAGE = Path(__file__).resolve().parents[2] / "geochat_qgis"
 
@@ -28,6 +29,39 @@ ALLOWED_LOCAL: dict[tuple[str, str], str] = {
         "QGIS boundary: the client runs in QGIS's process and reaches into the core (a "
         "standard-library-only module) only when it must find the managed environment's Python",
 }
+
+
+# (lower packages, packages they must not import), names below geochat_qgis
+LAYERS: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
+    # the layers the backends and the runtime are built on
+    (("core.vision", "core.weights", "core.deps"),
+     ("core.backends", "core.runtime", "cli", "gui", "processing")),
+    # architecture.md: nothing in a model folder imports a backend, a family, the runtime or the
+    # front ends
+    (("core.models",), ("core.backends", "core.families", "core.runtime", "cli", "gui",
+                        "processing")),
+    # the core knows nothing of its front ends, QGIS's side or the plugin
+    (("core",), ("cli", "gui", "processing", "client", "toolbelt", "plugin")),
+]
+
+_CHILD_PROCESS = (
+    "the command line's --runtime subprocess (SubprocessBackend) drives the runtime child with "
+    "the process handling the plugin uses; it lives in the client, standard library only, "
+    "because QGIS's process imports the client and must hold no core module (the as-installed "
+    "tier checks), so it cannot move down into the core"
+)
+# (importing module, imported module) -> why this import may point up the layers
+ALLOWED_UPWARD: dict[tuple[str, str], str] = {
+    ("geochat_qgis.core.runtime.backend", f"geochat_qgis.client.{name}"): _CHILD_PROCESS
+    for name in ("errors", "locate", "process")
+}
+
+
+def upward_offenders(edges: list[Import], top: str = "geochat_qgis") -> list[str]:
+    """Imports that point up the layers and that no entry of ALLOWED_UPWARD allows."""
+    return [f"{e.source}:{e.line} imports {e.target}{' (type hints)' if e.typing else ''}"
+            for e in upward_imports(edges, LAYERS, top)
+            if (e.source, e.target) not in ALLOWED_UPWARD]
 
 
 def _torch_only(target: str) -> bool:
@@ -56,6 +90,16 @@ def test_every_allowed_local_import_is_still_there():
     """The allow-list stays short and true: an entry whose import moved or went is removed."""
     local = {(e.source, e.target) for e in own_imports(PACKAGE) if e.local}
     assert set(ALLOWED_LOCAL) <= local, set(ALLOWED_LOCAL) - local
+
+
+def test_imports_point_down_the_layers():
+    assert upward_offenders(own_imports(PACKAGE)) == []
+
+
+def test_every_allowed_upward_import_is_still_there():
+    edges = own_imports(PACKAGE)
+    upward = {(e.source, e.target) for e in upward_imports(edges, LAYERS, "geochat_qgis")}
+    assert set(ALLOWED_UPWARD) <= upward, set(ALLOWED_UPWARD) - upward
 
 
 def _write(root: Path, files: dict[str, str]) -> Path:
@@ -93,3 +137,31 @@ def test_the_checker_counts_type_hint_imports_in_circles_not_as_local(tmp_path):
     assert circles(edges) == [["pkg.geo", "pkg.tiles"]]
     assert local_offenders(edges) == []
     assert Import("pkg.free", "pkg.geo", 1, False) in edges  # from a package import a module
+
+
+def test_the_checker_finds_a_planted_upward_import(tmp_path):
+    package = _write(tmp_path, {
+        "__init__.py": "",
+        "core/__init__.py": "",
+        "core/vision/__init__.py": "",
+        "core/vision/pre.py": "from ..backends.images import png\n",  # up: vision -> backends
+        "core/weights/__init__.py": "",
+        "core/weights/get.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                               "    from ..runtime.server import Token\n",  # up, type hints
+        "core/backends/__init__.py": "",
+        "core/backends/images.py": "from ..vision import pre\n",  # down: allowed
+        "core/runtime/__init__.py": "",
+        "core/runtime/server.py": "def f():\n    from pkg.gui import dock\n",  # up, local
+        "core/models/__init__.py": "",
+        "core/models/m.py": "from ..families import parse\n",  # up for a model folder
+        "core/families/__init__.py": "",
+        "core/families/parse.py": "from ..weights import get\n",  # down: allowed
+        "gui/__init__.py": "",
+        "gui/dock.py": "from ..core.runtime import server\n",  # down: allowed
+    })
+    assert sorted(upward_offenders(own_imports(package), top="pkg")) == [
+        "pkg.core.models.m:1 imports pkg.core.families.parse",
+        "pkg.core.runtime.server:2 imports pkg.gui.dock",
+        "pkg.core.vision.pre:1 imports pkg.core.backends.images",
+        "pkg.core.weights.get:3 imports pkg.core.runtime.server (type hints)",
+    ]

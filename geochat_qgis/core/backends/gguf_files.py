@@ -1,8 +1,9 @@
 """Checks on GGUF files before llama.cpp sees them, so a bad file gets a message, not a crash.
 
 llama.cpp reports a wrong, truncated or mismatched file with a bare "failed to load" (or aborts
-the process); these checks read the GGUF header with the ``gguf`` package first and say what is
-wrong and what to do.
+the process); these checks read the GGUF header with the ``gguf`` package first (opened by
+core/gguf_reader.py, which the vision code's mmproj reader shares) and say what is wrong and
+what to do.
 """
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ModelError
+from ..gguf_reader import open_gguf
 from .gguf_checks import check_gguf_tensors
 
-GGUF_MAGIC = b"GGUF"
 #: tensors whose output size is the embedding size a projector feeds the text model, in order
 _PROJECTOR_OUTPUTS = ("mm.2.weight", "mm.model.fc.weight", "mm.1.weight", "mm.0.weight")
 
@@ -41,41 +42,6 @@ def _field(reader, key: str):
     if field.types and field.types[0].name == "STRING":
         return bytes(value).decode("utf-8", errors="replace")
     return value.tolist()[0]
-
-
-def open_gguf(path: str | os.PathLike[str]):
-    """A ``gguf.GGUFReader`` of ``path``; raises ModelError for a missing, non-GGUF, damaged or
-    truncated file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"Model file not found: {path}. Check the path or download the model.")
-    with open(path, "rb") as handle:
-        magic = handle.read(4)
-    if magic != GGUF_MAGIC:
-        raise ModelError(
-            f"{path.name} is not a GGUF file (it starts with {magic!r}). The llama.cpp backend "
-            "needs a GGUF text model and its mmproj; use --backend transformers for a Hugging "
-            "Face checkpoint folder."
-        )
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(str(path))
-        data_end = max(
-            (tensor.data_offset + int(tensor.n_bytes) for tensor in reader.tensors), default=0
-        )
-    except Exception as exc:  # the gguf package raises many kinds on a damaged header
-        raise ModelError(
-            f"{path.name} is a damaged or truncated GGUF file ({exc}). Download or convert it "
-            "again."
-        ) from exc
-    size = path.stat().st_size
-    if data_end > size:
-        raise ModelError(
-            f"{path.name} is truncated: its tensors need {data_end} bytes but the file has "
-            f"{size}. The download or conversion did not finish: download or convert it again."
-        )
-    return reader
 
 
 def read_gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:

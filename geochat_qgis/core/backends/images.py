@@ -1,4 +1,5 @@
-"""Tile images as backends take them: checked RGB uint8 arrays, PNG bytes, data URIs."""
+"""Tile images as backends send them: PNG bytes and data URIs of checked RGB uint8 arrays
+(``as_rgb``, the check, lives below the backends in core/rgb_images.py)."""
 from __future__ import annotations
 
 import base64
@@ -7,19 +8,7 @@ import zlib
 
 import numpy as np
 
-from ..errors import BackendError
-
-
-def as_rgb(image: np.ndarray) -> np.ndarray:
-    """``image`` as a C-contiguous (H, W, 3) uint8 array; raises BackendError otherwise."""
-    array = np.asarray(image)
-    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-        raise BackendError(
-            f"Backends take RGB uint8 images of shape (H, W, 3), got {array.dtype} "
-            f"{array.shape}: convert the tile to 8-bit RGB first."
-        )
-    return np.ascontiguousarray(array)
-
+from ..rgb_images import as_rgb
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -31,6 +31,7 @@ import numpy as np
 from ..errors import BackendError, ModelError
 from ..families.llava_v1 import IMAGE_TOKEN, llava_v1_prompt
 from ..llama_library import default_gpu_layers, route_mtmd_logs
+from ..rgb_images import as_rgb
 from ..vision.encoder import ImageEncoder, tile_key
 from ..vision.mmproj import OWN_PROJECTORS, projector_type
 from ..vision.preprocess import geochat_image
@@ -38,7 +39,6 @@ from ..vision.qwen_encoder import OwnImageChunks, QwenImageEncoder
 from ..vision.selftest import TESTED_PROJECTORS, libmtmd_verdict
 from .base import Backend, Conversation, GenerateOptions, Generation
 from .gguf_files import GGUFInfo, resolve_gguf_pair
-from .images import as_rgb
 from .llama_decode import decode
 from .llama_handlers import handler_classes
 from .llama_prompt import ImageSegment, PromptEvaluator

@@ -24,9 +24,9 @@ import numpy as np
 
 from ..errors import BackendError, ModelError
 from ..families.llava_v1 import llava_v1_prompt
+from ..rgb_images import as_rgb
 from ..vision.preprocess import geochat_image
 from .base import Backend, Conversation, GenerateOptions, Generation, truncate_at_stop
-from .images import as_rgb
 
 log = logging.getLogger(__name__)
 

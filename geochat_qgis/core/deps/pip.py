@@ -12,8 +12,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
+from ..cancel import CancelToken
 from ..errors import Cancelled
 from . import DepsError
 from .environment import LineFn, ManagedEnv, _no_window
@@ -21,9 +22,6 @@ from .requirements import CORE_IMPORTS, CORE_MODULE, BackendRequirements, PipSte
 
 # the folder holding geochat_qgis/: on the verification's path, as on the runtime child's
 PLUGIN_PARENT = Path(__file__).resolve().parents[3]
-
-if TYPE_CHECKING:
-    from ..backends.base import CancelToken
 
 _PROBE = r"""
 import importlib, json, sys

@@ -13,8 +13,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..backends.gguf_files import open_gguf
 from ..errors import ModelError
+from ..gguf_reader import open_gguf
 
 #: projector types the project's own encoder computes (llama.cpp's LLaVA MLP)
 OWN_PROJECTORS = ("mlp",)

@@ -10,9 +10,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..backends.images import as_rgb
 from ..errors import BackendError
 from ..families.base import CLIP_MEAN, CLIP_STD
+from ..rgb_images import as_rgb
 from .bicubic import pad_resize
 
 GEOCHAT_SIZE = 504

@@ -29,14 +29,12 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import quote, urlsplit
 
 from ...__about__ import version
+from ..cancel import CancelToken
 from ..errors import Cancelled, GeoChatError
-
-if TYPE_CHECKING:
-    from ..backends.base import CancelToken
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 ENDPOINT_ENV = "GEOCHAT_HF_ENDPOINT"

@@ -21,9 +21,10 @@ import shutil
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from ...__about__ import version
+from ..cancel import CancelToken
 from ..errors import Cancelled, GeoChatError, ModelError
 from .catalog import Catalog, ModelEntry, PathLike, load_catalog
 from .convert_hf import convert_geochat_to_hf
@@ -39,9 +40,6 @@ from .output_dir import staged_output_dir
 from .provenance import PROVENANCE_FILE, combined_hash, write_provenance
 from .quantize import quantize_gguf
 from .store import _read_manifest, fetch_files, manifest_commit
-
-if TYPE_CHECKING:
-    from ..backends.base import CancelToken
 
 OnProgress = Callable[[str, int, Optional[int], Optional[float], Optional[float]], None]
 WEIGHT_SUFFIXES = (".gguf", ".safetensors")

@@ -12,8 +12,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
+from ..cancel import CancelToken
 from ..errors import ModelError
 from .catalog import ModelEntry, ModelFile, PathLike
 from .download import (
@@ -21,9 +22,6 @@ from .download import (
 )
 from .hub import hf_cache_file, listing
 from .safe_names import inside
-
-if TYPE_CHECKING:
-    from ..backends.base import CancelToken
 
 MANIFEST = ".geochat-manifest.json"
 

@@ -138,17 +138,20 @@ cdn = pytest.fixture(serve_hub)
 
 
 # --------------------------------------------------------------- tests that need torch
-# A test that exercises torch by design carries @pytest.mark.needs_torch, or sits in a file named
-# by TORCH_BY_DESIGN (the marker is then added here); where torch is missing it is skipped with
-# the reason. Nothing else is turned into a skip: a test that starts needing torch by accident
-# fails on `import torch` like any other error. Which Python counts: the runtime child's
-# (GEOCHAT_RUNTIME_PYTHON, the qgis tier) when set, else this one. build.py says why it left
-# torch out in GEOCHAT_NO_TORCH_REASON.
+# A test that exercises torch by design carries @pytest.mark.needs_torch, or is named by
+# TORCH_BY_DESIGN: a file pattern (where torch is missing the whole file is one skip, never
+# imported) or ``file::test`` pattern (the marker is added here). A marked test is skipped with
+# the reason where torch is missing. Nothing else is turned into a skip: a test that starts
+# needing torch by accident fails on `import torch` like any other error. Which Python counts:
+# the runtime child's (GEOCHAT_RUNTIME_PYTHON, the qgis tier) when set, else this one. build.py
+# says why it left torch out in GEOCHAT_NO_TORCH_REASON.
 TORCH_BY_DESIGN = (
     "test_geopixel_*.py",  # GeoPixel runs the project's own torch code
-    "test_models_get_geopixel.py",  # ... and converts with it
+    "test_backend_geopixel.py", "test_cli_segment.py",  # ... behind its backend and the CLI
+    "test_models_get_geopixel.py",  # ... and converts its checkpoint with torch
     "test_backend_transformers.py",  # the transformers backend
-    "test_convert_parity.py",  # the converted HF model run by transformers against llama.cpp
+    "test_convert_hf_transformers.py",  # the converted HF folder loaded and run by transformers
+    "test_convert_parity.py",  # ... against llama.cpp
     "test_dock_geopixel.py", "test_processing_segment.py",  # qgis tier: GeoPixel in the runtime
 )
 NO_TORCH_REASON = os.environ.get("GEOCHAT_NO_TORCH_REASON", "")
@@ -170,29 +173,31 @@ def torch_missing() -> str:
     return f"needs torch, not installed in {where}" + (f": {NO_TORCH_REASON}" if NO_TORCH_REASON else "")
 
 
-def _torch_by_design(path: Path) -> bool:
-    return any(fnmatch.fnmatch(path.name, pattern) for pattern in TORCH_BY_DESIGN)
+def _torch_by_design(path: Path, test: str = "") -> bool:
+    name = f"{path.name}::{test}" if test else path.name
+    return any(fnmatch.fnmatch(name, pattern) for pattern in TORCH_BY_DESIGN if ("::" in pattern) == bool(test))
+
+
+class _TorchlessModule(pytest.Module):
+    """A TORCH_BY_DESIGN file where torch is missing: one skip with the reason, not imported."""
+
+    def collect(self):
+        pytest.skip(torch_missing(), allow_module_level=True)
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    if _torch_by_design(Path(module_path)) and torch_missing():
+        return _TorchlessModule.from_parent(parent, path=Path(module_path))
+    return None
 
 
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
-        if _torch_by_design(Path(str(item.path))):
+        path = Path(str(item.path))
+        if _torch_by_design(path) or _torch_by_design(path, getattr(item, "originalname", item.name)):
             item.add_marker(pytest.mark.needs_torch)
 
 
 def pytest_runtest_setup(item) -> None:
     if item.get_closest_marker("needs_torch") and torch_missing():
         pytest.skip(torch_missing())
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_make_collect_report(collector):
-    """A TORCH_BY_DESIGN file that imports torch at its top is skipped (not an error) where torch
-    is missing; any other file that fails to import stays an error."""
-    outcome = yield
-    report = outcome.get_result()
-    path = Path(str(getattr(collector, "path", "") or ""))
-    if (report.failed and path.suffix == ".py" and _torch_by_design(path) and torch_missing()
-            and "No module named 'torch'" in str(report.longrepr)):
-        report.outcome = "skipped"
-        report.longrepr = (str(path), 0, f"Skipped: {torch_missing()}")

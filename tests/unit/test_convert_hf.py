@@ -1,5 +1,6 @@
-"""GeoChat checkpoint -> standard LLaVA folder: transformers loads it with no custom code, and the
-tensors, config, tokenizer and processor are what GeoChat itself runs with (models.md list)."""
+"""GeoChat checkpoint -> standard LLaVA folder, checked without torch: the tensors, config,
+tokenizer and processor are what GeoChat itself runs with (models.md list). Loading and running
+it in transformers: test_convert_hf_transformers.py."""
 from __future__ import annotations
 
 import json
@@ -9,40 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geochat_qgis.cli import main
 from geochat_qgis.core.families.llava_v1 import SYSTEM, llava_v1_prompt
 from geochat_qgis.core.weights.checkpoint_io import open_tensors
 from geochat_qgis.core.weights.tensor_data import bf16_to_f32
-from test_weights_helpers import ckpt, keys_bicubic_table, original_arrays, original_tensors  # noqa: F401
+from test_weights_helpers import (QUESTION, ckpt, hf_dir, keys_bicubic_table, original_arrays,  # noqa: F401
+                                  processor, random_image)
 
 pytestmark = pytest.mark.slow
 QUESTION = "[refer] Give me the location of <p> car </p>"
-
-
-@pytest.fixture(scope="module")
-def hf_dir(ckpt: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("converted") / "hf"
-    assert main(["convert", "geochat", str(ckpt), str(out), "--to", "hf"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def model(hf_dir: Path):
-    from transformers import LlavaForConditionalGeneration
-
-    loaded, info = LlavaForConditionalGeneration.from_pretrained(hf_dir, output_loading_info=True)
-    return loaded.eval(), info
-
-
-@pytest.fixture(scope="module")
-def processor(hf_dir: Path):
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(hf_dir, backend="pil")
-
-
-def _image(seed: int, size: int = 504) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
 def _converted(hf_dir: Path) -> dict[str, np.ndarray]:
@@ -78,16 +53,6 @@ def test_weights_are_geochats_and_the_clip_towers(hf_dir: Path, ckpt: Path) -> N
     assert not [n for n in held if "rotary_emb" in n or "vision_tower.vision_tower" in n]
 
 
-@pytest.mark.needs_torch
-def test_transformers_loads_without_custom_code_or_missing_keys(model, hf_dir: Path) -> None:
-    loaded, info = model
-    assert type(loaded).__name__ == "LlavaForConditionalGeneration"
-    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
-    assert info["mismatched_keys"] == set()
-    assert not list(hf_dir.glob("*.py")), "no custom code in the folder"
-    assert not list(hf_dir.glob("*.bin")), "safetensors only"
-
-
 def test_config_has_geochat_settings(hf_dir: Path) -> None:
     config = json.loads((hf_dir / "config.json").read_text())
     text, vision = config["text_config"], config["vision_config"]
@@ -105,79 +70,6 @@ def test_config_has_geochat_settings(hf_dir: Path) -> None:
     assert text["vocab_size"] == 514 and config["image_token_id"] == 513
     legacy = json.loads((hf_dir / "preprocessor_config.json").read_text())  # transformers 4, vLLM
     assert legacy["do_pad"] and legacy["size"] == {"shortest_edge": 504} and legacy["resample"] == 3
-
-
-@pytest.mark.needs_torch
-def test_position_table_is_geochats_bicubic_interpolation(model, ckpt: Path) -> None:
-    import torch
-    import torch.nn.functional as F
-
-    loaded, _ = model
-    table = original_tensors(ckpt)["clip.vision_model.embeddings.position_embedding.weight"]
-    assert table.shape == (24 * 24 + 1, 32)
-    held = loaded.model.vision_tower.embeddings.position_embedding.weight.detach()
-    assert held.shape == (1297, 32)
-    assert np.array_equal(held.numpy(), keys_bicubic_table(table.numpy(), 36))  # exact, float64 then rounded
-    grid = table[1:].reshape(24, 24, 32).permute(2, 0, 1)[None]
-    resized = F.interpolate(grid.double(), size=(36, 36), mode="bicubic", align_corners=True)[0]
-    expected = torch.cat([table[:1], resized.float().permute(1, 2, 0).reshape(36 * 36, 32)])
-    torch.testing.assert_close(held, expected, rtol=0, atol=2e-7)  # torch's own, in float64
-    fast = F.interpolate(grid, size=(36, 36), mode="bicubic", align_corners=True)[0]  # its float32 kernel
-    torch.testing.assert_close(held[1:], fast.permute(1, 2, 0).reshape(-1, 32), rtol=0, atol=1e-5)
-    # transformers' own align_corners=False interpolation would be a different table
-    other = F.interpolate(grid, size=(36, 36), mode="bicubic", align_corners=False)[0]
-    assert not torch.allclose(held[1:], other.permute(1, 2, 0).reshape(-1, 32), atol=1e-3)
-
-
-@pytest.mark.needs_torch
-def test_vision_weights_come_from_clip_not_the_stale_copy(model, ckpt: Path) -> None:
-    import torch
-
-    loaded, _ = model
-    original = original_tensors(ckpt)
-    tower = loaded.model.vision_tower
-    for name in ("encoder.layers.0.self_attn.q_proj.weight", "embeddings.patch_embedding.weight",
-                 "encoder.layers.2.mlp.fc2.bias", "pre_layrnorm.weight"):
-        held = tower.get_parameter(name).detach()
-        assert torch.equal(held, original[f"clip.vision_model.{name}"])
-        assert not torch.equal(held, original[f"model.vision_tower.vision_tower.vision_model.{name}"])
-
-
-@pytest.mark.needs_torch
-def test_projector_and_text_weights_are_copied_exactly(model, ckpt: Path) -> None:
-    import torch
-
-    loaded, _ = model
-    original = original_tensors(ckpt)
-    projector = loaded.model.multi_modal_projector
-    assert torch.equal(projector.linear_1.weight.detach(), original["model.mm_projector.0.weight"])
-    assert torch.equal(projector.linear_1.bias.detach(), original["model.mm_projector.0.bias"])
-    assert torch.equal(projector.linear_2.weight.detach(), original["model.mm_projector.2.weight"])
-    assert torch.equal(projector.linear_2.bias.detach(), original["model.mm_projector.2.bias"])
-    x = torch.linspace(-4, 4, 101)
-    torch.testing.assert_close(projector.act(x), x * 0.5 * (1 + torch.erf(x / 2 ** 0.5)))  # erf GELU
-    text = loaded.model.language_model
-    assert torch.equal(text.layers[1].self_attn.k_proj.weight.detach(),
-                       original["model.layers.1.self_attn.k_proj.weight"])
-    assert torch.equal(text.norm.weight.detach(), original["model.norm.weight"])
-
-
-@pytest.mark.needs_torch
-def test_added_rows_are_the_mean_and_never_win_greedy(model, ckpt: Path) -> None:
-    import torch
-
-    loaded, _ = model
-    original = original_tensors(ckpt)
-    embed = loaded.model.language_model.embed_tokens.weight.detach()
-    head = loaded.lm_head.weight.detach()
-    assert torch.equal(embed[:512], original["model.embed_tokens.weight"])
-    assert torch.equal(head[:512], original["lm_head.weight"])
-    for row in (512, 513):  # <im_patch>, <image>
-        torch.testing.assert_close(head[row], original["lm_head.weight"].mean(0))
-        torch.testing.assert_close(embed[row], original["model.embed_tokens.weight"].mean(0))
-    hidden = torch.randn(2000, 64, generator=torch.Generator().manual_seed(1)) * 5
-    logits = hidden @ head.T
-    assert not bool(((logits.argmax(1) == 512) | (logits.argmax(1) == 513)).any())
 
 
 def test_tokenizer_reproduces_geochats_chunked_slow_tokenizer(processor, ckpt: Path) -> None:
@@ -204,7 +96,7 @@ def test_chat_template_is_llava_v1_bos_first(processor, hf_dir: Path) -> None:
         [(QUESTION, "{<1><2><3><4>|<5>}"), ("and the ship?", None)])
     assert processor.apply_chat_template(messages).startswith("<s>" + SYSTEM + " USER: <image>\n")
     assert (hf_dir / "chat_template.jinja").read_text().startswith("{{- bos_token -}}")
-    with_pixels = [{"role": "user", "content": [{"type": "image", "image": _image(0)}, first[1]]}]
+    with_pixels = [{"role": "user", "content": [{"type": "image", "image": random_image(0)}, first[1]]}]
     ids = processor.apply_chat_template(with_pixels, tokenize=True, return_dict=True)["input_ids"]
     ids = ids[0] if isinstance(ids[0], list) else ids
     assert ids[0] == 1 and ids.count(1) == 1
@@ -222,31 +114,14 @@ def test_processor_pads_with_clip_mean_and_counts_1296_tokens(processor) -> None
     corner = pixels[:, 0, 0]
     expected = (np.array([122, 116, 104]) / 255 - mean) / std  # int(mean*255), truncated
     np.testing.assert_allclose(corner, expected, atol=1e-5, rtol=0)
-    inputs = processor(images=_image(0), text=llava_v1_prompt([(QUESTION, None)]), return_tensors="np")
+    inputs = processor(images=random_image(0), text=llava_v1_prompt([(QUESTION, None)]), return_tensors="np")
     assert int((inputs.input_ids == 513).sum()) == 1296
 
 
 def test_processor_resizes_with_pil_bicubic(processor) -> None:
-    image = _image(3, size=336)
+    image = random_image(3, size=336)
     pixels = processor.image_processor(images=image, return_tensors="np").pixel_values[0]
     resized = np.asarray(image.resize((504, 504), Image.BICUBIC), dtype=np.float32) / 255
     mean = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
     std = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
     np.testing.assert_allclose(pixels, ((resized - mean) / std).transpose(2, 0, 1), atol=1e-5, rtol=0)
-
-
-@pytest.mark.needs_torch
-def test_generates_greedy_and_the_image_matters(model, processor) -> None:
-    import torch
-
-    loaded, _ = model
-    prompt = llava_v1_prompt([(QUESTION, None)])
-    last_logits = []
-    for seed in (0, 1):
-        inputs = processor(images=_image(seed), text=prompt, return_tensors="pt")
-        with torch.no_grad():
-            out = loaded.generate(**inputs, max_new_tokens=12, do_sample=False)
-            last_logits.append(loaded(**inputs).logits[0, -1])
-        new = out[0, inputs.input_ids.shape[1]:].tolist()
-        assert len(new) == 12 and 513 not in new and 512 not in new
-    assert float((last_logits[0] - last_logits[1]).abs().max()) > 0.1

@@ -150,9 +150,16 @@ def test_a_download_cut_half_way_resumes(hub, catalog, tmp_path):
     assert geochat and all(f"/resolve/{'a' * 40}/" in p for p in geochat)  # the pinned commit
     shard = tmp_path / "models" / "geochat-7b" / SHARD_2
     assert shard.read_bytes() == hub.repos[GEOCHAT_REPO].files[SHARD_2]
-    assert model.target == "hf" and "transformers" in model.backends
+    assert model.target == "hf" and (model.folder / "config.json").is_file()  # converted without torch
+    assert ("transformers" in model.backends) == (importlib.util.find_spec("torch") is not None)
+
+
+@pytest.mark.needs_torch
+def test_the_hf_copy_got_runs_in_transformers(hub, catalog, tmp_path):
     from geochat_qgis.core.backends.transformers_backend import TransformersBackend
 
+    model = get_model("geochat-7b", "hf", cache=tmp_path, catalog=catalog)
+    assert "transformers" in model.backends
     tile = np.random.default_rng(5).integers(0, 256, (504, 504, 3), dtype=np.uint8)
     with TransformersBackend(model.model_path) as backend:  # loads (no missing keys) and answers
         answer = backend.generate([tile], Conversation.single("[refer] Give me the location of "

@@ -188,20 +188,21 @@ def _as_numpy(torch, tensor) -> np.ndarray:
 
 
 @pytest.mark.needs_torch
-@pytest.mark.parametrize("zip_format", [True, False])
-def test_bit_identical_to_torch_load(tmp_path: Path, zip_format: bool) -> None:
+def test_bit_identical_to_torch_load(tmp_path: Path) -> None:
+    """Both of torch.save's formats: the zip one and the legacy (PyTorch < 1.6) one."""
     import torch
 
-    path = tmp_path / "saved.bin"
-    torch.save(_torch_state(torch), path, _use_new_zipfile_serialization=zip_format)
-    theirs = torch.load(path, weights_only=True)
-    mine = read_torch_checkpoint(path)
-    assert list(mine) == list(theirs)
-    for name, tensor in theirs.items():
-        assert mine[name].dtype == str(tensor.dtype).replace("torch.", ""), name
-        expected = _as_numpy(torch, tensor)
-        assert mine[name].shape == expected.shape, name
-        assert mine[name].array.tobytes() == expected.tobytes(), name
+    for zip_format in (True, False):
+        path = tmp_path / f"saved-{zip_format}.bin"
+        torch.save(_torch_state(torch), path, _use_new_zipfile_serialization=zip_format)
+        theirs = torch.load(path, weights_only=True)
+        mine = read_torch_checkpoint(path)
+        assert list(mine) == list(theirs)
+        for name, tensor in theirs.items():
+            assert mine[name].dtype == str(tensor.dtype).replace("torch.", ""), name
+            expected = _as_numpy(torch, tensor)
+            assert mine[name].shape == expected.shape, name
+            assert mine[name].array.tobytes() == expected.tobytes(), (zip_format, name)
 
 
 @pytest.mark.needs_torch
@@ -218,22 +219,25 @@ def test_torch_reads_what_numpy_writes(tmp_path: Path) -> None:
     assert loaded["bf16"].dtype == torch.bfloat16 and loaded["flags"].dtype == torch.bool
 
 
+CASTS = [("float32", "bfloat16"), ("float64", "bfloat16"), ("float16", "bfloat16"),
+         ("bfloat16", "float16"), ("bfloat16", "float32"), ("float32", "float16")]
+
+
 @pytest.mark.needs_torch
-@pytest.mark.parametrize("source, target", [("float32", "bfloat16"), ("float64", "bfloat16"),
-                                            ("float16", "bfloat16"), ("bfloat16", "float16"),
-                                            ("bfloat16", "float32"), ("float32", "float16")])
-def test_casts_give_torchs_bits(source: str, target: str) -> None:
+def test_casts_give_torchs_bits() -> None:
     import torch
 
     gen = torch.Generator().manual_seed(3)
     values = torch.cat([torch.randn(20000, generator=gen) * scale for scale in (1e-6, 1.0, 300.0, 7e4)])
     special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 65504.0, 65520.0, 1e-8, 3.4e38])
-    values = torch.cat([values, special]).to(getattr(torch, source))
-    mine = TensorData(_as_numpy(torch, values), source).to(target)
-    assert mine.array.tobytes() == _as_numpy(torch, values.to(getattr(torch, target))).tobytes()
-    # a NaN stays a NaN (its bits differ between torch's own scalar and vector paths)
-    nan = TensorData(_as_numpy(torch, torch.tensor([float("nan")]).to(getattr(torch, source))), source)
-    assert np.isnan(nan.to(target).float32()).all()
+    for source, target in CASTS:
+        start = torch.cat([values, special]).to(getattr(torch, source))
+        mine = TensorData(_as_numpy(torch, start), source).to(target)
+        theirs = _as_numpy(torch, start.to(getattr(torch, target)))
+        assert mine.array.tobytes() == theirs.tobytes(), (source, target)
+        # a NaN stays a NaN (its bits differ between torch's own scalar and vector paths)
+        nan = TensorData(_as_numpy(torch, torch.tensor([float("nan")]).to(getattr(torch, source))), source)
+        assert np.isnan(nan.to(target).float32()).all()
 
 
 # ---------------------------------------------------------------- conversions, either reader
@@ -253,20 +257,19 @@ def mixed_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.mark.needs_torch
-@pytest.mark.parametrize("target", ["gguf", "hf"])
-def test_either_reader_gives_the_same_output_bytes(mixed_checkpoint: Path, tmp_path: Path, monkeypatch,
-                                                   target: str) -> None:
+def test_either_reader_gives_the_same_output_bytes(mixed_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
+    """GGUF and HF outputs of a bf16 + f16 checkpoint, read with numpy and with torch.load."""
     from geochat_qgis.core.weights.checkpoint_io import READER_ENV
     from geochat_qgis.core.weights.convert_hf import convert_geochat_to_hf
     from geochat_qgis.core.weights.gguf_writer import convert_geochat_to_gguf
 
-    convert = convert_geochat_to_gguf if target == "gguf" else convert_geochat_to_hf
-    outputs = {}
-    for reader in ("numpy", "torch"):
-        monkeypatch.setenv(READER_ENV, reader)
-        out = convert(mixed_checkpoint, tmp_path / reader)
-        outputs[reader] = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
-                           if p.is_file()}
-    assert outputs["numpy"].keys() == outputs["torch"].keys() and len(outputs["numpy"]) >= 2
-    for name, data in outputs["numpy"].items():
-        assert data == outputs["torch"][name], name
+    for convert in (convert_geochat_to_gguf, convert_geochat_to_hf):
+        outputs = {}
+        for reader in ("numpy", "torch"):
+            monkeypatch.setenv(READER_ENV, reader)
+            out = convert(mixed_checkpoint, tmp_path / f"{convert.__name__}-{reader}")
+            outputs[reader] = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+                               if p.is_file()}
+        assert outputs["numpy"].keys() == outputs["torch"].keys() and len(outputs["numpy"]) >= 2
+        for name, data in outputs["numpy"].items():
+            assert data == outputs["torch"][name], (convert.__name__, name)

@@ -5,10 +5,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from geochat_qgis.cli import main
 from geochat_qgis.core.weights.checkpoint_io import open_tensors
 from geochat_qgis.core.weights.tensor_data import bf16_to_f32
 from geochat_qgis.core.weights.tiny import build_tiny_geochat
+
+
+QUESTION = "[refer] Give me the location of <p> car </p>"
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +78,21 @@ def keys_bicubic_table(table: np.ndarray, grid_to: int) -> np.ndarray:
         for x in range(grid_to):
             out[y, x] = sum(wy * wx * grid[iy, ix] for iy, wy in taps[y] for ix, wx in taps[x])
     return np.concatenate([table[:1], out.reshape(grid_to * grid_to, -1).astype(np.float32)])
+
+
+@pytest.fixture(scope="module")
+def hf_dir(ckpt: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("converted") / "hf"
+    assert main(["convert", "geochat", str(ckpt), str(out), "--to", "hf"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def processor(hf_dir: Path):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(hf_dir, backend="pil")
+
+
+def random_image(seed: int, size: int = 504) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))

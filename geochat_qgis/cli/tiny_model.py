@@ -40,12 +40,13 @@ def run(args: argparse.Namespace) -> int:
 
         out = build_tiny_geochat(outdir, args.fmt, seed=args.seed, quant=args.quant,
                                  head_dim=args.head_dim)
-    except ModuleNotFoundError as exc:  # torch/safetensors: a checkpoint is written with them
+    except ModuleNotFoundError as exc:  # GeoPixel's maker runs torch; GeoChat's needs no torch
+        backend = ("geopixel" if args.family == "geopixel" else
+                   "transformers" if args.fmt == "hf" else "llama.cpp")
         raise ModelError(
-            f"make-tiny-model writes a torch checkpoint and needs {exc.name}, which this Python "
-            f"lacks (No module named {exc.name!r}): install the transformers backend "
-            f"(python -m geochat_qgis deps install transformers) or use the demo model "
-            f"(--model tiny-demo), which needs no torch.") from None
+            f"make-tiny-model --family {args.family} needs {exc.name}, which this Python lacks "
+            f"(No module named {exc.name!r}): install the {backend} backend's packages "
+            f"(python -m geochat_qgis deps install {backend}).") from None
     files = sorted(p.name for p in out.iterdir())
     print(f"tiny {args.family} ({args.fmt}) written to {out}: {', '.join(files)}")
     return 0

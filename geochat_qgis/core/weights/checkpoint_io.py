@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Iterator, Mapping
 import numpy as np
 
 from ..errors import ModelError
+from .shard_index import index_shards
 from .tensor_data import STORAGE_DTYPES, TensorData
 from .torch_zip import read_torch_checkpoint
 
@@ -50,23 +51,13 @@ def weight_files(folder: Path) -> list[Path]:
     """The weight shards of a Hugging Face style folder, safetensors preferred.
 
     An index file (``*.index.json``) names the shards when present; every shard it names must
-    exist. Raises ModelError when the folder holds no weights.
+    be a safe path inside ``folder`` and exist (shard_index.py). Raises ModelError when the
+    folder holds no weights.
     """
     for suffix, single in ((".safetensors", "model.safetensors"), (".bin", "pytorch_model.bin")):
         index = folder / f"{single.rsplit('.', 1)[0]}{suffix}.index.json"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (ValueError, KeyError) as exc:
-                raise ModelError(f"{index} is not a valid shard index ({exc}); download it again.") from exc
-            names = sorted(set(weight_map.values()))
-            missing = [name for name in names if not (folder / name).is_file()]
-            if missing:
-                raise ModelError(
-                    f"{folder} is incomplete: shard(s) {', '.join(missing)} named in {index.name} "
-                    "are missing; download them again."
-                )
-            return [folder / name for name in names]
+            return index_shards(folder, index)
         shards = sorted(p for p in folder.glob(f"*{suffix}") if p.is_file())
         if shards:
             return shards

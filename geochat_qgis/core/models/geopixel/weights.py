@@ -30,6 +30,7 @@ import torch
 from ...errors import ModelError
 from ...weights.checkpoint_io import checkpoint_metadata, open_shard, shard_metadata
 from ...weights.safetensors_stream import SafetensorsStreamWriter
+from ...weights.shard_index import index_shards
 from . import decoder, sam2, vision
 from .config import DTYPES, GeoPixelConfig, read_config_json
 from .sam2_unused import is_unused
@@ -46,6 +47,7 @@ ROUTES = (
     ("model.tok_embeddings.", "text"), ("model.layers.", "text"), ("model.norm.", "text"), ("output.", "text"),
     ("vit.", "vision"), ("vision_proj.", "vision"), ("plora_glb_GN", "vision"), ("plora_sub_GN", "vision"),
 )
+_AGAIN = "download the model again (or finish its conversion)"
 LOADERS = {"text": decoder.load_state, "vision": vision.load_state, "sam2": sam2.load_state}
 
 
@@ -66,29 +68,16 @@ def route(name: str) -> Optional[str]:
                      "GeoPixel-7B-RES as published.")
 
 
-def _index_shards(folder: Path, index_name: str) -> list[Path]:
-    index = folder / index_name
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{index} is not a valid shard index ({exc}); download the model again.") from exc
-    names = sorted(set(weight_map.values()))
-    missing = [name for name in names if not (folder / name).is_file()]
-    if missing:
-        raise ModelError(f"{folder} is incomplete: {', '.join(missing)} named in {index_name} "
-                         "is missing; download the model again (or finish its conversion).")
-    return [folder / name for name in names]
-
-
 def checkpoint_files(folder: Path) -> list[Path]:
-    """The weight shards to read: the converted safetensors when complete, else the published .bin."""
+    """The weight shards to read: the converted safetensors when complete, else the published .bin.
+    An index's shard names are checked to be safe paths inside ``folder`` (shard_index.py)."""
     folder = Path(folder)
     if (folder / SAFETENSORS_INDEX).is_file():
-        return _index_shards(folder, SAFETENSORS_INDEX)
+        return index_shards(folder, folder / SAFETENSORS_INDEX, _AGAIN)
     if (folder / "model.safetensors").is_file():
         return [folder / "model.safetensors"]
     if (folder / BIN_INDEX).is_file():
-        return _index_shards(folder, BIN_INDEX)
+        return index_shards(folder, folder / BIN_INDEX, _AGAIN)
     if (folder / "pytorch_model.bin").is_file():
         return [folder / "pytorch_model.bin"]
     raise ModelError(f"No GeoPixel weights in {folder}: expected {BIN_INDEX} with its .bin shards (as "
@@ -233,7 +222,7 @@ def convert_to_safetensors(src: Path, out: Path, progress: Optional[Progress] = 
     src, out = Path(src), Path(out)
     if dtype not in (None, "bfloat16", "float32"):
         raise ModelError(f"dtype must be bfloat16 or float32, got {dtype!r}.")
-    files = _index_shards(src, BIN_INDEX) if (src / BIN_INDEX).is_file() else checkpoint_files(src)
+    files = index_shards(src, src / BIN_INDEX, _AGAIN) if (src / BIN_INDEX).is_file() else checkpoint_files(src)
     hf_config = read_config_json(src)
     plan = _plan(files)
     if dtype is not None:

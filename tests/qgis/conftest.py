@@ -6,6 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from qgis.core import QgsSettings
+
+from geochat_qgis.toolbelt.settings import PREFIX
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from qgis_runtime import runtime_python  # noqa: E402
@@ -21,6 +24,18 @@ def load_build_module():
         sys.modules["geochat_build"] = module
         spec.loader.exec_module(module)
     return sys.modules["geochat_build"]
+
+
+@pytest.fixture(autouse=True)
+def clean_plugin_settings():
+    """Every test starts from the plugin's default settings and leaves none behind. pytest-qgis
+    keeps QGIS's settings in the checkout's .qgis-settings, across tests and across runs, and the
+    dock saves what is chosen in it (the model, the backend, seconds per tile): without this a
+    test would start from whatever the test before it chose (tiny-geopixel-demo, say), so the
+    outcome would depend on the order the tests ran in."""
+    QgsSettings().remove(PREFIX)
+    yield
+    QgsSettings().remove(PREFIX)
 
 
 @pytest.fixture(scope="session")

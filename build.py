@@ -8,6 +8,7 @@
     python3 build.py test [pytest args]    every test tier (unit, qgis, installed), offscreen
     python3 build.py test-debian13         the whole suite in a fresh Debian 13 chroot (QGIS 3.40)
     python3 build.py test-debian12         the same in a fresh Debian 12 chroot (QGIS 3.22)
+    python3 build.py test-vllm [pytest args]  vLLM's CPU build in .venv-vllm, then tests/vllm
 
 The steps live in buildtools/ beside this file (never in the plugin zip).
 """
@@ -30,6 +31,7 @@ from buildtools.packaging import (DEFAULT_PROFILE, DEFAULT_QGIS_DIR, MAX_ZIP_BYT
                                   check_plugin_zip, install)
 from buildtools.qgis_app import run, startup_script  # noqa: E402
 from buildtools.tiers import test  # noqa: E402
+from buildtools.vllm_tier import test_vllm  # noqa: E402
 
 # what tests and benchmarks use of build.py (loaded as a module)
 __all__ = ["DIST", "BuildError", "MAX_ZIP_BYTES", "check_plugin_zip", "install", "main", "package",
@@ -57,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         chroot = sub.add_parser(f"test-debian{release}", help="set-up and every test tier in a "
                                 f"fresh Debian {release} chroot (root; extra args go to pytest)")
         chroot.add_argument("--fresh", action="store_true", help="debootstrap anew")
+    sub.add_parser("test-vllm", help="install vLLM's CPU build into .venv-vllm (once, ~4 GB) and "
+                   "run tests/vllm against it on 127.0.0.1 (extra args go to pytest)")
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("test", "test-debian12", "test-debian13"):
+    if rest and args.command not in ("test", "test-debian12", "test-debian13", "test-vllm"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "setup":
@@ -72,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             return run(package(), args.qgis_dir, args.profile)
         elif args.command == "test":
             return test(rest)
+        elif args.command == "test-vllm":
+            return test_vllm(rest)
         elif args.command.startswith("test-debian"):
             return test_debian(args.command[len("test-debian"):], args.fresh, rest)
     except BuildError as exc:

@@ -7,8 +7,9 @@ random weights and ``--layers`` decoder layers (default 1), written by the proje
 (``write_tiny_geopixel(preset="real-width", seg_answer="twice")``: greedy decoding says
 ``<p> a </p> [SEG]`` again and again, so both run 32 tokens and SAM-2 masks). Each side runs in
 a process of its own (peak RSS is that process's): GeoPixel from ``--geopixel-src`` in its own
-environment (``--ref-python``; bench/geopixel_reference.py loads it, patching only device,
-attention, font and downloads), the project in this Python.
+environment (``--ref-python``; bench/geopixel_reference_model.py loads it, patching only device,
+attention, font and downloads), the project in this Python. The project's figures are kept in
+bench/.cache/geopixel_speed/ (``--reuse-ours`` takes them instead of running it again).
 
 GeoPixel's ``evaluate`` has no KV cache: every new token re-runs the whole 4,081+ token sequence
 and the vocabulary projection of every position. Its first ``--ref-tokens`` steps are timed and
@@ -44,9 +45,9 @@ bench, src, ckpt, image, query, tokens, dtype, threads = sys.argv[1:9]
 sys.path.insert(0, bench)
 import torch
 torch.set_num_threads(int(threads))
-import geopixel_reference as ref
+import geopixel_reference_model as ref
 start = time.perf_counter()
-model, tok, seg = ref.load(Path(src), Path(ckpt), dtype)
+model, tok = ref.load(Path(src), Path(ckpt), dtype)[:2]
 load_s = time.perf_counter() - start
 calls, original = [], model.forward
 def timed(*args, **kwargs):
@@ -208,6 +209,8 @@ def main() -> int:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--reuse-ours", action="store_true",
+                        help="the project's figures of an earlier run with the same choices")
     parser.add_argument("--side", choices=("ours",), help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path,
                         help="another checkpoint folder (default: the real-width one, built once)")
@@ -223,9 +226,14 @@ def main() -> int:
     folder, image = args.checkpoint or checkpoint(args.layers), tile_png(CACHE)
     print(f"checkpoint {folder.name} ready in {time.perf_counter() - start:.0f} s", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    mine = run_side([sys.executable, __file__, "--side", "ours", "--checkpoint", str(folder),
-                     "--image", str(image), "--tokens", str(args.tokens), "--dtype", args.dtype,
-                     "--threads", str(args.threads)], env)
+    kept = CACHE / f"ours-{folder.name}-{args.tokens}-{args.dtype}-{args.threads}.json"
+    if args.reuse_ours and kept.is_file():
+        mine = json.loads(kept.read_text())
+    else:
+        mine = run_side([sys.executable, __file__, "--side", "ours", "--checkpoint", str(folder),
+                         "--image", str(image), "--tokens", str(args.tokens), "--dtype",
+                         args.dtype, "--threads", str(args.threads)], env)
+        kept.write_text(json.dumps(mine))
     print(f"project: {mine['answer_s']:.1f} s for {mine['tokens']} tokens", flush=True)
     theirs = run_side([args.ref_python, "-c", REF_DRIVER, str(ROOT / "bench"),
                        str(args.geopixel_src), str(folder), str(image), QUERY,

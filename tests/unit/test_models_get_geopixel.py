@@ -118,6 +118,27 @@ def test_get_downloads_converts_once_and_runs(hub, tiny_repo, tmp_path):
     assert out.masks is not None and out.masks.shape[1:] == (300, 420)
 
 
+def test_the_got_model_runs_by_its_catalog_name(hub, tiny_repo, tmp_path, monkeypatch,
+                                                demo_raster):
+    """``detect --model geopixel-7b`` finds the converted copy (not the pickle shards) and runs
+    it with the geopixel backend, no --backend given."""
+    catalog = tiny_catalog(tiny_repo, tmp_path)
+    model = get_model("geopixel-7b", cache=tmp_path / "cache", catalog=catalog)
+    monkeypatch.setenv("GEOCHAT_USER_CATALOG", str(tmp_path / "user.json"))
+    monkeypatch.setenv("GEOCHAT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "masks.geojson"
+    from geochat_qgis.cli import main
+
+    assert main(["detect", str(demo_raster), "--model", "geopixel-7b", "--task", "segment",
+                 "--prompt", "roof", "--max-new-tokens", "8", "-o", str(out), "--quiet"]) == 0
+    import pyogrio
+
+    frame = pyogrio.read_dataframe(out)
+    assert len(frame) >= 1 and set(frame["kind"]) == {"mask"}
+    assert set(frame["model_src"]) == {REPO} and set(frame["model_rev"]) == {"b" * 40}
+    assert set(frame["model_hash"]) == {model.provenance["model_hash"]}
+
+
 def test_get_is_refused_before_any_download_when_the_disk_is_too_small(hub, tiny_repo,
                                                                        tmp_path, monkeypatch):
     from geochat_qgis.core.weights import get_plan

@@ -152,6 +152,7 @@ TORCH_BY_DESIGN = (
     "test_backend_transformers.py",  # the transformers backend
     "test_convert_hf_transformers.py",  # the converted HF folder loaded and run by transformers
     "test_convert_parity.py",  # ... against llama.cpp
+    "test_torch_parity.py",  # the numpy checkpoint reader and writer against torch itself
     "test_dock_geopixel.py", "test_processing_segment.py",  # qgis tier: GeoPixel in the runtime
 )
 NO_TORCH_REASON = os.environ.get("GEOCHAT_NO_TORCH_REASON", "")

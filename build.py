@@ -29,13 +29,13 @@ from buildtools.debian import SUITES, test_debian  # noqa: E402
 from buildtools.environments import setup  # noqa: E402
 from buildtools.packaging import (DEFAULT_PROFILE, DEFAULT_QGIS_DIR, MAX_ZIP_BYTES,  # noqa: E402
                                   check_plugin_zip, install)
-from buildtools.qgis_app import run, startup_script  # noqa: E402
+from buildtools.qgis_app import qgis_env, run, run_qgis, startup_script  # noqa: E402
 from buildtools.tiers import test  # noqa: E402
 from buildtools.vllm_tier import test_vllm  # noqa: E402
 
 # what tests and benchmarks use of build.py (loaded as a module)
 __all__ = ["DIST", "BuildError", "MAX_ZIP_BYTES", "check_plugin_zip", "install", "main", "package",
-           "startup_script"]
+           "qgis_env", "run_qgis", "startup_script"]
 
 
 def package() -> Path:

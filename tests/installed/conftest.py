@@ -21,3 +21,9 @@ def demo_model(installed) -> Path:
     assert (folder / "model.gguf").is_file() and (folder / "mmproj.gguf").is_file(), (
         f"the runtime did not build the demo model in {folder}")
     return folder
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The GeoPixel session last: its installer adds torch to the one managed runtime this tier
+    shares, and the Get tests check that the llama.cpp runtime converts GeoChat without torch."""
+    items.sort(key=lambda item: "geopixel" in item.path.name)

@@ -181,7 +181,7 @@ def test_geochat_7b_is_listed_and_got_without_torch(session):
 def test_get_ends_ready_and_the_run_carries_provenance(session):
     report = session["report"]
     assert report.get("phase") == "done", explain(session)
-    assert report["ready"] == ["team-tiny"], report["tiny_status"]
+    assert "team-tiny" in report["ready"], report["tiny_status"]  # (geochat-7b: the test above)
     assert report["bars"]["download"][0] == 1000 and " of " in report["bars"]["download"][1]
     assert report["status"][0] == "ready", report["status"]
     run = report["run"]

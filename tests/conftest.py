@@ -154,6 +154,7 @@ TORCH_BY_DESIGN = (
     "test_convert_parity.py",  # ... against llama.cpp
     "test_torch_parity.py",  # the numpy checkpoint reader and writer against torch itself
     "test_dock_geopixel.py", "test_processing_segment.py",  # qgis tier: GeoPixel in the runtime
+    "test_processing.py::test_describe_with_the_transformers_backend",  # ... transformers there
 )
 NO_TORCH_REASON = os.environ.get("GEOCHAT_NO_TORCH_REASON", "")
 

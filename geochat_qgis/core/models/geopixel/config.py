@@ -8,13 +8,13 @@ the checkpoint's tensors where a tensor shows it, and each part's config reads i
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from ...errors import ModelError
 from .decoder import InternLM2Config
+from .json_files import read_json_object
 from .sam2_config import FCS_PREFIX, VISUAL_PREFIX, Sam2Config
 from .vision import CLIP_PREFIX, IXCVisionConfig
 
@@ -28,13 +28,7 @@ def read_config_json(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ModelError(f"{folder} has no {CONFIG_FILE}: point to the folder of a GeoPixel checkpoint "
                          "(MBZUAI/GeoPixel-7B as downloaded, or converted with 'models get').")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path} is not valid JSON ({exc}); download the model again.") from exc
-    if not isinstance(data, dict):
-        raise ModelError(f"{path} does not hold a JSON object; download the model again.")
-    return data
+    return read_json_object(path, str(path))
 
 
 @dataclass(frozen=True)

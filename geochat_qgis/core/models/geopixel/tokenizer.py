@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from ...errors import ModelError
+from .json_files import read_json_object
 
 _SPECIAL_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                        "mask_token")
@@ -64,13 +65,7 @@ def _special(value) -> Optional[SpecialToken]:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"Cannot read the tokenizer file {path.name} ({exc}); download the model again.") from exc
-    if not isinstance(data, dict):
-        raise ModelError(f"The tokenizer file {path.name} is not a JSON object; download the model again.")
-    return data
+    return read_json_object(path, f"the tokenizer file {path.name}")
 
 
 class InternLM2Tokenizer:
